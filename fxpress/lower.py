@@ -1,0 +1,110 @@
+"""Target dispatch: turn the final FX graph into something that runs (TVM VM, ORT session, eager)."""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from fxpress.passes.manager import StageRecord, output_error
+from fxpress.passes.stats import graph_costs
+
+TARGETS = ("llvm", "cuda", "onnx", "torch")
+
+
+@dataclass
+class TVMBuild:
+    relax: "object"  # fxpress.lowering.RelaxModule
+    built: "object"  # fxpress.codegen.BuiltModule
+    target: str
+
+
+def build_tvm(gm: fx.GraphModule, example_inputs: tuple, target: str, tune: int = 0,
+              tune_options: dict | None = None) -> TVMBuild:
+    from fxpress.codegen import build
+    from fxpress.lowering import to_relax
+
+    relax_mod = to_relax(gm, example_inputs)
+    if tune:
+        from fxpress.codegen import tune as tune_module
+
+        built = tune_module(relax_mod.mod, target, trials=tune, **(tune_options or {}))
+    else:
+        built = build(relax_mod.mod, target)
+    return TVMBuild(relax=relax_mod, built=built, target=target)
+
+
+def lower(gm: fx.GraphModule, example_inputs: tuple, target: str, reference: list[torch.Tensor],
+          tune: int = 0, tune_options: dict | None = None, workdir: str | None = None):
+    """Returns (executor or None, build products or None, StageRecord for the lowering stage)."""
+    t0 = time.perf_counter()
+    lowered = None
+    ir = None
+    extra: dict = {}
+    note = ""
+    if target in ("llvm", "cuda"):
+        from fxpress.codegen import gpu_available
+        from fxpress.runtime.backends import TVMExecutor
+
+        lowered = build_tvm(gm, example_inputs, target, tune, tune_options)
+        ir = lowered.relax.ir_text
+        extra["ir_after"] = dict(getattr(lowered.built, "ir_after", {}) or {})
+        if target == "cuda" and not gpu_available():
+            executor = None
+            note = "CUDA code built; not executed (no GPU on this machine)"
+        else:
+            executor = TVMExecutor.from_built(lowered.built.executable, lowered.relax.params,
+                                              "cuda" if target == "cuda" else "cpu")
+    elif target == "onnx":
+        from fxpress.lowering import to_onnx
+        from fxpress.runtime.backends import ORTExecutor
+
+        workdir = workdir or tempfile.mkdtemp(prefix="fxpress-onnx-")
+        model = to_onnx(gm, example_inputs, os.path.join(workdir, "model.onnx"))
+        executor = ORTExecutor(model.path)
+        lowered = model
+        ir = _onnx_text(model.path)
+    else:  # torch: the FX graph itself runs
+        executor = None
+    seconds = time.perf_counter() - t0
+    params = sum(p.numel() for p in gm.parameters()) + sum(b.numel() for b in gm.buffers())
+    macs, mults = graph_costs(gm)
+    record = StageRecord(name=f"lower:{target}", kind="lowering", status="ok", params=params,
+                         param_bytes=sum(t.numel() * t.element_size() for t in list(gm.parameters()) + list(gm.buffers())),
+                         macs=macs, multiplies=mults, nodes=len(gm.graph.nodes), seconds=seconds, note=note,
+                         ir=ir, extra=extra)
+    if target == "torch":
+        executor = _TorchExecutor(gm)
+    if executor is not None:
+        import numpy as np
+
+        outs = executor.run([x.detach().cpu().numpy() for x in example_inputs])
+        record.max_abs_error, record.max_rel_error = output_error([torch.from_numpy(np.array(o)) for o in outs], reference)
+    else:
+        record.max_abs_error = record.max_rel_error = None
+    if target == "torch":
+        executor = None  # CompiledModel runs the graph directly on tensors
+    return executor, lowered, record
+
+
+class _TorchExecutor:
+    def __init__(self, gm):
+        self.gm = gm
+
+    def run(self, inputs):
+        from fxpress.passes.graph import flatten_outputs
+
+        with torch.no_grad():
+            return [t.numpy() for t in flatten_outputs(self.gm(*[torch.from_numpy(x) for x in inputs]))]
+
+
+def _onnx_text(path: str) -> str:
+    import onnx
+
+    try:
+        return onnx.printer.to_text(onnx.load(path, load_external_data=False).graph)
+    except Exception:  # noqa: BLE001 - text form is informative only
+        return ""

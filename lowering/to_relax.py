@@ -1,0 +1,90 @@
+"""FX GraphModule → TVM Relax IRModule, via torch.export and TVM's exported-program importer.
+
+Parameters stay function inputs (``keep_params_as_input``) and travel beside the library as an
+.npz, so the compiled library holds code only and compressed weights are never constant-folded
+back into dense matrices. Every op is checked against the importer's table first, so an
+unsupported op is reported with its node and the user's source line instead of a bare
+AssertionError from inside TVM.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import fx
+
+from fxpress.errors import LoweringError
+from fxpress.passes.trace import node_source
+
+from .registry import relax_converters
+
+
+@dataclass
+class RelaxModule:
+    mod: "tvm.IRModule"  # noqa: F821 - tvm is imported lazily
+    params: list[np.ndarray]
+    param_names: list[str]
+    num_inputs: int
+    ir_text: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+def export_program(gm: torch.nn.Module, example_inputs: tuple) -> torch.export.ExportedProgram:
+    try:
+        ep = torch.export.export(gm, tuple(example_inputs), strict=False)
+        return ep.run_decompositions()
+    except Exception as e:  # noqa: BLE001
+        raise LoweringError(f"torch.export could not capture the graph for lowering: {type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''}") from e
+
+
+def _origin(ep_node: fx.Node, gm: fx.GraphModule) -> fx.Node | None:
+    """The node of ``gm`` an exported node came from (torch.export records provenance)."""
+    sources = ep_node.meta.get("from_node") or []
+    if not sources:
+        return None
+    src = sources[-1]
+    while getattr(src, "from_node", None):
+        src = src.from_node[-1]
+    by_name = {n.name: n for n in gm.graph.nodes}
+    return by_name.get(src.name)
+
+
+def check_supported(ep: torch.export.ExportedProgram, gm: fx.GraphModule, custom: dict) -> None:
+    from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
+
+    known = set(ExportedProgramImporter().convert_map) | set(custom)
+    for node in ep.graph.nodes:
+        if node.op != "call_function" or node.target.__name__ in known:
+            continue
+        origin = _origin(node, gm) if isinstance(gm, fx.GraphModule) else None
+        where = node_source(origin) if origin is not None else None
+        raise LoweringError(
+            f"op {node.target} (node '{origin.name if origin is not None else node.name}') is not supported by "
+            f"TVM's Relax importer.\n  source: {where or '(unknown)'}\n"
+            "What to do: compile with target='onnx' or target='torch', replace the op in the model, or "
+            "register a converter with fxpress.lowering.register_relax_converter."
+        )
+
+
+def to_relax(gm: torch.nn.Module, example_inputs: tuple) -> RelaxModule:
+    import tvm  # noqa: F401 - imported here so that importing fxpress.lowering stays light
+    from tvm import relax
+    from tvm.relax.frontend import detach_params
+    from tvm.relax.frontend.torch import from_exported_program
+
+    ep = export_program(gm, example_inputs)
+    custom = relax_converters()
+    check_supported(ep, gm, custom)
+    try:
+        mod = from_exported_program(ep, keep_params_as_input=True, unwrap_unit_return_tuple=False,
+                                    custom_convert_map=custom, run_ep_decomposition=False)
+    except Exception as e:  # noqa: BLE001
+        raise LoweringError(f"TVM's Relax importer failed: {type(e).__name__}: {e}") from e
+    mod, params = detach_params(mod)
+    tensors = params.get("main", [])
+    names = [p.name_hint for p in mod["main"].params[len(example_inputs):]]
+    arrays = [t.numpy() for t in tensors]
+    return RelaxModule(mod=mod, params=arrays, param_names=names, num_inputs=len(example_inputs),
+                       ir_text=mod.script(show_meta=False))

@@ -1,0 +1,21 @@
+"""FX → FX rewrites (fxpress.passes): the pass protocol, registry, manager and graph utilities.
+
+Built-in pass families live in one module each (fusion, low_rank, shift_add, split_branches,
+quantize) and register themselves by name when first looked up.
+"""
+from fxpress.errors import PassError, TraceError, UnknownPassError
+
+from .base import (CANONICAL_ORDER, FunctionPass, Pass, PassContext, PassResult, Rewrite, Skip,
+                   available_passes, default_pipeline, get_pass, register_pass, resolve_passes)
+from .graph import flatten_outputs, to_networkx
+from .manager import PassManager, PipelineOutcome, StageRecord, output_error, run_graph, snapshot
+from .stats import count_params, graph_costs, graph_table, register_cost
+from .trace import Traced, annotate_shapes, copy_graph_module, trace
+
+__all__ = [
+    "CANONICAL_ORDER", "FunctionPass", "Pass", "PassContext", "PassError", "PassManager", "PassResult",
+    "PipelineOutcome", "Rewrite", "Skip", "StageRecord", "TraceError", "Traced", "UnknownPassError",
+    "annotate_shapes", "available_passes", "copy_graph_module", "count_params", "default_pipeline",
+    "flatten_outputs", "get_pass", "graph_costs", "graph_table", "output_error", "register_cost",
+    "register_pass", "resolve_passes", "run_graph", "snapshot", "to_networkx", "trace",
+]

@@ -1,0 +1,90 @@
+"""Graph utilities shared by passes: networkx views and small FX helpers."""
+from __future__ import annotations
+
+from typing import Iterable
+
+import networkx as nx
+import torch
+from torch import fx, nn
+
+
+def to_networkx(gm: fx.GraphModule) -> nx.DiGraph:
+    """Data-flow DiGraph: one vertex per node name, edge producer → user.
+
+    Vertices carry ``op``, ``target`` and ``node`` (the fx.Node) for analyses.
+    """
+    g = nx.DiGraph()
+    for n in gm.graph.nodes:
+        g.add_node(n.name, op=n.op, target=str(n.target), node=n)
+    for n in gm.graph.nodes:
+        for u in n.users:
+            g.add_edge(n.name, u.name)
+    return g
+
+
+def dominators(gm: fx.GraphModule) -> dict[str, str]:
+    """Immediate dominators from the (single) graph entry; several inputs get a virtual root."""
+    g = to_networkx(gm)
+    root = "__entry__"
+    g.add_node(root)
+    for n in gm.graph.nodes:
+        if n.op in ("placeholder", "get_attr"):
+            g.add_edge(root, n.name)
+    idom = nx.immediate_dominators(g, root)
+    idom.pop(root, None)
+    return idom
+
+
+def reachable(gm: fx.GraphModule, src: str) -> set[str]:
+    return nx.descendants(to_networkx(gm), src)
+
+
+def module_of(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    return gm.get_submodule(node.target) if node.op == "call_module" else None
+
+
+def is_module(gm: fx.GraphModule, node: fx.Node, types: type | tuple[type, ...]) -> bool:
+    m = module_of(gm, node)
+    return m is not None and isinstance(m, types)
+
+
+def unique_name(gm: nn.Module, base: str) -> str:
+    """A fresh attribute name on gm (dots are not allowed in names added at the root)."""
+    base = base.replace(".", "_")
+    name, i = base, 1
+    while hasattr(gm, name):
+        name, i = f"{base}_{i}", i + 1
+    return name
+
+
+def add_submodule(gm: fx.GraphModule, base: str, module: nn.Module) -> str:
+    name = unique_name(gm, base)
+    gm.add_submodule(name, module)
+    return name
+
+
+def replace_node_with_module(gm: fx.GraphModule, node: fx.Node, module: nn.Module, base: str,
+                             args: Iterable | None = None) -> fx.Node:
+    """Insert ``module`` as a new call_module replacing ``node``; returns the new node."""
+    name = add_submodule(gm, base, module)
+    with gm.graph.inserting_after(node):
+        new = gm.graph.call_module(name, tuple(args) if args is not None else node.args)
+    new.meta.update({k: v for k, v in node.meta.items() if k in ("tensor_meta", "stack_trace")})
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    return new
+
+
+def finalize(gm: fx.GraphModule) -> fx.GraphModule:
+    """Drop dead code and unused submodules, lint, recompile: call at the end of every pass."""
+    gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def flatten_outputs(out) -> list[torch.Tensor]:
+    """Tensors of a (possibly nested) model output, in pytree order."""
+    leaves, _ = torch.utils._pytree.tree_flatten(out)
+    return [x for x in leaves if isinstance(x, torch.Tensor)]

@@ -1,0 +1,89 @@
+"""Load an exported artifact directory and run it on numpy arrays. Imports no torch."""
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import numpy as np
+
+from fxpress.errors import ArtifactError, InputError
+
+from .backends import ORTExecutor, TVMExecutor
+from .manifest import read_manifest
+
+
+def check_inputs(inputs: Sequence[Any], specs: list[dict[str, Any]], convert=np.asarray) -> list:
+    """Validate count, shape and dtype against the manifest's input specs (clear messages)."""
+    if len(inputs) != len(specs):
+        raise InputError(f"the model takes {len(specs)} input(s) "
+                         f"({', '.join(s['name'] for s in specs)}), got {len(inputs)}")
+    out = []
+    for i, (x, spec) in enumerate(zip(inputs, specs)):
+        x = convert(x)
+        shape, dtype = tuple(x.shape), str(x.dtype).replace("torch.", "")
+        if list(shape) != list(spec["shape"]) or dtype != spec["dtype"]:
+            raise InputError(
+                f"input {i} ('{spec['name']}'): expected shape {tuple(spec['shape'])} dtype {spec['dtype']}, "
+                f"got shape {shape} dtype {dtype}. The model was compiled for fixed shapes: pass inputs of "
+                "that shape, or compile again with example inputs of the new shape.")
+        out.append(x)
+    return out
+
+
+class Runtime:
+    """A loaded artifact: ``rt(x, ...)`` returns one numpy array, or a tuple for several outputs."""
+
+    def __init__(self, root: str, manifest: dict[str, Any], backend: str, executor):
+        self.root = root
+        self.manifest = manifest
+        self.backend = backend
+        self.executor = executor
+        self.inputs = manifest["inputs"]
+        self.outputs = manifest["outputs"]
+
+    def run(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        return self.executor.run(check_inputs(inputs, self.inputs))
+
+    def __call__(self, *inputs: np.ndarray):
+        outs = self.run(inputs)
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    def __repr__(self) -> str:
+        return f"Runtime({self.root!r}, backend={self.backend!r}, inputs={[tuple(s['shape']) for s in self.inputs]})"
+
+
+def _pick_backend(manifest: dict[str, Any], backend: str) -> str:
+    available = list(manifest.get("backends", {}))
+    if backend == "auto":
+        for b in ("tvm", "onnx"):
+            if b in available:
+                return b
+        raise ArtifactError(f"manifest lists no backend this runtime can run (has {available})")
+    if backend not in available:
+        raise ArtifactError(f"backend {backend!r} is not in this artifact (it has {available}); "
+                            f"choose one of those or re-export")
+    return backend
+
+
+def make_executor(root: str, manifest: dict[str, Any], backend: str, device: str | None = None):
+    """The executor for one graph's entry in ``manifest['backends']``."""
+    info = manifest["backends"][backend]
+    if backend == "tvm":
+        params = os.path.join(root, info["params"]) if info.get("params") else None
+        return TVMExecutor(os.path.join(root, info["library"]), params, device or info.get("device", "cpu"))
+    if backend == "onnx":
+        return ORTExecutor(os.path.join(root, info["file"]), device or "cpu")
+    raise ArtifactError(f"unknown backend {backend!r} in manifest")
+
+
+def load(path: str, backend: str = "auto", device: str | None = None) -> Runtime:
+    """Load an artifact exported by ``cm.export(path)``.
+
+    backend: "auto" (TVM when present, else ONNX Runtime), "tvm" or "onnx".
+    Every file's sha256 is checked against the manifest before anything is loaded: a TVM
+    library is native code, so load artifacts only from sources you trust.
+    """
+    root = os.path.abspath(path)
+    manifest = read_manifest(root)
+    chosen = _pick_backend(manifest, backend)
+    return Runtime(root, manifest, chosen, make_executor(root, manifest, chosen, device))

@@ -1,0 +1,82 @@
+"""The artifact directory's manifest: what is in it, how to call it, and a sha256 of every file.
+
+Torch-free. Loading verifies every listed hash before any file is opened, and refuses a manifest
+whose format version is newer than this runtime understands.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any
+
+from fxpress.errors import ArtifactError
+
+FORMAT = "fxpress-artifact"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def hash_tree(root: str) -> dict[str, str]:
+    """sha256 of every file below root (relative POSIX paths), manifest excluded."""
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for f in sorted(files):
+            full = os.path.join(dirpath, f)
+            rel = os.path.relpath(full, root).replace(os.sep, "/")
+            if rel != MANIFEST:
+                out[rel] = sha256_file(full)
+    return dict(sorted(out.items()))
+
+
+def write_manifest(root: str, content: dict[str, Any]) -> dict[str, Any]:
+    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **content, "files": hash_tree(root)}
+    with open(os.path.join(root, MANIFEST), "w") as f:
+        json.dump(manifest, f, indent=2, sort_keys=False)
+        f.write("\n")
+    return manifest
+
+
+def read_manifest(root: str, verify: bool = True) -> dict[str, Any]:
+    path = os.path.join(root, MANIFEST)
+    if not os.path.isdir(root):
+        raise ArtifactError(f"artifact directory {root!r} does not exist; export one with cm.export(dir)")
+    if not os.path.isfile(path):
+        raise ArtifactError(f"{path} is missing: {root!r} is not an fxpress artifact directory "
+                            "(export one with cm.export(dir) or `fxpress export`)")
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{path} is not valid JSON ({e}); re-export the artifact") from e
+    if manifest.get("format") != FORMAT:
+        raise ArtifactError(f"{path} is not an fxpress manifest (format={manifest.get('format')!r})")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ArtifactError(
+            f"{path} has format_version {version!r}, newer than this runtime understands ({FORMAT_VERSION}); "
+            "upgrade fxpress on this machine or export with the fxpress version installed here")
+    if verify:
+        verify_files(root, manifest)
+    return manifest
+
+
+def verify_files(root: str, manifest: dict[str, Any]) -> None:
+    files = manifest.get("files") or {}
+    for rel, digest in files.items():
+        full = os.path.join(root, rel)
+        if not os.path.isfile(full):
+            raise ArtifactError(f"artifact file {full} listed in the manifest is missing; re-export the artifact")
+        actual = sha256_file(full)
+        if actual != digest:
+            raise ArtifactError(
+                f"artifact file {full} has sha256 {actual[:16]}…, the manifest says {digest[:16]}…: the file was "
+                "altered or corrupted. Refusing to load it (a library file is native code); re-export it.")
