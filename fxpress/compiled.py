@@ -72,6 +72,11 @@ class CompiledModel:
     def stages(self) -> list[str]:
         return self.report.names()
 
+    def html_report(self, path):
+        """Write a self-contained HTML report (stages, diffs, graphs, IR) to ``path``; returns the path."""
+        from .html_report import write_html_report
+        return write_html_report(self, path)
+
     def __repr__(self) -> str:
         return f"CompiledModel(target={self.target!r}, passes={self.passes}, stages={self.stages})"
 

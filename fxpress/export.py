@@ -59,7 +59,7 @@ def write_artifact(cm, path: str, backends=("onnx", "tvm")) -> str:
         if "tvm" in backends:
             entries["tvm"] = _write_tvm(cm, os.path.join(tmp, "tvm"))
         with open(os.path.join(tmp, "report.json"), "w") as f:
-            f.write(cm.report.to_json())
+            f.write(cm.report.to_json(full=True))
         write_manifest(tmp, {
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "inputs": cm.input_specs,

@@ -38,7 +38,7 @@ def build_tvm(gm: fx.GraphModule, example_inputs: tuple, target: str, tune: int 
 
 
 def lower(gm: fx.GraphModule, example_inputs: tuple, target: str, reference: list[torch.Tensor],
-          tune: int = 0, tune_options: dict | None = None, workdir: str | None = None):
+          tune: int = 0, tune_options: dict | None = None):
     """Returns (executor or None, build products or None, StageRecord for the lowering stage)."""
     t0 = time.perf_counter()
     lowered = None
@@ -46,10 +46,10 @@ def lower(gm: fx.GraphModule, example_inputs: tuple, target: str, reference: lis
     extra: dict = {}
     note = ""
     if target in ("llvm", "cuda"):
+        lowered = build_tvm(gm, example_inputs, target, tune, tune_options)
         from fxpress.codegen import gpu_available
         from fxpress.runtime.backends import TVMExecutor
 
-        lowered = build_tvm(gm, example_inputs, target, tune, tune_options)
         ir = lowered.relax.ir_text
         extra["ir_after"] = dict(getattr(lowered.built, "ir_after", {}) or {})
         if target == "cuda" and not gpu_available():
@@ -62,11 +62,14 @@ def lower(gm: fx.GraphModule, example_inputs: tuple, target: str, reference: lis
         from fxpress.lowering import to_onnx
         from fxpress.runtime.backends import ORTExecutor
 
-        workdir = workdir or tempfile.mkdtemp(prefix="fxpress-onnx-")
-        model = to_onnx(gm, example_inputs, os.path.join(workdir, "model.onnx"))
-        executor = ORTExecutor(model.path)
-        lowered = model
-        ir = _onnx_text(model.path)
+        # The session is built from bytes: nothing stays behind in a temp dir.
+        with tempfile.TemporaryDirectory(prefix="fxpress-onnx-") as tmp:
+            model = to_onnx(gm, example_inputs, os.path.join(tmp, "model.onnx"))
+            with open(model.path, "rb") as f:
+                data = f.read()
+            ir = _onnx_text(model.path)
+        executor = ORTExecutor(data)
+        lowered = None
     else:  # torch: the FX graph itself runs
         executor = None
     seconds = time.perf_counter() - t0

@@ -68,6 +68,35 @@ def check_supported(ep: torch.export.ExportedProgram, gm: fx.GraphModule, custom
         )
 
 
+def expand_alpha(ep: torch.export.ExportedProgram) -> None:
+    """Rewrite ``add/sub(x, y, alpha=a)`` as ``add/sub(x, y * a)`` in place.
+
+    TVM 0.27's Relax importer drops the ``alpha`` keyword of aten.add/sub (``torch.add(x, y, alpha=0.5)``
+    silently became ``x + y``); found by tests/test_fuzz.py.
+    """
+    aten = torch.ops.aten
+    graph = ep.graph_module.graph
+    changed = False
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in (aten.add.Tensor, aten.sub.Tensor):
+            continue
+        alpha = node.kwargs.get("alpha", 1)
+        if alpha == 1 or len(node.args) < 2:
+            continue
+        other = node.args[1]
+        with graph.inserting_before(node):
+            if isinstance(other, fx.Node):
+                scaled = graph.call_function(aten.mul.Tensor, (other, alpha))
+                scaled.meta.update({k: v for k, v in other.meta.items() if k == "val"})
+            else:
+                scaled = other * alpha
+        node.args = (node.args[0], scaled, *node.args[2:])
+        node.kwargs = {k: v for k, v in node.kwargs.items() if k != "alpha"}
+        changed = True
+    if changed:
+        ep.graph_module.recompile()
+
+
 def to_relax(gm: torch.nn.Module, example_inputs: tuple) -> RelaxModule:
     import tvm  # noqa: F401 - imported here so that importing fxpress.lowering stays light
     from tvm import relax
@@ -75,6 +104,7 @@ def to_relax(gm: torch.nn.Module, example_inputs: tuple) -> RelaxModule:
     from tvm.relax.frontend.torch import from_exported_program
 
     ep = export_program(gm, example_inputs)
+    expand_alpha(ep)
     custom = relax_converters()
     check_supported(ep, gm, custom)
     try:
@@ -84,7 +114,7 @@ def to_relax(gm: torch.nn.Module, example_inputs: tuple) -> RelaxModule:
         raise LoweringError(f"TVM's Relax importer failed: {type(e).__name__}: {e}") from e
     mod, params = detach_params(mod)
     tensors = params.get("main", [])
-    names = [p.name_hint for p in mod["main"].params[len(example_inputs):]]
+    names = [p.name for p in mod["main"].params[len(example_inputs):]]
     arrays = [t.numpy() for t in tensors]
     return RelaxModule(mod=mod, params=arrays, param_names=names, num_inputs=len(example_inputs),
                        ir_text=mod.script(show_meta=False))

@@ -75,8 +75,16 @@ def output_error(outputs: Sequence[torch.Tensor], reference: Sequence[torch.Tens
             err = float((y != r).float().mean()) if y.numel() else 0.0  # fraction of mismatches
             max_abs, max_rel = max(max_abs, err), max(max_rel, err)
             continue
-        d = float((y.double() - r.double()).abs().max()) if y.numel() else 0.0
-        scale = float(r.double().abs().max()) if r.numel() else 0.0
+        # NaN must count as an infinite error: max() with a NaN operand keeps the other one, so a
+        # graph that returns NaN would otherwise report 0 and pass the tolerance guard. Entries equal
+        # to the reference (same inf, or NaN where the reference is NaN) are no error.
+        y64, r64 = y.double(), r.double()
+        same = (y64 == r64) | (torch.isnan(y64) & torch.isnan(r64))
+        diff = torch.nan_to_num(torch.where(same, 0.0, (y64 - r64).abs()), nan=float("inf"),
+                               posinf=float("inf"))
+        d = float(diff.max()) if y.numel() else 0.0
+        finite = r64[torch.isfinite(r64)]
+        scale = float(finite.abs().max()) if finite.numel() else 0.0
         max_abs = max(max_abs, d)
         max_rel = max(max_rel, d / scale if scale > 0 else d)
     return max_abs, max_rel

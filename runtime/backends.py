@@ -72,11 +72,12 @@ def _flatten_tvm(out) -> list[np.ndarray]:
 class ORTExecutor:
     """Runs an ONNX model with ONNX Runtime (CUDA provider when asked and present, else CPU)."""
 
-    def __init__(self, path: str, device: str = "cpu", threads: int | None = None):
+    def __init__(self, model: str | bytes, device: str = "cpu", threads: int | None = None):
+        """``model`` is a file path or the serialized model bytes."""
         import onnxruntime as ort
 
-        if not os.path.isfile(path):
-            raise ArtifactError(f"ONNX model {path} is missing")
+        if isinstance(model, str) and not os.path.isfile(model):
+            raise ArtifactError(f"ONNX model {model} is missing")
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
@@ -87,7 +88,7 @@ class ORTExecutor:
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise TargetUnavailableError("ONNX Runtime has no CUDA provider on this machine; use device='cpu'")
             providers.insert(0, "CUDAExecutionProvider")
-        self.session = ort.InferenceSession(path, sess_options=opts, providers=providers)
+        self.session = ort.InferenceSession(model, sess_options=opts, providers=providers)
         self.input_names = [i.name for i in self.session.get_inputs()]
 
     def run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:

@@ -1,0 +1,136 @@
+"""Relax IRModule → built, runnable library.
+
+The pipeline, with the text of the module after each stage kept in ``BuiltModule.ir_after``:
+
+  relax.decomposed  DispatchSampling/DispatchSortScan (target-specific sort, scan, sampling),
+                    DecomposeOpsForInference (batch_norm, layer_norm... → arithmetic)
+  relax.legalized   LegalizeOps: every remaining Relax op becomes a TIR PrimFunc behind call_tir
+  relax.fused       AnnotateTIROpPattern, FoldConstant, FuseOps, FuseTIR (what the "zero"
+                    pipeline does, run pass by pass so each stage can be kept)
+  tir.scheduled     dlight default schedules (schedule.py: GPU rules on cuda, the CPU
+                    reduction rule on llvm)
+  cuda.source       cuda only: the generated CUDA C, compiled to a fatbin (cuda.py)
+
+then ``tvm.compile`` with the "default_build" Relax pipeline, which only lowers to VM code. (For
+a GPU target ``tvm.compile``'s "default" would run LegalizeOps..FuseTIR and dlight a second time.)
+
+Hand-written kernels. Every PrimFunc already in the input module was written by hand (the
+torch frontend emits none; fxpress converters add them through ``R.call_tir`` or ``emit_te``).
+build() marks each one ``fxpress.kernel = 1`` and ``op_pattern = kOpaque`` before
+AnnotateTIROpPattern, so FuseOps never fuses a kernel with its neighbours. Without that,
+FuseTIR fails on a TVMScript kernel followed by an elementwise op ("Inconsistent buffers y and
+y mapped to the same relax var"): TVMScript gives buffer shapes int32 dims, LegalizeOps int64,
+and FuseTIR cannot merge the two buffer types. Opaque kernels also keep any hand schedule.
+dlight still schedules kernels (a CUDA kernel needs thread bindings) unless the kernel sets
+``tirx.is_scheduled``, which is dlight's own "leave this alone" mark.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import tvm
+from tvm import relax, tirx
+
+from ..errors import BuildError
+from . import cuda
+from .schedule import schedule_cpu, schedule_gpu
+from .targets import resolve_target, target_kind
+
+KERNEL_ATTR = "fxpress.kernel"
+OP_PATTERN_OPAQUE = 8  # relax OpPatternKind::kOpaque: FuseOps never fuses it
+
+
+@dataclass
+class BuiltModule:
+    executable: relax.VMExecutable  # run with relax.VirtualMachine(executable, device_for(target))
+    target: tvm.target.Target
+    ir_after: dict[str, str]
+    seconds: float
+    pass_timings: str | None = None  # PassTimingInstrument report, when build(instrument=True)
+    # cuda without a driver: serialized source module → the same module holding a fatbin
+    _device_payloads: dict[bytes, bytes] = field(default_factory=dict, repr=False)
+
+    def export_library(self, path: str | os.PathLike) -> None:
+        """Write a shared library that ``tvm.runtime.load_module`` loads (host compiler: g++)."""
+        options = {"fpack_imports": cuda.packer(self._device_payloads)} if self._device_payloads else {}
+        self.executable.export_library(os.fspath(path), **options)
+
+
+def build(mod: tvm.IRModule, target: str | tvm.target.Target, *, instrument: bool = False,
+          dlight: bool = True) -> BuiltModule:
+    """Compile a Relax module for ``"llvm"`` (this CPU) or ``"cuda"``.
+
+    ``instrument=True`` records per-pass wall time in ``BuiltModule.pass_timings``.
+    ``dlight=False`` (llvm only) skips the dlight CPU schedules, for comparisons.
+    """
+    start = time.perf_counter()
+    target = resolve_target(target)
+    on_gpu = target_kind(target) == "cuda"
+    if on_gpu and not dlight:
+        raise ValueError("dlight=False is llvm-only: CUDA kernels need the thread bindings "
+                         "the dlight GPU rules add")
+    if on_gpu:
+        cuda.install_compiler()
+    timing = tvm.ir.instrument.PassTimingInstrument() if instrument else None
+    ir_after: dict[str, str] = {}
+
+    def stage(name: str, passes: list, mod: tvm.IRModule) -> tvm.IRModule:
+        with _blame(name, mod, target):
+            for p in passes:
+                mod = p(mod)
+        ir_after[name] = mod.script()
+        return mod
+
+    context = tvm.transform.PassContext(instruments=[timing]) if timing else contextlib.nullcontext()
+    with context, target:
+        mod = stage("relax.decomposed", [relax.backend.DispatchSampling(),
+                                         relax.backend.DispatchSortScan(),
+                                         relax.transform.DecomposeOpsForInference()],
+                    _mark_kernels(mod))
+        mod = stage("relax.legalized", [relax.transform.LegalizeOps()], mod)
+        mod = stage("relax.fused", [relax.transform.AnnotateTIROpPattern(),
+                                    relax.transform.FoldConstant(),
+                                    relax.transform.FuseOps(),
+                                    relax.transform.FuseTIR()], mod)
+        if on_gpu:
+            mod = stage("tir.scheduled", [lambda m: schedule_gpu(m, target)], mod)
+        elif dlight:
+            mod = stage("tir.scheduled", [lambda m: schedule_cpu(m, target)], mod)
+        with _blame("tvm.compile", mod, target):
+            executable = tvm.compile(mod, target=target,
+                                     relax_pipeline=relax.get_pipeline("default_build"))
+            payloads = cuda.compile_placeholders(executable, target) if on_gpu else {}
+        timings = timing.render() if timing else None
+    if on_gpu:
+        ir_after["cuda.source"] = "\n".join(m.inspect_source("cuda")
+                                             for m in cuda.device_modules(executable))
+    return BuiltModule(executable=executable, target=target, ir_after=ir_after,
+                       seconds=time.perf_counter() - start, pass_timings=timings,
+                       _device_payloads=payloads)
+
+
+@contextlib.contextmanager
+def _blame(stage: str, mod: tvm.IRModule, target: tvm.target.Target):
+    """Re-raise a TVM failure as BuildError naming the stage, with its input IR saved to a file."""
+    try:
+        yield
+    except BuildError:
+        raise
+    except Exception as err:  # noqa: BLE001 - TVM raises many types; all mean "build failed"
+        path = os.path.join(tempfile.mkdtemp(prefix="fxpress-build-"), f"{stage}.py")
+        with open(path, "w") as f:
+            f.write(mod.script())
+        raise BuildError(f"{stage} failed for target {target.kind.name}: {err}\n"
+                         f"The module entering {stage} is saved at {path}") from err
+
+
+def _mark_kernels(mod: tvm.IRModule) -> tvm.IRModule:
+    marked = mod.clone()
+    for gv, func in mod.functions_items():
+        if isinstance(func, tirx.PrimFunc):
+            marked.update_func(gv, func.with_attrs({KERNEL_ATTR: 1, "op_pattern": OP_PATTERN_OPAQUE}))
+    return marked

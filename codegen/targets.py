@@ -1,0 +1,58 @@
+"""The two targets fxpress builds for, and the devices that run them.
+
+TVM 0.27 rejects target strings with options ("llvm -mcpu=...") and silently turns
+``"mcpu": "native"`` into a generic CPU without AVX, so targets are built from dicts and the
+host CPU name is asked from LLVM.
+"""
+from __future__ import annotations
+
+import os
+
+import tvm
+from tvm.target import codegen
+
+TARGET_KINDS = ("llvm", "cuda")
+DEFAULT_CUDA_ARCH = "sm_90"  # H100; override with FXPRESS_CUDA_ARCH (e.g. sm_80 for A100)
+
+
+def resolve_target(target: str | tvm.target.Target) -> tvm.target.Target:
+    """``"llvm"`` → this machine's CPU; ``"cuda"`` → ``$FXPRESS_CUDA_ARCH`` (default sm_90).
+
+    A ``Target`` of either kind is returned unchanged.
+    """
+    if isinstance(target, tvm.target.Target):
+        target_kind(target)  # validates
+        return target
+    if target == "llvm":
+        return tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu(),
+                                  "num-cores": os.cpu_count() or 1})
+    if target == "cuda":
+        arch = os.environ.get("FXPRESS_CUDA_ARCH", DEFAULT_CUDA_ARCH)
+        return tvm.target.Target({"kind": "cuda", "arch": arch}, host={"kind": "llvm"})
+    raise ValueError(f"unknown target {target!r}: expected one of {TARGET_KINDS} "
+                     "or a tvm.target.Target of one of those kinds")
+
+
+def target_kind(target: str | tvm.target.Target) -> str:
+    """``"llvm"`` or ``"cuda"``; ValueError for anything else."""
+    kind = target.kind.name if isinstance(target, tvm.target.Target) else target
+    if kind not in TARGET_KINDS:
+        raise ValueError(f"unsupported target kind {kind!r}: expected one of {TARGET_KINDS}")
+    return kind
+
+
+def device_for(target: str | tvm.target.Target) -> tvm.runtime.Device:
+    """The device a module built for ``target`` runs on (device 0)."""
+    return tvm.cuda(0) if target_kind(target) == "cuda" else tvm.cpu(0)
+
+
+def gpu_available() -> bool:
+    """True only if TVM can see a real CUDA device.
+
+    On a machine without the CUDA driver, TVM's CUDA runtime library does not load and
+    ``tvm.cuda(0).exist`` is False (CUDA code can still be compiled, see ``build``).
+    """
+    try:
+        return bool(tvm.cuda(0).exist)
+    except RuntimeError:  # TVM errors derive from RuntimeError: driver present but unusable
+        return False

@@ -1,0 +1,5 @@
+import sys
+
+from fxpress.cli import main
+
+sys.exit(main())

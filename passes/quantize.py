@@ -1,0 +1,594 @@
+"""The ``quantize`` pass: post-training integer quantization of Conv2d / Linear / MatMul.
+
+Modes (``options={"quantize": {"mode": ...}}``):
+
+* ``static`` (default) — int8 activations (per tensor, asymmetric uint8, range from calibration
+  observers) × int``bits`` weights (per output channel, symmetric), integer accumulation, float
+  epilogue. Activation×activation matmuls (attention) are quantized too (``matmul=True``).
+* ``dynamic`` — Linear only; the activation scale is computed from each input at run time.
+* ``weight_only`` — Linear/Conv weights stored as int``bits``, dequantized for float compute.
+
+Calibration (static): every batch of ``calibration=`` (or the example inputs) runs through the graph,
+observers (``observer="minmax" | "percentile" | "mse"``) record each quantized layer's input, a tqdm
+bar shows progress on a terminal. Weights: ``weight_clip="minmax" | "mse"`` (default: minmax at 8
+bits, mse below), ``per_channel=True``.
+
+SplitQuant (``splitquant=True``): each layer's weights are split by 1-D k-means into lower / middle /
+upper clusters with their own scales (quantize_splitquant.py); the op holds the three clusters and
+lowers to one kernel.
+
+Sensitivity: with a tolerance (``compile(tolerance=...)`` or the ``tolerance`` option) the pass
+measures the output error of the quantized graph on the example inputs against the original model
+(exactly what the pass manager's guard measures); while it is above the tolerance, the layer whose
+quantization alone hurts the output most is put back to fp32.
+
+Graph form: ``x → fxpress.quantize → (uint8) → fxpress.qlinear / qconv2d / qmatmul → float32``; one
+quantize node per quantized tensor, shared by all its consumers. See docs/passes/quantize.md.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import operator
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from fxpress.errors import PassError
+
+from .base import Pass, PassContext, PassResult, register_pass
+from .graph import finalize, flatten_outputs, unique_name
+from .quantize_observers import ACT_OBSERVERS, WEIGHT_CLIPS, Observer, quantize_weight, weight_clip
+from .quantize_ops import f32, qmax_for_bits
+from .quantize_splitquant import cluster_masks
+from .trace import copy_graph_module
+
+log = logging.getLogger("fxpress.passes.quantize")
+
+OPS = torch.ops.fxpress
+MODES = ("static", "dynamic", "weight_only")
+_LINEAR_FNS = {F.linear, torch.ops.aten.linear.default}
+_CONV_FNS = {F.conv2d, torch.ops.aten.conv2d.default}
+_MATMUL_FNS = {torch.matmul, operator.matmul, torch.bmm, torch.ops.aten.matmul.default, torch.ops.aten.bmm.default}
+INT32_MAX = 2**31 - 1
+
+
+@dataclass
+class Site:
+    """One layer the pass may quantize."""
+
+    name: str                     # node name in the graph
+    label: str                    # module path or node name, for the report
+    kind: str                     # "linear" | "conv2d" | "matmul"
+    inputs: list[str]             # names of the activation nodes it reads (1, or 2 for matmul)
+    weight: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    conv: dict[str, Any] = field(default_factory=dict)  # stride, padding, dilation, groups
+    plan: dict[str, Any] = field(default_factory=dict)  # quantized tensors and report numbers
+    sample: list[torch.Tensor] | None = None             # inputs of one calibration batch
+
+
+@register_pass("quantize", default=False)
+class Quantize(Pass):
+    lossy = True
+    wants_calibration = True
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> tuple[fx.GraphModule, PassResult]:
+        result = PassResult()
+        opts = self._options(ctx)
+        if opts["fold_bn"]:
+            _fold_conv_bn(gm, result)
+        sites = self._find_sites(gm, opts, result)
+        if not sites:
+            result.notes.append("no Conv2d / Linear / MatMul to quantize")
+            return finalize(gm), result
+
+        if opts["mode"] == "static":
+            batches = ctx.calibration_batches(opts["max_calibration_batches"])
+            observers = self._calibrate(gm, sites, batches, opts)
+            result.metrics["calibration_batches"] = len(batches)
+        else:
+            observers = {}
+            batches = ctx.calibration_batches(1)
+            _collect_samples(gm, sites, batches[0])
+        for s in list(sites):
+            reason = self._plan(s, observers, opts)
+            if reason:
+                result.skip(s.name, reason)
+                sites.remove(s)
+        if not sites:
+            return finalize(gm), result
+
+        reference = ctx.reference_outputs
+        if reference is None:
+            with torch.no_grad():
+                reference = [t.detach() for t in flatten_outputs(gm(*ctx.example_inputs))]
+        tolerance = opts["tolerance"]
+        chosen = [s for s in sites]
+        qgm = _apply(gm, chosen, opts)
+        err = _output_error(qgm, ctx.example_inputs, reference)
+        sensitivity: dict[str, float] = {}
+        if tolerance is not None and err > tolerance:
+            for s in sites:
+                sensitivity[s.name] = _output_error(_apply(gm, [s], opts), ctx.example_inputs, reference)
+            for s in sorted(sites, key=lambda s: -sensitivity[s.name]):
+                if err <= tolerance:
+                    break
+                chosen.remove(s)
+                s.plan["status"] = "fp32 (sensitivity)"
+                result.skip(s.name, f"kept in fp32: quantizing it alone gives output error {sensitivity[s.name]:.3g}, "
+                                    f"the largest left, and the model was at {err:.3g} > tolerance {tolerance:g}")
+                qgm = _apply(gm, chosen, opts) if chosen else copy_graph_module(gm)
+                err = _output_error(qgm, ctx.example_inputs, reference)
+
+        self._report(gm, sites, chosen, sensitivity, opts, err, result)
+        for s in chosen:
+            produced = [n.name for n in qgm.graph.nodes if n.meta.get("fxpress_quantize_site") == s.name]
+            result.rewrite(f"quantize_{s.kind}", [s.name], produced, bits=s.plan["bits"],
+                           clusters=s.plan["clusters"], mode=opts["mode"])
+        return finalize(qgm), result
+
+    # ------------------------------------------------------------------ options
+    def _options(self, ctx: PassContext) -> dict[str, Any]:
+        mode = self.option(ctx, "mode", "static")
+        if mode not in MODES:
+            raise PassError(f"quantize: unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        bits = int(self.option(ctx, "bits", 8))
+        if bits not in (2, 3, 4, 5, 6, 7, 8):
+            raise PassError(f"quantize: weight bits must be 2..8, got {bits}")
+        observer = self.option(ctx, "observer", "minmax")
+        if observer not in ACT_OBSERVERS:
+            raise PassError(f"quantize: unknown observer {observer!r}; choose one of {', '.join(ACT_OBSERVERS)}")
+        wclip = self.option(ctx, "weight_clip", None) or ("minmax" if bits == 8 else "mse")
+        if wclip not in WEIGHT_CLIPS:
+            raise PassError(f"quantize: unknown weight_clip {wclip!r}; choose one of {', '.join(WEIGHT_CLIPS)}")
+        tol = self.option(ctx, "tolerance", None)
+        return {
+            "mode": mode, "bits": bits, "observer": observer, "weight_clip": wclip,
+            "percentile": float(self.option(ctx, "percentile", 99.99)),
+            "per_channel": bool(self.option(ctx, "per_channel", True)),
+            "splitquant": bool(self.option(ctx, "splitquant", False)),
+            "matmul": bool(self.option(ctx, "matmul", True)),
+            "conv": bool(self.option(ctx, "conv", True)),
+            "fold_bn": bool(self.option(ctx, "fold_bn", True)),
+            "skip": set(self.option(ctx, "skip", ()) or ()),
+            "max_calibration_batches": self.option(ctx, "max_calibration_batches", None),
+            "progress": self.option(ctx, "progress", None),
+            "tolerance": float(tol) if tol is not None else ctx.tolerance,
+        }
+
+    # ------------------------------------------------------------------ finding layers
+    def _find_sites(self, gm: fx.GraphModule, opts: dict, result: PassResult) -> list[Site]:
+        sites: list[Site] = []
+        for n in gm.graph.nodes:
+            site = _site_of(gm, n)
+            if site is None:
+                continue
+            if isinstance(site, str):
+                result.skip(n, site)
+                continue
+            if site.name in opts["skip"] or site.label in opts["skip"]:
+                result.skip(n, "listed in the 'skip' option: kept in fp32")
+                continue
+            if site.kind == "matmul" and (opts["mode"] != "static" or not opts["matmul"]):
+                result.skip(n, "activation x activation matmul: quantized only in static mode (matmul=True)")
+                continue
+            if site.kind == "conv2d" and (opts["mode"] == "dynamic" or not opts["conv"]):
+                result.skip(n, "conv2d: dynamic mode quantizes Linear only (as ONNX Runtime's quantize_dynamic)"
+                            if opts["mode"] == "dynamic" else "conv quantization turned off (conv=False)")
+                continue
+            dt = [_dtype(gm, i) for i in site.inputs]
+            if any(d is not None and d != torch.float32 for d in dt):
+                result.skip(n, f"input dtype {dt} is not float32")
+                continue
+            sites.append(site)
+        return sites
+
+    # ------------------------------------------------------------------ calibration
+    def _calibrate(self, gm: fx.GraphModule, sites: list[Site], batches: list[tuple], opts: dict) -> dict[str, Observer]:
+        observers = {src: Observer(opts["observer"], opts["percentile"]) for s in sites for src in s.inputs}
+        want = {src for s in sites for src in s.inputs}
+        first: dict[str, torch.Tensor] = {}
+        tap = _Tap(gm, observers, want, first)
+        show = opts["progress"] if opts["progress"] is not None else sys.stderr.isatty()
+        from tqdm.auto import tqdm
+
+        with torch.no_grad():
+            for i, batch in enumerate(tqdm(batches, desc="quantize: calibrating", unit="batch", disable=not show,
+                                           leave=False)):
+                tap.keep = i == 0
+                tap.run(*batch)
+        for s in sites:
+            s.sample = [first[src] for src in s.inputs if src in first]
+        return observers
+
+    # ------------------------------------------------------------------ planning one layer
+    def _plan(self, s: Site, observers: dict[str, Observer], opts: dict) -> str | None:
+        mode, bits = opts["mode"], opts["bits"]
+        qmax = qmax_for_bits(bits)
+        plan = s.plan
+        plan.update(bits=bits, clusters=1, status="int" if mode != "weight_only" else "weight-only")
+        if mode == "static":
+            plan["act"] = []
+            for src in s.inputs:
+                ob = observers[src]
+                if not ob.seen:
+                    return "its input was never reached during calibration"
+                scale, zp, (lo, hi) = ob.qparams()
+                plan["act"].append({"src": src, "scale": scale, "zp": zp, "clip": (lo, hi),
+                                    "range": (min(ob.lo, 0.0), max(ob.hi, 0.0))})
+        if s.kind == "matmul":
+            plan["bits"] = 8
+            return None
+        w = s.weight.detach().float()
+        masks = cluster_masks(w) if opts["splitquant"] else [None]
+        plan["clusters"] = len(masks)
+        qs, scales, ratios = [], [], []
+        for m in masks:
+            if opts["per_channel"]:
+                clip = weight_clip(w, qmax, opts["weight_clip"], m)
+            else:
+                flat = w.reshape(1, -1)
+                clip = weight_clip(flat, qmax, opts["weight_clip"], m.reshape(1, -1) if m is not None else None)
+                clip = clip.expand(w.shape[0]).clone()
+            q, sc = quantize_weight(w, clip, qmax, m)
+            amax = (w.abs() if m is None else torch.where(m, w.abs(), torch.zeros_like(w))).reshape(w.shape[0], -1).amax(1)
+            ratios.append(float((clip[amax > 0] / amax[amax > 0]).mean()) if (amax > 0).any() else 1.0)
+            qs.append(q)
+            scales.append(sc)
+        wq = torch.stack(qs)
+        ws = torch.stack(scales).float()
+        plan.update(w=wq, w_scale=ws, clip_ratio=sum(ratios) / len(ratios), qmax=qmax)
+        bias = s.bias.detach().float() if s.bias is not None else torch.zeros(w.shape[0])
+        if mode == "static":
+            xs = plan["act"][0]["scale"]
+            mult = ws * torch.tensor(xs, dtype=torch.float32)  # float32 product, as every backend forms it
+            # the bias goes to one cluster per channel: the middle one when it has weights, else the widest
+            pick = torch.full((w.shape[0],), (len(masks) - 1) // 2, dtype=torch.long)
+            if len(masks) > 1:
+                has = torch.stack([(q.reshape(q.shape[0], -1) != 0).any(1) for q in qs])
+                widest = ws.argmax(0)
+                pick = torch.where(has[pick, torch.arange(w.shape[0])], pick, widest)
+            bq = torch.zeros_like(ws, dtype=torch.float64)
+            sel = mult[pick, torch.arange(w.shape[0])].double()
+            bq[pick, torch.arange(w.shape[0])] = torch.round(bias.double() / sel)
+            k = math.prod(w.shape[1:])
+            bound = k * 255 * qmax + float(bq.abs().max())
+            if bound > INT32_MAX:
+                return f"int32 accumulator could overflow (bound {bound:.3g} > 2^31); kept in fp32"
+            plan["bias_q"] = bq.to(torch.int32)
+        else:
+            plan["bias"] = bias
+        return None
+
+    # ------------------------------------------------------------------ report
+    def _report(self, gm, sites, chosen, sensitivity, opts, err, result: PassResult) -> None:
+        chosen_names = {s.name for s in chosen}
+        fp_bytes = q_bytes = packed_bytes = 0
+        for s in sites:
+            row: dict[str, Any] = {"layer": s.label, "node": s.name, "kind": s.kind, "mode": opts["mode"]}
+            p = s.plan
+            on = s.name in chosen_names
+            row["status"] = "quantized" if on else p.get("status", "fp32")
+            row["bits"] = p["bits"] if on else 32
+            row["act_bits"] = 8 if (on and opts["mode"] == "static") else (8 if on and opts["mode"] == "dynamic" else 32)
+            row["clusters"] = p.get("clusters", 1)
+            if "act" in p:
+                row["act_scale"] = [a["scale"] for a in p["act"]]
+                row["act_zero_point"] = [a["zp"] for a in p["act"]]
+                row["act_range"] = [tuple(round(v, 6) for v in a["range"]) for a in p["act"]]
+                row["act_clip"] = [tuple(round(v, 6) for v in a["clip"]) for a in p["act"]]
+                row["observer"] = opts["observer"]
+            if "w" in p:
+                ws = p["w_scale"]
+                row["w_scale_min"], row["w_scale_max"] = float(ws.min()), float(ws.max())
+                row["weight_clip"] = opts["weight_clip"]
+                row["clip_ratio"] = round(p["clip_ratio"], 4)
+                row["weight_sqnr_db"] = _weight_sqnr(s.weight, p["w"], ws)
+                n_w = s.weight.numel()
+                if on:
+                    fp_bytes += n_w * 4
+                    q_bytes += p["w"].numel()
+                    packed_bytes += math.ceil(n_w * (p["bits"] + (2 if p["clusters"] > 1 else 0)) / 8)
+            le = _layer_error(s, opts) if s.sample else None
+            if le is not None:
+                row["layer_rel_error"] = le
+                row["layer_sqnr_db"] = -20 * math.log10(le) if le > 0 else math.inf
+            if s.name in sensitivity:
+                row["sensitivity"] = sensitivity[s.name]
+            result.layers.append(row)
+        result.metrics.update({
+            "mode": opts["mode"], "weight_bits": opts["bits"], "splitquant": opts["splitquant"],
+            "observer": opts["observer"], "weight_clip": opts["weight_clip"], "per_channel": opts["per_channel"],
+            "quantized_layers": len(chosen), "fp32_layers": len(sites) - len(chosen),
+            "output_rel_error": err, "weight_bytes_fp32": fp_bytes, "weight_bytes_stored": q_bytes,
+            "weight_bytes_packed": packed_bytes,
+        })
+        if opts["tolerance"] is not None:
+            result.metrics["tolerance"] = opts["tolerance"]
+
+
+# ----------------------------------------------------------------------------- finding layers
+
+def _attr(gm: fx.GraphModule, target: str) -> Any:
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _const(gm: fx.GraphModule, a) -> torch.Tensor | None:
+    if isinstance(a, fx.Node) and a.op == "get_attr":
+        v = _attr(gm, a.target)
+        return v if isinstance(v, torch.Tensor) else None
+    return None
+
+
+def _dtype(gm: fx.GraphModule, name: str) -> torch.dtype | None:
+    n = next((m for m in gm.graph.nodes if m.name == name), None)
+    tm = n.meta.get("tensor_meta") if n is not None else None
+    return getattr(tm, "dtype", None)
+
+
+def _conv_padding(mod_padding, kernel, dilation) -> list[int] | None:
+    if isinstance(mod_padding, str):
+        if mod_padding == "valid":
+            return [0, 0]
+        total = [d * (k - 1) for k, d in zip(kernel, dilation)]
+        if any(t % 2 for t in total):
+            return None  # asymmetric 'same' padding
+        return [t // 2 for t in total]
+    return [int(p) for p in mod_padding]
+
+
+def _site_of(gm: fx.GraphModule, n: fx.Node) -> Site | str | None:
+    """A Site for a quantizable node, a reason string for a near miss, or None."""
+    if n.op == "call_module":
+        mod = gm.get_submodule(n.target)
+        if type(mod) is nn.Linear:
+            if not isinstance(n.args[0], fx.Node):
+                return None
+            return Site(n.name, n.target, "linear", [n.args[0].name], mod.weight, mod.bias)
+        if type(mod) is nn.Conv2d:
+            if mod.padding_mode != "zeros":
+                return f"Conv2d with padding_mode={mod.padding_mode!r}: only zero padding is quantized"
+            pad = _conv_padding(mod.padding, mod.kernel_size, mod.dilation)
+            if pad is None:
+                return "Conv2d with asymmetric 'same' padding"
+            return Site(n.name, n.target, "conv2d", [n.args[0].name], mod.weight, mod.bias,
+                        conv={"stride": list(mod.stride), "padding": pad, "dilation": list(mod.dilation),
+                              "groups": mod.groups})
+        if isinstance(mod, (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+            return f"{type(mod).__name__} is not quantized (Conv2d, Linear and MatMul are)"
+        return None
+    if n.op != "call_function":
+        if n.op == "call_method" and n.target == "matmul" and len(n.args) == 2 and all(isinstance(a, fx.Node) for a in n.args):
+            return Site(n.name, n.name, "matmul", [n.args[0].name, n.args[1].name])
+        return None
+    if n.target in _LINEAR_FNS:
+        args = list(n.args) + [n.kwargs.get("weight"), n.kwargs.get("bias")][len(n.args) - 1:]
+        x, w = args[0], _const(gm, args[1])
+        b = _const(gm, args[2]) if len(args) > 2 and args[2] is not None else None
+        if w is None or not isinstance(x, fx.Node):
+            return "linear whose weight is not a stored parameter"
+        return Site(n.name, n.name, "linear", [x.name], w, b)
+    if n.target in _CONV_FNS:
+        names = ["input", "weight", "bias", "stride", "padding", "dilation", "groups"]
+        defaults = [None, None, None, [1, 1], [0, 0], [1, 1], 1]
+        vals = list(n.args) + [n.kwargs.get(k, d) for k, d in zip(names[len(n.args):], defaults[len(n.args):])]
+        x, w = vals[0], _const(gm, vals[1])
+        if w is None or not isinstance(x, fx.Node) or w.dim() != 4:
+            return "conv2d whose weight is not a stored 4-D parameter"
+        b = _const(gm, vals[2]) if vals[2] is not None else None
+
+        def pair(v):
+            return [int(v), int(v)] if isinstance(v, int) else [int(i) for i in v]
+
+        dil = pair(vals[5])
+        pad = _conv_padding(vals[4], w.shape[2:], dil) if isinstance(vals[4], str) else pair(vals[4])
+        if pad is None:
+            return "conv2d with asymmetric 'same' padding"
+        return Site(n.name, n.name, "conv2d", [x.name], w, b,
+                    conv={"stride": pair(vals[3]), "padding": pad, "dilation": dil, "groups": int(vals[6])})
+    if n.target in _MATMUL_FNS:
+        if len(n.args) == 2 and all(isinstance(a, fx.Node) for a in n.args) and not n.kwargs:
+            ranks = [len(getattr(a.meta.get("tensor_meta"), "shape", ())) for a in n.args]
+            if min(ranks) < 2:
+                return "matmul with a 1-D operand is not quantized"
+            return Site(n.name, n.name, "matmul", [n.args[0].name, n.args[1].name])
+    return None
+
+
+# ----------------------------------------------------------------------------- calibration
+
+class _Tap(fx.Interpreter):
+    """Runs the graph and shows the outputs of chosen nodes to their observers."""
+
+    def __init__(self, gm, observers: dict[str, Observer], keep_names: set[str], first: dict[str, torch.Tensor]):
+        super().__init__(gm)
+        self.observers, self.keep_names, self.first = observers, keep_names, first
+        self.keep = False
+
+    def run_node(self, n: fx.Node):
+        out = super().run_node(n)
+        if n.name in self.observers and isinstance(out, torch.Tensor):
+            self.observers[n.name].observe(out)
+            if self.keep and n.name in self.keep_names:
+                self.first[n.name] = out.detach().clone()
+        return out
+
+
+def _collect_samples(gm: fx.GraphModule, sites: list[Site], batch: tuple) -> None:
+    want = {src for s in sites for src in s.inputs}
+    first: dict[str, torch.Tensor] = {}
+    tap = _Tap(gm, {k: Observer() for k in want}, want, first)
+    tap.keep = True
+    with torch.no_grad():
+        tap.run(*batch)
+    for s in sites:
+        s.sample = [first[src] for src in s.inputs if src in first]
+
+
+# ----------------------------------------------------------------------------- rewriting
+
+def _param(gm: fx.GraphModule, base: str, t: torch.Tensor) -> str:
+    name = unique_name(gm, base)
+    gm.register_parameter(name, nn.Parameter(t.detach().clone(), requires_grad=False))
+    return name
+
+
+def _apply(gm: fx.GraphModule, sites: list[Site], opts: dict) -> fx.GraphModule:
+    """A copy of ``gm`` with ``sites`` replaced by their quantized form."""
+    g = copy_graph_module(gm)
+    nodes = {n.name: n for n in g.graph.nodes}
+    order = {n.name: i for i, n in enumerate(g.graph.nodes)}
+    qnodes: dict[str, fx.Node] = {}
+    last_placeholder = [n for n in g.graph.nodes if n.op == "placeholder"][-1]
+
+    def quantized(a: dict, site: Site) -> fx.Node:
+        src = nodes[a["src"]]
+        if a["src"] not in qnodes:
+            anchor = last_placeholder if src.op == "placeholder" else src
+            if src.op == "get_attr":
+                anchor = src
+            with g.graph.inserting_after(anchor):
+                q = g.graph.call_function(OPS.quantize.default, (src, a["scale"], a["zp"], 0, 255))
+            q.meta["fxpress_quantize_site"] = site.name
+            qnodes[a["src"]] = q
+        return qnodes[a["src"]]
+
+    for s in sorted(sites, key=lambda s: order[s.name]):
+        node = nodes[s.name]
+        p = s.plan
+        base = s.label.replace(".", "_")
+        with g.graph.inserting_before(node):
+            if s.kind == "matmul":
+                aq, bq = (quantized(a, s) for a in p["act"])
+                a, b = p["act"]
+                new = g.graph.call_function(OPS.qmatmul.default, (aq, a["scale"], a["zp"], bq, b["scale"], b["zp"]))
+            else:
+                w = g.graph.get_attr(_param(g, f"{base}_qweight", _weight_param(s)))
+                ws = g.graph.get_attr(_param(g, f"{base}_wscale", p["w_scale"]))
+                x = nodes[s.inputs[0]]
+                conv = [s.conv["stride"], s.conv["padding"], s.conv["dilation"], s.conv["groups"]] if s.kind == "conv2d" else []
+                if opts["mode"] == "static":
+                    a = p["act"][0]
+                    xq = quantized(a, s)
+                    bq = g.graph.get_attr(_param(g, f"{base}_qbias", p["bias_q"]))
+                    op = OPS.qlinear.default if s.kind == "linear" else OPS.qconv2d.default
+                    new = g.graph.call_function(op, (xq, a["scale"], a["zp"], w, ws, bq, *conv))
+                else:
+                    b = g.graph.get_attr(_param(g, f"{base}_bias", p["bias"]))
+                    if opts["mode"] == "dynamic":
+                        new = g.graph.call_function(OPS.qlinear_dynamic.default, (x, w, ws, b))
+                    else:
+                        op = OPS.wlinear.default if s.kind == "linear" else OPS.wconv2d.default
+                        new = g.graph.call_function(op, (x, w, ws, b, *conv))
+                for extra in (w, ws):
+                    extra.meta["fxpress_quantize_site"] = s.name
+        new.meta["fxpress_quantize_site"] = s.name
+        for k in ("tensor_meta", "stack_trace"):
+            if k in node.meta:
+                new.meta[k] = node.meta[k]
+        node.replace_all_uses_with(new)
+        g.graph.erase_node(node)
+    g.graph.eliminate_dead_code()
+    g.delete_all_unused_submodules()
+    g.recompile()
+    return g
+
+
+def _weight_param(s: Site) -> torch.Tensor:
+    return s.plan["w"]
+
+
+def _output_error(gm: fx.GraphModule, inputs: tuple, reference: list[torch.Tensor]) -> float:
+    from .manager import output_error
+
+    with torch.no_grad():
+        outs = [t.detach() for t in flatten_outputs(gm(*inputs))]
+    return output_error(outs, reference)[1]
+
+
+# ----------------------------------------------------------------------------- per-layer numbers
+
+def _weight_sqnr(w: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> float:
+    shape = [q.shape[0], q.shape[1]] + [1] * (q.dim() - 2)
+    deq = (q.float() * scale.reshape(shape)).sum(0)
+    noise = float(((deq - w.detach().float()) ** 2).sum())
+    sig = float((w.detach().float() ** 2).sum())
+    return round(10 * math.log10(sig / noise), 2) if noise > 0 else math.inf
+
+
+def _layer_error(s: Site, opts: dict) -> float | None:
+    """Relative L2 error of this layer's output, quantized alone, on its first calibration batch."""
+    p = s.plan
+    x = s.sample
+    with torch.no_grad():
+        if s.kind == "matmul":
+            ref = torch.matmul(x[0], x[1])
+            a, b = p["act"]
+            aq = OPS.quantize(x[0], a["scale"], a["zp"], 0, 255)
+            bq = OPS.quantize(x[1], b["scale"], b["zp"], 0, 255)
+            y = OPS.qmatmul(aq, a["scale"], a["zp"], bq, b["scale"], b["zp"])
+        else:
+            conv = [s.conv["stride"], s.conv["padding"], s.conv["dilation"], s.conv["groups"]] if s.kind == "conv2d" else []
+            w, b = s.weight.detach().float(), s.bias.detach().float() if s.bias is not None else None
+            ref = F.linear(x[0], w, b) if s.kind == "linear" else F.conv2d(x[0], w, b, *conv)
+            if opts["mode"] == "static":
+                a = p["act"][0]
+                xq = OPS.quantize(x[0], a["scale"], a["zp"], 0, 255)
+                op = OPS.qlinear if s.kind == "linear" else OPS.qconv2d
+                y = op(xq, a["scale"], a["zp"], p["w"], p["w_scale"], p["bias_q"], *conv)
+            elif opts["mode"] == "dynamic":
+                y = OPS.qlinear_dynamic(x[0], p["w"], p["w_scale"], p["bias"])
+            else:
+                op = OPS.wlinear if s.kind == "linear" else OPS.wconv2d
+                y = op(x[0], p["w"], p["w_scale"], p["bias"], *conv)
+    den = float(ref.double().norm())
+    return float((y.double() - ref.double()).norm()) / den if den > 0 else float((y.double() - ref.double()).norm())
+
+
+# ----------------------------------------------------------------------------- BN folding
+
+def _fold_conv_bn(gm: fx.GraphModule, result: PassResult) -> None:
+    """Fold an eval-mode BatchNorm2d into the Conv2d before it (only reader of the conv output)."""
+    for n in list(gm.graph.nodes):
+        if n.op != "call_module" or not isinstance(gm.get_submodule(n.target), nn.BatchNorm2d):
+            continue
+        bn = gm.get_submodule(n.target)
+        prod = n.args[0]
+        if not (isinstance(prod, fx.Node) and prod.op == "call_module" and len(prod.users) == 1):
+            continue
+        conv = gm.get_submodule(prod.target)
+        if type(conv) is not nn.Conv2d or bn.training or bn.running_mean is None:
+            continue
+        if sum(1 for m in gm.graph.nodes if m.op == "call_module" and m.target == prod.target) != 1:
+            continue  # a shared conv module would change at its other call sites
+        var, mean = bn.running_var.double(), bn.running_mean.double()
+        gamma = bn.weight.double() if bn.weight is not None else torch.ones_like(var)
+        beta = bn.bias.double() if bn.bias is not None else torch.zeros_like(var)
+        s = gamma / torch.sqrt(var + bn.eps)
+        b = conv.bias.double() if conv.bias is not None else torch.zeros_like(var)
+        folded = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                           conv.dilation, conv.groups, True, conv.padding_mode)
+        with torch.no_grad():
+            folded.weight.copy_((conv.weight.double() * s.reshape(-1, 1, 1, 1)).float())
+            folded.bias.copy_(((b - mean) * s + beta).float())
+        folded.eval()
+        _set_sub(gm, prod.target, folded)
+        n.replace_all_uses_with(prod)
+        gm.graph.erase_node(n)
+        result.rewrite("fold_bn", [prod.name, n.name], [prod.name], reason="BatchNorm folded into the conv before quantizing")
+    gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+
+
+def _set_sub(gm: nn.Module, path: str, mod: nn.Module) -> None:
+    parent, _, leaf = path.rpartition(".")
+    setattr(gm.get_submodule(parent), leaf, mod)

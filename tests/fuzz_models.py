@@ -1,0 +1,685 @@
+"""Random models for fuzzing fxpress: hypothesis strategies that build valid ``nn.Module``s.
+
+The generator draws a *spec* (plain Python data: family, input shapes, a list of ops) while tracking
+the shape of every value, so every model is valid by construction. ``FuzzNet(spec)`` turns the spec
+into an ``nn.Module`` whose ``forward`` is written the way the reference models are written (modules,
+``F.*`` calls, tensor methods, ``nn.Sequential`` blocks, attention op by op), so the passes see what
+tracing real models produces, not hand-made graphs.
+
+Ops (those the reference models use): conv (plain, grouped, depthwise, strided, dilated), conv-BN-act
+blocks, BatchNorm, activations (module / functional / method / in-place forms), max/avg/adaptive pooling,
+residual adds, concat, scalar scaling, flatten / view / reshape / unflatten / transpose, linear, layernorm,
+softmax, matmul, multi-head attention, a cls token, token + position embeddings, ``x[:, 0]`` and mean
+pooling. Families: image [N,C,H,W], sequence [B,T,D], vector [B,D] and token ids [B,T] (int64); some
+models take a second input, some return several outputs (tuple or dict), and a few contain a
+shape-dependent Python branch that symbolic_trace cannot capture (so the torch.export fallback runs).
+
+A spec's ``repr`` is valid Python: paste a failing spec into ``FuzzCase(spec)`` to rebuild the model.
+
+``check_case`` is the oracle shared by tests/test_fuzz.py (CI sample) and tests/test_fuzz_big.py (the
+dedicated fuzz job); it returns Findings: "mismatch" (a silent numeric mismatch: always a bug), "crash"
+(an exception that is not a deliberate fxpress error: a bug) or "refusal" (a clear fxpress error).
+"""
+from __future__ import annotations
+
+import math
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from hypothesis import strategies as st
+from torch import nn
+
+ACTS = ["relu", "relu6", "gelu", "gelu_tanh", "silu", "sigmoid", "tanh", "hardswish", "hardsigmoid", "leaky_relu"]
+ACT_FORMS = ["module", "functional", "method", "torch"]
+# Producers of a fresh tensor (never a view, never an input): an in-place activation may follow them.
+_FRESH = {"conv", "bn", "linear", "add", "scale", "ln"}
+
+MAX_FEATURES = 1024  # flatten only when C*H*W stays below this
+
+
+# ============================================================================ the spec strategy
+
+
+@st.composite
+def specs(draw, max_ops: int = 8, families=("image", "seq", "vector", "tokens")) -> dict:
+    family = draw(st.sampled_from(list(families)))
+    batch = draw(st.integers(1, 3))
+    if family == "image":
+        first = (batch, draw(st.integers(1, 8)), draw(st.integers(1, 10)), draw(st.integers(1, 10)))
+    elif family == "seq":
+        first = (batch, draw(st.integers(1, 8)), draw(st.integers(1, 24)))
+    elif family == "vector":
+        first = (batch, draw(st.integers(1, 32)))
+    else:
+        first = (batch, draw(st.integers(1, 8)))
+    two_inputs = family != "tokens" and draw(st.integers(0, 9)) == 0
+    inputs = [first, first] if two_inputs else [first]
+    dtypes = ["int64" if family == "tokens" else "float32"] * len(inputs)
+
+    shapes: list[tuple] = [tuple(s) for s in inputs]
+    alive = [True] * len(shapes)
+    producer: list[str] = ["input"] * len(shapes)
+    ops: list[tuple[str, dict]] = []
+
+    def emit(kind: str, p: dict, out_shape: tuple) -> None:
+        ops.append((kind, p))
+        shapes.append(tuple(out_shape))
+        alive.append(True)
+        producer.append(kind)
+
+    if family == "tokens":
+        vocab = draw(st.integers(2, 50))
+        dim = draw(st.integers(1, 24))
+        emit("embed", {"src": 0, "vocab": vocab, "dim": dim, "max_len": first[1] + draw(st.integers(0, 3))},
+             (batch, first[1], dim))
+
+    n_ops = draw(st.integers(1, max_ops))
+    for _ in range(n_ops):
+        last = len(shapes) - 1
+        live = [i for i, a in enumerate(alive) if a and shapes[i] and _is_float(i, dtypes)]
+        # Mostly a chain, sometimes a branch from an earlier value (multi-user nodes, DAGs).
+        src = last if draw(st.integers(0, 6)) else draw(st.sampled_from(live))
+        if not alive[src] or not _is_float(src, dtypes):
+            src = last
+        s = shapes[src]
+        kind = draw(st.sampled_from(_kinds_for(s)))
+        if len(s) >= 3 and draw(st.integers(0, 40)) == 0:
+            kind = "branch"  # rare: sends the whole model through the torch.export fallback
+        p: dict[str, Any] = {"src": src}
+        if kind == "act":
+            p["fn"] = draw(st.sampled_from(ACTS))
+            p["form"] = draw(st.sampled_from(ACT_FORMS))
+            if src == last and producer[src] in _FRESH and p["form"] in ("module", "functional") \
+                    and p["fn"] in ("relu", "relu6", "hardswish", "silu", "leaky_relu") and draw(st.booleans()):
+                p["inplace"] = True
+            out = s
+        elif kind == "scale":
+            p["c"] = draw(st.sampled_from([0.5, 2.0, -1.0, 0.125, 3.0]))
+            out = s
+        elif kind == "add":
+            same = [i for i in live if shapes[i] == s]
+            p["other"] = draw(st.sampled_from(same))
+            p["form"] = draw(st.sampled_from(["op", "torch.add", "scaled"]))
+            out = s
+        elif kind == "cat":
+            dim = draw(st.sampled_from(_cat_dims(s)))
+            ok = [i for i in live if len(shapes[i]) == len(s)
+                  and all(a == b for d, (a, b) in enumerate(zip(shapes[i], s)) if d != dim % len(s))]
+            p["other"] = draw(st.sampled_from(ok))
+            p["dim"] = dim
+            out = list(s)
+            out[dim] += shapes[p["other"]][dim]
+            if math.prod(out) > 4096:
+                kind, p, out = "scale", {"src": src, "c": 2.0}, s
+        elif kind == "softmax":
+            p["dim"] = draw(st.sampled_from([-1, 1]))
+            p["form"] = draw(st.sampled_from(["torch", "functional", "method", "module"]))
+            out = s
+        elif kind == "bn":
+            out = s
+        elif kind == "ln":
+            out = s
+        elif kind == "linear":
+            p["out"] = draw(st.integers(1, 32))
+            p["bias"] = draw(st.booleans())
+            out = (*s[:-1], p["out"])
+        elif kind in ("conv", "conv_block"):
+            p.update(_draw_conv(draw, s))
+            if kind == "conv_block":
+                p["act"] = draw(st.sampled_from(["relu", "relu6", "silu", "hardswish", "gelu"]))
+            out = (s[0], p["out"], _conv_out(s[2], p, 0), _conv_out(s[3], p, 1))
+        elif kind == "pool":
+            p.update(draw(st.sampled_from(_pool_options(s))))
+            k, st_, pad = p["k"], p["stride"], p["pad"]
+            out = (s[0], s[1], (s[2] + 2 * pad - k) // st_ + 1, (s[3] + 2 * pad - k) // st_ + 1)
+        elif kind == "gap":
+            p["size"] = draw(st.sampled_from([1, 2])) if min(s[2], s[3]) >= 2 else 1
+            p["form"] = draw(st.sampled_from(["module", "functional"]))
+            out = (s[0], s[1], p["size"], p["size"])
+        elif kind == "flatten":
+            p["form"] = draw(st.sampled_from(["torch", "view", "module", "method"]))
+            out = (s[0], math.prod(s[1:]))
+        elif kind == "patchify":
+            out = (s[0], s[2] * s[3], s[1])
+        elif kind == "attention":
+            p["heads"] = draw(st.integers(1, 3))
+            p["head_dim"] = draw(st.integers(1, 8))
+            p["bias"] = draw(st.booleans())
+            mem = [i for i in live if len(shapes[i]) == 3 and shapes[i][0] == s[0] and shapes[i][2] == s[2]]
+            p["mem"] = draw(st.sampled_from(mem)) if draw(st.integers(0, 3)) == 0 else None
+            out = s
+        elif kind == "matmul":
+            ok = [i for i in live if len(shapes[i]) == 3 and shapes[i][0] == s[0] and shapes[i][2] == s[2]]
+            p["other"] = draw(st.sampled_from(ok))
+            p["form"] = draw(st.sampled_from(["torch.matmul", "op", "bmm"]))
+            out = (s[0], s[1], shapes[p["other"]][1])
+        elif kind == "reshape":
+            n = s[1] * s[2]
+            t2 = draw(st.sampled_from([d for d in range(1, n + 1) if n % d == 0]))
+            p["shape"] = (t2, n // t2)
+            p["form"] = draw(st.sampled_from(["reshape", "view"]))
+            out = (s[0], t2, n // t2)
+        elif kind == "transpose":
+            out = (s[0], s[2], s[1])
+        elif kind == "cls":
+            out = (s[0], s[1] + 1, s[2])
+        elif kind in ("select", "mean"):
+            out = (s[0], s[2])
+        elif kind == "unflatten":
+            d = s[1]
+            a = draw(st.sampled_from([k for k in range(1, d + 1) if d % k == 0]))
+            p["sizes"] = (a, d // a)
+            out = (s[0], a, d // a)
+        elif kind == "branch":
+            out = s
+        else:  # pragma: no cover - _kinds_for and this chain must agree
+            raise AssertionError(kind)
+        emit(kind, p, out)
+        if p.get("inplace"):
+            alive[src] = False  # the in-place op overwrote it: nothing may read the old value again
+
+    live = [i for i, a in enumerate(alive) if a and _is_float(i, dtypes) and i >= len(inputs)]
+    outputs = [len(shapes) - 1]
+    if len(live) > 1 and draw(st.integers(0, 5)) == 0:
+        outputs.append(draw(st.sampled_from([i for i in live if i != outputs[0]])))
+    out_form = "single" if len(outputs) == 1 else draw(st.sampled_from(["tuple", "dict"]))
+    return {
+        "family": family,
+        "inputs": [list(s) for s in inputs],
+        "dtypes": dtypes,
+        "ops": ops,
+        "shapes": [list(v) for v in shapes],  # of every value: inputs, then one per op
+        "outputs": outputs,
+        "out_form": out_form,
+        "seed": draw(st.integers(0, 2**16)),
+        "calibrate": draw(st.booleans()),
+    }
+
+
+def _is_float(i: int, dtypes: list[str]) -> bool:
+    return i >= len(dtypes) or dtypes[i] != "int64"
+
+
+def _kinds_for(s: tuple) -> list[str]:
+    common = ["act", "add", "scale", "softmax"]
+    if len(s) == 4:
+        kinds = ["conv", "conv_block", "bn", *common, "cat", "gap"]
+        if _pool_options(s):
+            kinds.append("pool")
+        if math.prod(s[1:]) <= MAX_FEATURES:
+            kinds += ["flatten", "patchify"]
+        return kinds
+    if len(s) == 3:
+        return ["linear", "ln", *common, "cat", "bn", "attention", "matmul", "reshape", "transpose", "cls",
+                "select", "mean"]
+    return ["linear", "ln", *common, "cat", "bn", "unflatten"]
+
+
+def _cat_dims(s: tuple) -> list[int]:
+    return [1] if len(s) == 4 else ([-1, 1] if len(s) == 3 else [1])
+
+
+def _conv_out(size: int, p: dict, axis: int) -> int:
+    return (size + 2 * p["pad"] - p["dil"] * (p["k"] - 1) - 1) // p["stride"] + 1
+
+
+def _draw_conv(draw, s: tuple) -> dict:
+    c_in, h, w = s[1], s[2], s[3]
+    p: dict[str, Any] = {}
+    depthwise = draw(st.integers(0, 4)) == 0
+    p["out"] = c_in * draw(st.sampled_from([1, 2])) if depthwise else draw(st.integers(1, 16))
+    p["k"] = draw(st.sampled_from([1, 3, 5]))
+    p["pad"] = draw(st.sampled_from([p["k"] // 2, 0]))
+    p["dil"] = draw(st.sampled_from([1, 1, 1, 2]))
+    p["stride"] = draw(st.sampled_from([1, 1, 2]))
+    while p["k"] > 1 and (_conv_out(h, p, 0) < 1 or _conv_out(w, p, 1) < 1):
+        p["k"], p["dil"] = p["k"] - 2, 1
+        p["pad"] = min(p["pad"], p["k"] // 2)
+    if depthwise:
+        p["groups"] = c_in
+    else:
+        p["groups"] = draw(st.sampled_from([g for g in (1, 2, 4) if c_in % g == 0 and p["out"] % g == 0]))
+    p["bias"] = draw(st.booleans())
+    return p
+
+
+def _pool_options(s: tuple) -> list[dict]:
+    h, w = s[2], s[3]
+    opts = []
+    for typ, k, stride, pad in (("max", 3, 2, 1), ("max", 2, 2, 0), ("avg", 2, 2, 0), ("avg", 3, 1, 1), ("max", 3, 1, 1)):
+        if min(h, w) + 2 * pad >= k:
+            opts.append({"type": typ, "k": k, "stride": stride, "pad": pad})
+    return opts
+
+
+# ============================================================================ spec → nn.Module
+
+
+def _act_module(fn: str, inplace: bool = False) -> nn.Module:
+    return {
+        "relu": lambda: nn.ReLU(inplace=inplace), "relu6": lambda: nn.ReLU6(inplace=inplace),
+        "gelu": lambda: nn.GELU(), "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+        "silu": lambda: nn.SiLU(inplace=inplace), "sigmoid": lambda: nn.Sigmoid(), "tanh": lambda: nn.Tanh(),
+        "hardswish": lambda: nn.Hardswish(inplace=inplace), "hardsigmoid": lambda: nn.Hardsigmoid(),
+        "leaky_relu": lambda: nn.LeakyReLU(0.1, inplace=inplace),
+    }[fn]()
+
+
+def _act_call(fn: str, form: str, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    if form == "functional":
+        return {
+            "relu": lambda: F.relu(x, inplace=inplace), "relu6": lambda: F.relu6(x, inplace=inplace),
+            "gelu": lambda: F.gelu(x), "gelu_tanh": lambda: F.gelu(x, approximate="tanh"),
+            "silu": lambda: F.silu(x, inplace=inplace), "sigmoid": lambda: torch.sigmoid(x),
+            "tanh": lambda: torch.tanh(x), "hardswish": lambda: F.hardswish(x, inplace=inplace),
+            "hardsigmoid": lambda: F.hardsigmoid(x), "leaky_relu": lambda: F.leaky_relu(x, 0.1, inplace=inplace),
+        }[fn]()
+    if form == "method":
+        return {
+            "relu": x.relu, "relu6": lambda: x.clamp(0.0, 6.0), "gelu": lambda: F.gelu(x),
+            "gelu_tanh": lambda: F.gelu(x, approximate="tanh"), "silu": lambda: x * x.sigmoid(),
+            "sigmoid": x.sigmoid, "tanh": x.tanh, "hardswish": lambda: x * (x + 3).clamp(0, 6) / 6,
+            "hardsigmoid": lambda: (x + 3).clamp(0, 6) / 6, "leaky_relu": lambda: torch.where(x > 0, x, x * 0.1),
+        }[fn]()
+    return {  # torch.* forms
+        "relu": lambda: torch.relu(x), "relu6": lambda: torch.clamp(x, 0.0, 6.0), "gelu": lambda: F.gelu(x),
+        "gelu_tanh": lambda: F.gelu(x, approximate="tanh"), "silu": lambda: F.silu(x),
+        "sigmoid": lambda: torch.sigmoid(x), "tanh": lambda: torch.tanh(x), "hardswish": lambda: F.hardswish(x),
+        "hardsigmoid": lambda: F.hardsigmoid(x), "leaky_relu": lambda: F.leaky_relu(x, 0.1),
+    }[fn]()
+
+
+class Attention(nn.Module):
+    """Multi-head attention op by op, as in models/vit.py (optionally cross-attention to ``mem``)."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, bias: bool):
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        self.scale = head_dim ** -0.5
+        self.q = nn.Linear(dim, heads * head_dim, bias=bias)
+        self.k = nn.Linear(dim, heads * head_dim, bias=bias)
+        self.v = nn.Linear(dim, heads * head_dim, bias=bias)
+        self.out = nn.Linear(heads * head_dim, dim, bias=bias)
+
+    def _split(self, x):
+        return x.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
+
+    def forward(self, x, mem=None):
+        kv = x if mem is None else mem
+        q, k, v = self._split(self.q(x)), self._split(self.k(kv)), self._split(self.v(kv))
+        scores = torch.matmul(q, k.transpose(-2, -1)) * self.scale
+        attn = torch.softmax(scores, dim=-1)
+        return self.out(torch.matmul(attn, v).transpose(1, 2).flatten(2))
+
+
+def _randomize_norm(m: nn.Module, g: torch.Generator) -> None:
+    """Non-trivial affine parameters and running statistics, so folding a norm is really tested."""
+    if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        n = m.num_features
+        m.running_mean.copy_(torch.randn(n, generator=g) * 0.5)
+        m.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.5)
+    if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm)):
+        with torch.no_grad():
+            m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+            m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.2)
+
+
+class FuzzNet(nn.Module):
+    """Interprets a spec. Python loops over the plan unroll at trace time into a flat graph."""
+
+    def __init__(self, spec: dict):
+        super().__init__()
+        self.spec = spec
+        self.n_inputs = len(spec["inputs"])
+        self.layers = nn.ModuleDict()
+        self.extra = nn.ParameterDict()
+        shapes = [tuple(s) for s in spec["shapes"]]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(spec["seed"])
+            for i, (kind, p) in enumerate(spec["ops"]):
+                self._build(str(i), kind, p, shapes[p["src"]])
+            g = torch.Generator().manual_seed(spec["seed"] + 7)
+            for m in self.modules():
+                _randomize_norm(m, g)
+
+    def _build(self, key: str, kind: str, p: dict, s: tuple) -> None:
+        L = self.layers
+        if kind == "embed":
+            L[key] = nn.Embedding(p["vocab"], p["dim"])
+            L[key + "_pos"] = nn.Embedding(p["max_len"], p["dim"])
+        if kind == "act" and p["form"] == "module":
+            L[key] = _act_module(p["fn"], p.get("inplace", False))
+        elif kind == "softmax" and p["form"] == "module":
+            L[key] = nn.Softmax(dim=p["dim"])
+        elif kind == "bn":
+            L[key] = nn.BatchNorm2d(s[1]) if len(s) == 4 else nn.BatchNorm1d(s[1])
+        elif kind == "ln":
+            L[key] = nn.LayerNorm(s[-1])
+        elif kind == "linear":
+            L[key] = nn.Linear(s[-1], p["out"], bias=p["bias"])
+        elif kind in ("conv", "conv_block"):
+            conv = nn.Conv2d(s[1], p["out"], p["k"], stride=p["stride"], padding=p["pad"], dilation=p["dil"],
+                             groups=p["groups"], bias=p["bias"])
+            if kind == "conv":
+                L[key] = conv
+            else:
+                L[key] = nn.Sequential(conv, nn.BatchNorm2d(p["out"]), _act_module(p["act"], inplace=True))
+        elif kind == "pool":
+            cls = nn.MaxPool2d if p["type"] == "max" else nn.AvgPool2d
+            L[key] = cls(p["k"], p["stride"], p["pad"])
+        elif kind == "gap" and p["form"] == "module":
+            L[key] = nn.AdaptiveAvgPool2d(p["size"])
+        elif kind == "flatten" and p["form"] == "module":
+            L[key] = nn.Flatten()
+        elif kind == "attention":
+            L[key] = Attention(s[-1], p["heads"], p["head_dim"], p["bias"])
+        elif kind == "cls":
+            self.extra[key] = nn.Parameter(torch.randn(1, 1, s[-1]) * 0.5)
+
+    def forward(self, *args):  # replaced per arity below: fx needs named arguments
+        raise NotImplementedError
+
+    def _run(self, inputs):
+        vals = list(inputs)
+        L = self.layers
+        for i, (kind, p) in enumerate(self.spec["ops"]):
+            key = str(i)
+            x = vals[p["src"]]
+            if kind == "embed":
+                pos = L[key + "_pos"].weight[: x.shape[1]]
+                y = L[key](x) + pos
+            elif kind == "act":
+                if p["form"] == "module":
+                    y = L[key](x)
+                else:
+                    y = _act_call(p["fn"], p["form"], x, p.get("inplace", False))
+            elif kind == "scale":
+                y = x * p["c"]
+            elif kind == "add":
+                o = vals[p["other"]]
+                y = x + o if p["form"] == "op" else (torch.add(x, o) if p["form"] == "torch.add" else torch.add(x, o, alpha=0.5))
+            elif kind == "cat":
+                y = torch.cat([x, vals[p["other"]]], dim=p["dim"])
+            elif kind == "softmax":
+                d = p["dim"]
+                y = {"torch": lambda: torch.softmax(x, dim=d), "functional": lambda: F.softmax(x, dim=d),
+                     "method": lambda: x.softmax(d), "module": lambda: L[key](x)}[p["form"]]()
+            elif kind in ("bn", "ln", "linear", "conv", "conv_block", "pool"):
+                y = L[key](x)
+            elif kind == "attention":
+                y = L[key](x, None if p["mem"] is None else vals[p["mem"]])
+            elif kind == "gap":
+                y = L[key](x) if p["form"] == "module" else F.adaptive_avg_pool2d(x, p["size"])
+            elif kind == "flatten":
+                f = p["form"]
+                y = (torch.flatten(x, 1) if f == "torch" else x.view(x.size(0), -1) if f == "view"
+                     else L[key](x) if f == "module" else x.flatten(1))
+            elif kind == "patchify":
+                y = x.flatten(2).transpose(1, 2)
+            elif kind == "matmul":
+                o = vals[p["other"]]
+                f = p["form"]
+                y = (torch.matmul(x, o.transpose(-2, -1)) if f == "torch.matmul" else x @ o.transpose(1, 2)
+                     if f == "op" else torch.bmm(x, o.transpose(1, 2)))
+            elif kind == "reshape":
+                t2, d2 = p["shape"]
+                y = x.reshape(x.shape[0], t2, d2) if p["form"] == "reshape" else x.contiguous().view(-1, t2, d2)
+            elif kind == "transpose":
+                y = x.transpose(1, 2)
+            elif kind == "cls":
+                y = torch.cat([self.extra[key].expand(x.shape[0], -1, -1), x], dim=1)
+            elif kind == "select":
+                y = x[:, 0]
+            elif kind == "mean":
+                y = x.mean(dim=1)
+            elif kind == "unflatten":
+                y = x.unflatten(1, p["sizes"])
+            elif kind == "branch":
+                # A Python branch on a shape: symbolic_trace cannot follow it, torch.export can.
+                if x.shape[-1] % 2 == 0:
+                    y = x * 2.0
+                else:
+                    y = x - 1.0
+            else:  # pragma: no cover
+                raise AssertionError(kind)
+            vals.append(y)
+        outs = [vals[j] for j in self.spec["outputs"]]
+        if self.spec["out_form"] == "tuple":
+            return tuple(outs)
+        if self.spec["out_form"] == "dict":
+            return {f"out{k}": o for k, o in enumerate(outs)}
+        return outs[0]
+
+
+class FuzzNet1(FuzzNet):
+    def forward(self, x):
+        return self._run([x])
+
+
+class FuzzNet2(FuzzNet):
+    def forward(self, x, y):
+        return self._run([x, y])
+
+
+# ============================================================================ a case: model + inputs
+
+
+@dataclass
+class FuzzCase:
+    spec: dict
+
+    def build(self) -> nn.Module:
+        cls = FuzzNet1 if len(self.spec["inputs"]) == 1 else FuzzNet2
+        return cls(self.spec).eval()
+
+    def inputs(self, variant: int = 0) -> tuple[torch.Tensor, ...]:
+        """Example inputs (variant 0); other variants are fresh inputs of the same shapes."""
+        g = torch.Generator().manual_seed(self.spec["seed"] * 31 + variant)
+        out = []
+        for shape, dtype in zip(self.spec["inputs"], self.spec["dtypes"]):
+            if dtype == "int64":
+                vocab = self.spec["ops"][0][1]["vocab"]
+                out.append(torch.randint(0, vocab, tuple(shape), generator=g))
+            else:
+                out.append(torch.randn(tuple(shape), generator=g))
+        return tuple(out)
+
+    def calibration(self) -> list[tuple] | None:
+        return [self.inputs(10 + i) for i in range(2)] if self.spec["calibrate"] else None
+
+    @property
+    def op_kinds(self) -> list[str]:
+        return [k for k, _ in self.spec["ops"]]
+
+    def __repr__(self) -> str:
+        return f"FuzzCase({self.spec!r})"
+
+
+def fuzz_cases(max_ops: int = 8, families=("image", "seq", "vector", "tokens")):
+    return specs(max_ops=max_ops, families=families).map(FuzzCase)
+
+
+# ============================================================================ the oracle
+
+LOSSLESS_TOL = 1e-4  # fp32 lossless passes and lowerings: relative error vs eager / the final FX graph
+
+
+@dataclass
+class Finding:
+    kind: str  # "mismatch" (silent, a bug) | "crash" (unclear exception, a bug) | "refusal" (clear error)
+    stage: str  # "pass:<name>", "pipeline", "lower:<target>", "model"
+    message: str
+    case: str = ""
+
+    def __str__(self) -> str:
+        return f"[{self.kind}] {self.stage}: {self.message}\n  {self.case}"
+
+
+@dataclass
+class CaseOutcome:
+    case: FuzzCase
+    findings: list[Finding] = field(default_factory=list)
+    stages: list[str] = field(default_factory=list)  # stages that ran to a numeric check
+
+    @property
+    def bugs(self) -> list[Finding]:
+        return [f for f in self.findings if f.kind in ("mismatch", "crash")]
+
+
+def classify(e: BaseException) -> str:
+    """A clear refusal is an fxpress error raised on purpose (not one wrapping a crash)."""
+    from fxpress.errors import FxpressError
+
+    if isinstance(e, FxpressError) and (e.__cause__ is None or isinstance(e.__cause__, FxpressError)):
+        return "refusal"
+    return "crash"
+
+
+def _describe(e: BaseException) -> str:
+    text = f"{type(e).__name__}: {e}"
+    cause = e.__cause__
+    if cause is not None:
+        tb = traceback.extract_tb(cause.__traceback__)
+        where = f" at {tb[-1].filename}:{tb[-1].lineno}" if tb else ""
+        text += f"\n  caused by {type(cause).__name__}: {str(cause)[:500]}{where}"
+    return text[:2000]
+
+
+def rel_error(outputs, reference) -> float:
+    from fxpress.passes.manager import output_error
+
+    return output_error(list(outputs), list(reference))[1]
+
+
+def _flat(out) -> list[torch.Tensor]:
+    from fxpress.passes.graph import flatten_outputs
+
+    return [t.detach() for t in flatten_outputs(out)]
+
+
+def _lower(gm, inputs: tuple, target: str, reference: list):
+    """fxpress.lower.lower; while codegen.build is not there yet, lower with to_relax + tvm.compile."""
+    from fxpress.lower import lower
+
+    try:
+        return lower(gm, inputs, target, reference)
+    except ImportError as e:
+        if target != "llvm" or "fxpress.codegen" not in str(e):
+            raise
+    import tvm
+
+    from fxpress.codegen.targets import resolve_target
+    from fxpress.lowering import to_relax
+    from fxpress.runtime.backends import TVMExecutor
+
+    relax_mod = to_relax(gm, inputs)
+    ex = tvm.compile(relax_mod.mod, target=resolve_target("llvm"))
+    return TVMExecutor.from_built(ex, relax_mod.params), None, None
+
+
+def check_case(case: FuzzCase, passes: list[str] | None = None, pipeline: bool = True,
+               targets: tuple[str, ...] = ("onnx", "llvm"), lower_trace_graph: bool = False) -> CaseOutcome:
+    """Run each pass alone, then all of them, then lower the final graph; compare everything.
+
+    - a lossless pass (and a pipeline of them) must match eager within 1e-4 relative, on the example
+      inputs and on fresh inputs of the same shape;
+    - a lossy pass must report exactly the error we measure against eager (its report is the contract);
+    - every lowering must match the final FX graph within 1e-4 relative (example and fresh inputs);
+    - nothing may mutate the user's model.
+    """
+    import fxpress
+    from fxpress.passes import get_pass
+
+    passes = fxpress.available_passes() if passes is None else list(passes)
+    res = CaseOutcome(case)
+    rcase = repr(case)
+
+    def add(kind, stage, msg):
+        res.findings.append(Finding(kind, stage, msg, rcase))
+
+    model = case.build()
+    x, x2 = case.inputs(0), case.inputs(1)
+    with torch.no_grad():
+        ref, ref2 = _flat(model(*x)), _flat(model(*x2))
+    if not all(torch.isfinite(t).all() for t in ref + ref2):
+        add("crash", "model", "generator produced a model with non-finite outputs")  # a generator bug
+        return res
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calib = case.calibration()
+
+    def compile_and_check(stage: str, pass_list, lossy: bool):
+        try:
+            cm = fxpress.compile(model, x, passes=pass_list, target="torch", calibration=calib)
+        except Exception as e:  # noqa: BLE001
+            add(classify(e), stage, _describe(e))
+            return None
+        y = _flat(cm(*x))
+        measured = rel_error(y, ref)
+        last = cm.report[cm.report.names()[-2]]  # the last pass (or the trace), before "lower:torch"
+        reported = last.max_rel_error
+        if not math.isfinite(measured):
+            add("mismatch", stage, f"non-finite output error {measured} (report says {reported})")
+        elif lossy:
+            if not (abs(reported - measured) <= 1e-6 + 1e-3 * measured):
+                add("mismatch", stage, f"reported max_rel_error {reported:.6g} but measured {measured:.6g} vs eager")
+        else:
+            if measured > LOSSLESS_TOL:
+                add("mismatch", stage, f"lossless pass(es) changed the output: rel error {measured:.3g} "
+                                       f"(report says {reported:.3g})")
+            else:
+                e2 = rel_error(_flat(cm(*x2)), ref2)
+                if not e2 <= LOSSLESS_TOL:
+                    add("mismatch", stage, f"matches on the example inputs but not on fresh ones: rel error {e2:.3g}")
+        res.stages.append(stage)
+        return cm
+
+    cms = {name: compile_and_check(f"pass:{name}", [name], get_pass(name).lossy) for name in passes}
+    final = None
+    if pipeline and len(passes) > 1:
+        cm = compile_and_check("pipeline", passes, any(get_pass(n).lossy for n in passes))
+        final = cm.gm if cm is not None else None
+    elif pipeline and len(passes) == 1 and cms[passes[0]] is not None:
+        final = cms[passes[0]].gm
+    graphs = []
+    if final is not None:
+        graphs.append(("final", final))
+    if lower_trace_graph or final is None:
+        try:
+            graphs.append(("trace", fxpress.compile(model, x, passes="none", target="torch").gm))
+        except Exception as e:  # noqa: BLE001
+            add(classify(e), "trace", _describe(e))
+
+    for label, gm in graphs:
+        with torch.no_grad():
+            fx_ref, fx_ref2 = _flat(gm(*x)), _flat(gm(*x2))
+        for target in targets:
+            stage = f"lower:{target}" + (f"({label})" if len(graphs) > 1 else "")
+            try:
+                executor, _, _ = _lower(gm, x, target, fx_ref)
+                if executor is None:
+                    continue
+                import numpy as np
+
+                y = [torch.from_numpy(np.array(o)) for o in executor.run([t.numpy() for t in x])]
+                y2 = [torch.from_numpy(np.array(o)) for o in executor.run([t.numpy() for t in x2])]
+            except Exception as e:  # noqa: BLE001
+                add(classify(e), stage, _describe(e))
+                continue
+            try:
+                e1, e2 = rel_error(y, fx_ref), rel_error(y2, fx_ref2)
+            except Exception as e:  # noqa: BLE001 - wrong count/shape of outputs is a mismatch too
+                add("mismatch", stage, _describe(e))
+                continue
+            if not (e1 <= LOSSLESS_TOL and e2 <= LOSSLESS_TOL):
+                add("mismatch", stage, f"lowered output differs from the final FX graph: rel error {e1:.3g} "
+                                       f"(example inputs), {e2:.3g} (fresh inputs)")
+            res.stages.append(stage)
+
+    after = model.state_dict()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    if changed:
+        add("mismatch", "model", f"compile mutated the user's model: {changed[:5]}")
+    return res

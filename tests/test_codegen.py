@@ -1,0 +1,209 @@
+"""fxpress.codegen: Relax module → built library on llvm (run here) and cuda (compiled here, run on a GPU)."""
+import os
+import shutil
+import struct
+
+import numpy as np
+import pytest
+import torch
+import tvm
+from torch import nn
+from tvm import relax, te
+from tvm.relax.frontend import detach_params
+from tvm.relax.frontend.torch import from_exported_program
+from tvm.script import ir as I
+from tvm.script import relax as R
+from tvm.script import tirx as T
+
+from fxpress.codegen import build, device_for, gpu_available, resolve_target, target_kind
+from fxpress.codegen.cuda import compile_source
+from fxpress.codegen.schedule import is_contraction
+from fxpress.errors import BuildError
+
+from helpers import rel_err
+
+needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
+
+
+class ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, 10)
+        self.bn.running_mean.uniform_(-1, 1)  # so batch norm is not the identity
+        self.bn.running_var.uniform_(0.5, 2.0)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.conv(x)))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+class Attention(nn.Module):
+    def __init__(self, d=32):
+        super().__init__()
+        self.qkv = nn.Linear(d, 3 * d)
+        self.out = nn.Linear(d, d)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        a = torch.softmax(q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5, dim=-1)
+        return self.out(a @ v)
+
+
+class Case:
+    """A Relax module, its numpy inputs (params included) and eager torch's answer."""
+
+    def __init__(self, model, x, keep_params_as_input):
+        model.eval()
+        with torch.no_grad():
+            self.reference = model(x).numpy()
+        mod = from_exported_program(torch.export.export(model, (x,)),
+                                    keep_params_as_input=keep_params_as_input,
+                                    unwrap_unit_return_tuple=True)
+        self.mod, params = detach_params(mod)
+        self.inputs = [x.numpy()] + [p.numpy() for p in params.get("main", [])]
+
+    def run(self, executable, target):
+        dev = device_for(target)
+        vm = relax.VirtualMachine(executable, dev)
+        return vm["main"](*[tvm.runtime.tensor(a, dev) for a in self.inputs]).numpy()
+
+
+@pytest.fixture(scope="module")
+def cases():
+    torch.manual_seed(0)
+    # Parameters as inputs is how fxpress.lowering hands modules over; constants are the other form.
+    return {"conv": Case(ConvNet(), torch.randn(2, 3, 16, 16), keep_params_as_input=True),
+            "attention": Case(Attention(), torch.randn(2, 8, 32), keep_params_as_input=False)}
+
+
+@pytest.fixture(scope="module")
+def llvm_builds(cases):
+    return {name: build(case.mod, "llvm") for name, case in cases.items()}
+
+
+def test_targets(monkeypatch):
+    monkeypatch.delenv("FXPRESS_CUDA_ARCH", raising=False)
+    cpu = resolve_target("llvm")
+    assert cpu.kind.name == "llvm"
+    assert cpu.attrs["mcpu"] == tvm.target.codegen.llvm_get_system_cpu()
+    assert int(cpu.attrs["num-cores"]) == os.cpu_count()
+    assert resolve_target("cuda").attrs["arch"] == "sm_90"
+    monkeypatch.setenv("FXPRESS_CUDA_ARCH", "sm_80")
+    gpu = resolve_target("cuda")
+    assert gpu.attrs["arch"] == "sm_80" and gpu.host.kind.name == "llvm"
+    assert resolve_target(gpu) is gpu
+    assert [target_kind(t) for t in ("llvm", gpu)] == ["llvm", "cuda"]
+    assert device_for("cuda").dlpack_device_type() == tvm.cuda(0).dlpack_device_type()
+    assert device_for(cpu).dlpack_device_type() == tvm.cpu(0).dlpack_device_type()
+    with pytest.raises(ValueError, match="'llvm', 'cuda'"):
+        resolve_target("rocm")
+    assert isinstance(gpu_available(), bool)
+
+
+@pytest.mark.parametrize("name", ["conv", "attention"])
+def test_llvm_matches_eager(cases, llvm_builds, name):
+    built = llvm_builds[name]
+    assert list(built.ir_after) == ["relax.decomposed", "relax.legalized", "relax.fused", "tir.scheduled"]
+    assert "R.nn.batch_norm" not in built.ir_after["relax.decomposed"]
+    assert "call_tir" in built.ir_after["relax.fused"] and built.seconds > 0
+    assert rel_err(cases[name].run(built.executable, "llvm"), cases[name].reference) <= 1e-4
+
+
+def test_llvm_without_dlight_and_with_pass_timings(cases):
+    built = build(cases["conv"].mod, "llvm", dlight=False, instrument=True)
+    assert "tir.scheduled" not in built.ir_after
+    assert "FuseOps" in built.pass_timings and "LegalizeOps" in built.pass_timings
+    assert rel_err(cases["conv"].run(built.executable, "llvm"), cases["conv"].reference) <= 1e-4
+
+
+def test_export_load_llvm(cases, llvm_builds, tmp_path):
+    path = tmp_path / "conv.so"
+    llvm_builds["conv"].export_library(path)
+    loaded = tvm.runtime.load_module(str(path))
+    case = cases["conv"]
+    np.testing.assert_array_equal(case.run(loaded, "llvm"), case.run(llvm_builds["conv"].executable, "llvm"))
+
+
+def test_dlight_cpu_skips_contractions():
+    a = te.placeholder((8, 16), name="a")
+    b = te.placeholder((16, 4), name="b")
+    k = te.reduce_axis((0, 16), name="k")
+    matmul = te.compute((8, 4), lambda i, j: te.sum(a[i, k] * b[k, j], axis=k))
+    row_sum = te.compute((8,), lambda i: te.sum(a[i, k] * a[i, k], axis=k))  # one buffer: a norm
+    assert is_contraction(te.create_prim_func([a, b, matmul]))
+    assert not is_contraction(te.create_prim_func([a, row_sum]))
+
+
+@I.ir_module
+class HandWritten:
+    @T.prim_func(s_tir=True)
+    def add_one(x: T.Buffer((4, 8), "float32"), y: T.Buffer((4, 8), "float32")):
+        for i, j in T.grid(4, 8):
+            with T.sblock("add"):
+                vi, vj = T.axis.remap("SS", [i, j])
+                y[vi, vj] = x[vi, vj] + T.float32(1)
+
+    @R.function
+    def main(x: R.Tensor((4, 8), "float32")):
+        cls = HandWritten
+        with R.dataflow():
+            y = R.call_tir(cls.add_one, (x,), out_ty=R.Tensor((4, 8), "float32"))
+            z = R.nn.relu(y)
+            R.output(z)
+        return z
+
+
+def test_handwritten_kernel_then_elementwise():
+    # What build() works around: TVM's own "zero" pipeline tries to fuse the kernel with relu.
+    with pytest.raises(Exception, match="Inconsistent buffers"):
+        relax.get_pipeline("zero")(HandWritten)
+    built = build(HandWritten, "llvm")
+    assert "fxpress.kernel" in built.ir_after["relax.fused"]
+    x = np.random.default_rng(0).standard_normal((4, 8)).astype("float32")
+    y = relax.VirtualMachine(built.executable, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    np.testing.assert_allclose(y, np.maximum(x + 1, 0), rtol=1e-6)
+
+
+def _cuda_elf_archs(library: bytes) -> list[int]:
+    """sm versions of the CUDA ELF images inside the fatbins embedded in a library."""
+    archs, at = [], library.find(b"\x50\xed\x55\xba")  # fatbin magic 0xBA55ED50
+    while at >= 0:
+        elf = library.find(b"\x7fELF", at)
+        if elf >= 0 and struct.unpack_from("<H", library, elf + 18)[0] == 190:  # EM_CUDA
+            archs.append((struct.unpack_from("<I", library, elf + 48)[0] >> 8) & 0xFF)
+        at = library.find(b"\x50\xed\x55\xba", at + 4)
+    return archs
+
+
+@needs_nvcc
+@pytest.mark.parametrize("module", ["conv", "attention", "handwritten"])
+def test_cuda_build_embeds_device_binary(cases, module, tmp_path):
+    mod = HandWritten if module == "handwritten" else cases[module].mod
+    built = build(mod, "cuda")
+    assert "__global__" in built.ir_after["cuda.source"]
+    path = tmp_path / "lib.so"
+    built.export_library(path)
+    library = path.read_bytes()
+    assert _cuda_elf_archs(library) == [int(built.target.attrs["arch"].removeprefix("sm_"))]
+    assert b"__global__" not in library  # binary only: no nvcc needed where it is loaded
+
+
+@needs_nvcc
+def test_cuda_compile_error_names_the_kernel():
+    source = ('extern "C" __global__ void __launch_bounds__(32) good_kernel(float* x) {\n  x[0] = 1;\n}\n'
+              'extern "C" __global__ void __launch_bounds__(32) bad_kernel(float* x) {\n  x[0] = y;\n}\n')
+    with pytest.raises(BuildError, match=r"(?s)bad_kernel\..*kernels\.cu.*identifier \"y\" is undefined"):
+        compile_source(source, resolve_target("cuda"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not gpu_available(), reason="no CUDA GPU")
+def test_cuda_runs_on_gpu(cases, tmp_path):
+    case = cases["conv"]
+    built = build(case.mod, "cuda")
+    assert rel_err(case.run(built.executable, "cuda"), case.reference) <= 1e-4
+    built.export_library(tmp_path / "conv.so")
+    loaded = tvm.runtime.load_module(str(tmp_path / "conv.so"))
+    assert rel_err(case.run(loaded, "cuda"), case.reference) <= 1e-4
