@@ -19,14 +19,15 @@ torch frontend emits none; fxpress converters add them through ``R.call_tir`` or
 build() marks each one ``fxpress.kernel = 1`` and ``op_pattern = kOpaque`` before
 AnnotateTIROpPattern, so FuseOps never fuses a kernel with its neighbours. Without that,
 FuseTIR fails on a TVMScript kernel followed by an elementwise op ("Inconsistent buffers y and
-y mapped to the same relax var"): TVMScript gives buffer shapes int32 dims, LegalizeOps int64,
-and FuseTIR cannot merge the two buffer types. Opaque kernels also keep any hand schedule.
+y mapped to the same relax var"): TVMScript writes the kernel's buffer shapes with int32 dims,
+LegalizeOps writes int64 dims, and FuseTIR cannot merge the two buffer types. Opaque kernels also keep any hand schedule.
 dlight still schedules kernels (a CUDA kernel needs thread bindings) unless the kernel sets
 ``tirx.is_scheduled``, which is dlight's own "leave this alone" mark.
 """
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import tempfile
 import time
@@ -46,6 +47,8 @@ OP_PATTERN_OPAQUE = 8  # relax OpPatternKind::kOpaque: FuseOps never fuses it
 
 @dataclass
 class BuiltModule:
+    """What build() returns: the executable plus what the build saw and how long it took."""
+
     executable: relax.VMExecutable  # run with relax.VirtualMachine(executable, device_for(target))
     target: tvm.target.Target
     ir_after: dict[str, str]
@@ -96,6 +99,8 @@ def build(mod: tvm.IRModule, target: str | tvm.target.Target, *, instrument: boo
                                     relax.transform.FoldConstant(),
                                     relax.transform.FuseOps(),
                                     relax.transform.FuseTIR()], mod)
+        # fxpress's own kernels get their hand schedules first; dlight then skips them.
+        mod = stage("tir.kernels", [lambda m: apply_kernel_schedules(m, target)], mod)
         if on_gpu:
             mod = stage("tir.scheduled", [lambda m: schedule_gpu(m, target)], mod)
         elif dlight:
@@ -111,6 +116,23 @@ def build(mod: tvm.IRModule, target: str | tvm.target.Target, *, instrument: boo
     return BuiltModule(executable=executable, target=target, ir_after=ir_after,
                        seconds=time.perf_counter() - start, pass_timings=timings,
                        _device_payloads=payloads)
+
+
+# Pass families with hand-written TIR kernels; each module has apply_default_schedules(mod, target).
+KERNEL_FAMILIES = ("shift_add_kernels", "low_rank_kernels", "quantize_kernels")
+
+
+def apply_kernel_schedules(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """Run every kernel family's ``apply_default_schedules`` (families not written yet are skipped)."""
+    for name in KERNEL_FAMILIES:
+        try:
+            family = importlib.import_module(f"{__package__}.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"{__package__}.{name}":
+                raise
+            continue
+        mod = family.apply_default_schedules(mod, target)
+    return mod
 
 
 @contextlib.contextmanager

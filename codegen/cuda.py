@@ -160,6 +160,9 @@ def packer(swaps: dict[bytes, bytes]):
 
     def pack(mod, is_system_lib: bool, prefix: str, workspace_dir: str) -> str:
         tree, entries = _unpack(runtime_api.ModulePackImportsToTensor(mod).numpy().tobytes())
+        if sum(p in swaps for _, p in entries) != len(swaps):
+            raise BuildError("export_library: the CUDA module differs from the one build() "
+                             "compiled; export the BuiltModule that build() returned")
         blob = _pack(tree, [(k, swaps.get(p, p)) for k, p in entries])
         host = next(m for m in _modules(mod) if m.kind == "llvm")
         llvm_target = host.get_function("_get_target_string")()

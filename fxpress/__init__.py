@@ -14,6 +14,7 @@ _LAZY = {
     "PassContext": ("fxpress.passes", "PassContext"),
     "register_pass": ("fxpress.passes", "register_pass"),
     "available_passes": ("fxpress.passes", "available_passes"),
+    "bound": ("fxpress.control", "bound"),
 }
 
 __all__ = ["__version__", "runtime", "errors", *_LAZY]

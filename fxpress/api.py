@@ -7,7 +7,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
-from fxpress.errors import InputError
+from fxpress.errors import InputError, TraceError
 from fxpress.passes import (PassContext, PassManager, Pass, resolve_passes, run_graph, snapshot, trace)
 
 from .compiled import CompiledModel
@@ -79,6 +79,13 @@ def compile(  # noqa: A001 - the public name the contract fixes
     calib = _check_calibration(calibration, example_inputs)
     pass_list = resolve_passes(passes)  # unknown names fail before any slow work
     model = model.eval()
+    dynamic = dict(target=target, tune=tune, calibration=calib, tolerance=tolerance, options=options)
+    if any(p.name == "split_branches" for p in pass_list):  # data-dependent control flow: fxpress/dynamic.py
+        from .dynamic import maybe_compile_dynamic
+
+        split = maybe_compile_dynamic(model, example_inputs, pass_list, **dynamic)
+        if split is not None:
+            return split
 
     with torch.no_grad():
         original_out = model(*example_inputs)
@@ -88,7 +95,14 @@ def compile(  # noqa: A001 - the public name the contract fixes
     reference = [t.detach() for t in leaves]
 
     t0 = time.perf_counter()
-    traced = trace(model, example_inputs)
+    try:
+        traced = trace(model, example_inputs)
+    except TraceError as e:
+        if passes != "default":
+            raise
+        from .dynamic import compile_dynamic
+
+        return compile_dynamic(model, example_inputs, pass_list, reason=f"whole-model tracing failed: {e}", **dynamic)
     trace_record = snapshot("trace", "trace", traced.gm, reference, example_inputs,
                             seconds=time.perf_counter() - t0,
                             note=f"traced with {traced.method}" + (f" ({traced.fallback_reason})" if traced.fallback_reason else ""))

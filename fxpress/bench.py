@@ -23,6 +23,11 @@ deltas are used, which only show a phase that set a new process-wide peak (``mem
 says which one a result used). Model size is the weights' bytes (the ONNX file's size for the
 ONNX Runtime peer); params and MACs come from fxpress's graph statistics; output error is
 relative to eager on the same inputs (max |y − ref| / max |ref|); accuracy when labels are given.
+
+Noise: on a loaded machine PyTorch's OpenMP threads, which sleep between ops by default, wait a
+scheduler slice to wake (measured: 300 ms per call instead of 0.5 ms with load 8 on 2 cores), while
+ONNX Runtime's and TVM's pools spin. ``benchmarks/run_all.py`` sets ``OMP_WAIT_POLICY=ACTIVE``
+before importing torch; each row records the load average when its timing started.
 """
 from __future__ import annotations
 
@@ -206,7 +211,7 @@ def _shape_text(spec: dict[str, Any]) -> str:
     return "x".join(map(str, spec["shape"])) + ("" if spec["dtype"] == "float32" else f":{spec['dtype']}")
 
 
-MD_COLUMNS = ["peer", "passes", "median ms", "p10–p90 ms", "vs eager", "compile s", "peak mem run / compile",
+MD_COLUMNS = ["peer", "passes", "median ms", "min ms", "vs eager", "compile s", "peak mem run / compile",
               "size", "params", "MACs", "max rel err", "accuracy"]
 
 
@@ -218,7 +223,7 @@ def markdown_row(p: PeerResult, baseline: float | None) -> list[str]:
     mem = f"{_fmt_bytes(p.peak_mem_run_bytes)} / {_fmt_bytes(p.peak_mem_compile_bytes)}"
     acc = "-" if p.accuracy is None else f"{100 * p.accuracy:.2f}%"
     err = "-" if p.max_rel_error is None else f"{p.max_rel_error:.1e}"
-    return [p.peer, p.passes, f"{p.median_ms:.3f}", f"{p.p10_ms:.3f}–{p.p90_ms:.3f}", speed,
+    return [p.peer, p.passes, f"{p.median_ms:.3f}", f"{p.min_ms:.3f}", speed,
             "-" if p.compile_s is None else f"{p.compile_s:.1f}", mem, _fmt_bytes(p.size_bytes),
             _fmt_num(p.params), _fmt_num(p.macs), err, acc]
 
@@ -428,7 +433,8 @@ def passes_label(passes) -> str:
 
 def thread_info() -> dict[str, Any]:
     return {"torch": torch.get_num_threads(), "TVM_NUM_THREADS": os.environ.get("TVM_NUM_THREADS", "default"),
-            "ORT intra-op": "default (physical cores)"}
+            "ORT intra-op": "default (physical cores)",
+            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "default (passive)")}
 
 
 def _input_specs(inputs: tuple) -> list[dict[str, Any]]:

@@ -20,6 +20,32 @@ def tensor_spec(name: str, t: torch.Tensor) -> dict[str, Any]:
     return {"name": name, "shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
 
 
+def index_ranges(gm: fx.GraphModule) -> dict[int, tuple[int, int]]:
+    """Integer inputs used directly as embedding indices → their valid range [0, rows - 1].
+
+    TVM lowers an embedding to an unchecked gather: an index out of range reads out of bounds (a
+    segfault, not an error), so the range is checked before any data reaches native code.
+    """
+    import torch.nn.functional as F
+
+    rows: dict[int, int] = {}
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for i, ph in enumerate(placeholders):
+        for u in ph.users:
+            n = None
+            if u.op == "call_module" and isinstance(gm.get_submodule(u.target), torch.nn.Embedding) \
+                    and u.args and u.args[0] is ph:
+                n = gm.get_submodule(u.target).num_embeddings
+            elif u.op == "call_function" and u.target in (F.embedding, torch.ops.aten.embedding.default):
+                idx, w = (u.args[0], u.args[1]) if u.target is F.embedding else (u.args[1], u.args[0])
+                meta = w.meta.get("tensor_meta") if isinstance(w, fx.Node) else None
+                if idx is ph and meta is not None:
+                    n = int(meta.shape[0])
+            if n is not None:
+                rows[i] = min(rows.get(i, n), n)
+    return {i: (0, n - 1) for i, n in rows.items()}
+
+
 def _to_numpy(x) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         if x.device.type != "cpu":
@@ -38,6 +64,8 @@ class CompiledModel:
         self.target = target
         self.example_inputs = example_inputs
         self.input_specs = [tensor_spec(f"input_{i}", t) for i, t in enumerate(example_inputs)]
+        for i, (lo, hi) in index_ranges(graphs.get("trace", gm)).items():
+            self.input_specs[i]["range"] = [lo, hi]  # checked at call time and by the runtime
         self.output_specs = [tensor_spec(f"output_{i}", t) for i, t in enumerate(reference)]
         self._out_spec = out_spec
         self._executor = executor  # None: compiled for a device this machine lacks
@@ -47,6 +75,13 @@ class CompiledModel:
 
     # ------------------------------------------------------------------ running
     def __call__(self, *inputs):
+        for i, x in enumerate(inputs):
+            if isinstance(x, torch.Tensor) and x.device.type != "cpu":
+                name = self.input_specs[i]["name"] if i < len(self.input_specs) else f"input_{i}"
+                raise InputError(
+                    f"input {i} ('{name}') is on device {x.device}; this compiled model (target="
+                    f"{self.target!r}) takes CPU tensors or numpy arrays and moves them to its own device. "
+                    "Pass x.cpu().")
         if self.target == "torch":
             check_inputs(inputs, self.input_specs, convert=lambda x: x if isinstance(x, torch.Tensor) else torch.as_tensor(x))
             with torch.no_grad():

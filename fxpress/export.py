@@ -1,8 +1,11 @@
 """Writing an artifact directory: ONNX model, TVM library + params, manifest. Atomic."""
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import shutil
+import sys
 import tempfile
 import time
 from typing import Any
@@ -77,9 +80,17 @@ def write_artifact(cm, path: str, backends=("onnx", "tvm")) -> str:
 
 
 def _swap_into_place(tmp: str, path: str) -> None:
-    """rename() is atomic; a directory cannot be renamed over a non-empty one, so move the old aside."""
+    """Put the finished ``tmp`` dir at ``path``; at every instant ``path`` is the old or the new artifact.
+
+    rename() is atomic but cannot replace a non-empty directory. On Linux, renameat2(RENAME_EXCHANGE)
+    swaps the two directories in one step (the old one lands at ``tmp`` and is then removed).
+    Elsewhere the old dir is moved aside first, which leaves a short window without ``path``.
+    """
     if not os.path.exists(path):
         os.rename(tmp, path)
+        return
+    if _exchange(tmp, path):
+        shutil.rmtree(tmp, ignore_errors=True)
         return
     old = f"{tmp}.old"
     os.rename(path, old)
@@ -89,3 +100,21 @@ def _swap_into_place(tmp: str, path: str) -> None:
         os.rename(old, path)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Atomically swap two paths with Linux renameat2(RENAME_EXCHANGE); False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # no libc symbol (glibc < 2.28, musl)
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):  # kernel or file system lacks it
+        return False
+    raise OSError(err, os.strerror(err), b)

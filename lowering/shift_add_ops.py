@@ -6,7 +6,8 @@ uint8 codes; see ``codegen/shift_add_kernels.py``), reshape back. ``shift_conv2d
 ``apply_default_schedules`` can find them, and codegen marks them opaque kernels.
 
 ONNX: standard opset-18 ops only. The packed codes stay a uint8 initializer and are decoded in
-the graph with a 32-entry lookup table (``Gather``: code → ±2^-e or 0, exact), summed over terms,
+the graph with a 32-entry lookup table (``Gather``: code → ±2^-e or 0, exact; the codes pass through
+an identity ``DequantizeLinear`` first, which the exporter's constant folder never folds), summed over terms,
 then ``MatMul`` / ``Conv`` and the per-channel scale and bias. ONNX Runtime may constant-fold the
 decode into a dense weight *in memory* at session start; the file keeps the codes. The integer
 path is emulated in float (activations quantized to the same fixed point; the per-term rounding of
@@ -127,7 +128,12 @@ def _decode_onnx(op, codes):
     import onnx
 
     table = op.Constant(value=onnx.numpy_helper.from_array(_code_table(), name="shift_code_table"))
-    vals = op.Gather(table, op.Cast(codes, to=onnx.TensorProto.INT64), axis=0)
+    # The codes enter through DequantizeLinear (scale 1, zero point 0: exact), which the exporter's
+    # constant folder preserves by design; without it, small layers' decode chains were folded into
+    # dense float initializers in the saved file.
+    zp = op.Constant(value=onnx.numpy_helper.from_array(np.array(0, np.uint8), name="shift_code_zp"))
+    idx = op.DequantizeLinear(codes, op.Constant(value_float=1.0), zp)
+    vals = op.Gather(table, op.Cast(idx, to=onnx.TensorProto.INT64), axis=0)
     return op.ReduceSum(vals, op.Constant(value_ints=[0]), keepdims=0)
 
 

@@ -9,6 +9,7 @@ import contextlib
 import io
 import logging
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,31 @@ class OnnxModel:
     opset: int
 
 
+def _failure_detail(err: BaseException, gm) -> str:
+    """The op and node the exporter stopped at, and the user's source line where it can be found.
+
+    torch's exporter buries them in a long message ("No ONNX function found for <OpOverload(op='…')>",
+    "Error when translating node %name"); the node names are the exporter's own, so the source line is
+    looked up on the fx node whose target carries the same op name.
+    """
+    from fxpress.passes.trace import node_source
+
+    text = str(err)
+    op = re.search(r"No ONNX function found for <OpOverload\(op='([^']+)'", text)
+    node = re.search(r"Error when translating node %(\w+)", text)
+    if not op and not node:
+        return ""
+    op_name = op.group(1) if op else None
+    lines = [f"  op: {op_name or '(unknown)'} (node '{node.group(1) if node else '?'}' of the exported program) "
+             "has no ONNX translation"]
+    base = op_name.split(".")[-1] if op_name else node.group(1)
+    for n in getattr(getattr(gm, "graph", None), "nodes", []):
+        if n.op in ("call_function", "call_method") and base in str(getattr(n.target, "__name__", n.target)):
+            lines.append(f"  source: {node_source(n) or '(unknown)'} (fx node '{n.name}')")
+            break
+    return "\n".join(lines) + "\n"
+
+
 def to_onnx(gm: torch.nn.Module, example_inputs: tuple, path: str, opset: int = OPSET) -> OnnxModel:
     import onnx
 
@@ -44,9 +70,9 @@ def to_onnx(gm: torch.nn.Module, example_inputs: tuple, path: str, opset: int = 
                 custom_translation_table=onnx_translations() or None, optimize=True, verbose=False,
                 external_data=False)
     except Exception as e:  # noqa: BLE001
-        msg = str(e).strip().splitlines()
+        msg = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()  # the exporter colours its text
         raise LoweringError(
-            f"ONNX export failed: {type(e).__name__}: {msg[0] if msg else ''}\n"
+            f"ONNX export failed: {type(e).__name__}: {msg[0] if msg else ''}\n{_failure_detail(e, gm)}"
             "What to do: compile with target='llvm' or 'torch', or register an ONNX translation for the "
             "op with fxpress.lowering.register_onnx_translation.") from e
     model = prog.model_proto

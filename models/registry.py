@@ -106,3 +106,23 @@ def get(name: str, size: str = "small") -> ModelSpec:
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; expected one of {SIZES}")
     return _SPECS[name][size]
+
+
+# ----------------------------------------------------------------------------- dynamic models
+# Models with data-dependent control flow (compile them with passes=["split_branches", ...]). Kept
+# apart from names()/get() so tools that enumerate the static models are unaffected.
+
+
+def dynamic_names() -> list[str]:
+    from .dynamic import DYNAMIC_SPECS
+
+    return list(DYNAMIC_SPECS)
+
+
+def get_dynamic(name: str):
+    """The DynamicModelSpec of a dynamic reference model (see fxpress.models.dynamic)."""
+    from .dynamic import DYNAMIC_SPECS
+
+    if name not in DYNAMIC_SPECS:
+        raise KeyError(f"unknown dynamic model {name!r}; known: {', '.join(DYNAMIC_SPECS)}")
+    return DYNAMIC_SPECS[name]

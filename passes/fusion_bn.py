@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-from .fusion_common import (AFFINE_LAYER_TYPES, BN_TYPES, CONV_TYPES, CONVT_TYPES, FuseState, kind_of, module_of,
-                            own_module, rank, set_param)
+from .fusion_common import (AFFINE_LAYER_TYPES, BN_TYPES, CONV_TYPES, CONVT_TYPES, FuseState, is_inplace, kind_of,
+                            module_of, own_module, rank, set_param)
 
 
 def bn_affine(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,8 +99,13 @@ def _before_reason(gm: fx.GraphModule, bn_node: fx.Node, bn: nn.Module, shift: t
     users = list(bn_node.users)
     if not users:
         return "its output is unused"
+    src = bn_node.args[0]
+    if isinstance(src, fx.Node) and any(is_inplace(gm, u) for u in src.users):
+        return f"its input '{src.name}' is modified in place, which the BN output was shielded from"
     no_shift = bool((shift == 0).all())
     for u in users:
+        if u.op == "output":
+            return "it is a graph output"
         layer = module_of(gm, u)
         if layer is None or not isinstance(layer, AFFINE_LAYER_TYPES) or u.args[0] is not bn_node:
             return f"its consumer '{u.name}' ({kind_of(gm, u)}) is not a Conv/Linear reading it as input"

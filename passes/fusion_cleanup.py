@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .fusion_common import FuseState, kind_of, module_of
+from .fusion_common import FuseState, has_inplace, is_inplace, kind_of, module_of
 from .stats import dtype_of, shape_of
 
 DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
@@ -79,6 +79,9 @@ def _is_identity_perm(node: fx.Node) -> bool:
 def remove_noops(state: FuseState) -> bool:
     """Dropout (eval), nn.Identity, contiguous, reshapes/casts that change nothing, x+0, x*1."""
     gm, changed = state.gm, False
+    # x + 0 is a new tensor, x itself is not: with in-place ops around, dropping the copy could let a
+    # write reach x's other readers.
+    arithmetic_ok = not has_inplace(gm)
     for node in list(gm.graph.nodes):
         if node.op not in ("call_module", "call_function", "call_method") or not node.args:
             continue
@@ -132,7 +135,7 @@ def remove_noops(state: FuseState) -> bool:
             _replace(state, node, src, "remove_noop_cast", op=target)
             changed = True
             continue
-        if target in _IDENTITY_SCALARS and not node.kwargs and len(node.args) == 2:
+        if arithmetic_ok and target in _IDENTITY_SCALARS and not node.kwargs and len(node.args) == 2:
             a, b = node.args
             neutral = _IDENTITY_SCALARS[target]
             x = None
@@ -187,8 +190,8 @@ def _constant_nodes(gm: fx.GraphModule) -> dict[fx.Node, bool]:
                                            or _is_nondeterministic(node.target)):
             const[node] = False
             continue
-        if node.op == "call_method" and node.target.endswith("_") and not node.target.startswith("__"):
-            const[node] = False  # in-place method: mutates a parameter
+        if is_inplace(gm, node):
+            const[node] = False  # would write into a parameter
             continue
         if node.op == "call_module":
             mod = module_of(gm, node)

@@ -40,6 +40,8 @@ SHAPE_FUNCTIONS = {torch.reshape, torch.flatten, torch.transpose, torch.permute,
 SHAPE_MODULES = (nn.Flatten, nn.Unflatten)
 
 FUNCTIONAL_BN = {F.batch_norm, torch.batch_norm}
+_INPLACE_FLAG_FUNCTIONS = {F.relu, F.relu6, F.elu, F.hardtanh, F.leaky_relu, F.silu, F.hardswish, F.mish, F.selu,
+                           F.celu, F.rrelu, F.threshold}
 
 
 def module_of(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
@@ -115,6 +117,29 @@ def kind_of(gm: fx.GraphModule, node: fx.Node) -> str:
     if node.op in ("call_function", "call_method"):
         return getattr(node.target, "__name__", str(node.target))
     return node.op
+
+
+def is_inplace(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether ``node`` writes into one of its inputs (x.relu_(), F.relu(x, inplace=True), aten.add_ …)."""
+    if node.kwargs.get("inplace") is True:
+        return True
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.startswith("__")
+    if node.op == "call_module":
+        return getattr(module_of(gm, node), "inplace", False) is True
+    if node.op == "call_function":
+        if isinstance(node.target, torch._ops.OpOverload):
+            return node.target._schema.is_mutable
+        name = getattr(node.target, "__name__", "")
+        if name.endswith("_") and not name.startswith("__"):
+            return True
+        # F.relu(x, True), F.leaky_relu(x, 0.1, True) …: the last positional flag is ``inplace``.
+        return node.target in _INPLACE_FLAG_FUNCTIONS and len(node.args) > 1 and node.args[-1] is True
+    return False
+
+
+def has_inplace(gm: fx.GraphModule) -> bool:
+    return any(is_inplace(gm, n) for n in gm.graph.nodes)
 
 
 def rank(node: fx.Node) -> int | None:
@@ -203,8 +228,11 @@ def copy_meta(src: fx.Node, dst: fx.Node) -> None:
 
 
 def is_tuple_getitem(node: fx.Node) -> bool:
-    return (node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node)
-            and isinstance(node.args[0].meta.get("tensor_meta"), (tuple, list)))
+    """getitem picking one tensor out of a multi-output op (e.g. a split's part): no kernel of its own."""
+    if node.op != "call_function" or node.target is not operator.getitem or not isinstance(node.args[0], fx.Node):
+        return False
+    meta = node.args[0].meta.get("tensor_meta")  # TensorMetadata is a NamedTuple itself: tell them apart
+    return isinstance(meta, (tuple, list)) and not hasattr(meta, "shape")
 
 
 # ----------------------------------------------------------------------------- step state

@@ -10,6 +10,7 @@ alpha          exponent of the ASVD activation scaling                          
 loss_fn        fisher: ``loss_fn(output, inputs)`` (or ``(output, inputs, labels)`` with ``labels``)
 labels         fisher: one label tensor per calibration batch (cross-entropy when no loss_fn)
 fisher_samples fisher: at most this many calibration samples, one backward each     (default 256)
+fisher_floor   fisher: weight floor of a row, relative to the mean row importance  (default 1e-2)
 rank           fixed rank: an int for every layer, or {module name: rank}; skips selection
 budget         keep this fraction of the eligible layers' weight parameters (e.g. 0.6)
 budget_scope   "layers" (fraction of the eligible layers) | "model" (of all model parameters)
@@ -129,7 +130,7 @@ class LowRankPass(Pass):
         for L in layers:
             try:
                 L.fact = factorize(self._weight_matrix(L), L.stats, opt["method"], whitening=opt["whitening"],
-                                   damping=opt["damping"], alpha=opt["alpha"])
+                                   damping=opt["damping"], alpha=opt["alpha"], fisher_floor=opt["fisher_floor"])
             except (ValueError, torch.linalg.LinAlgError) as e:
                 raise PassError(f"low_rank: cannot factor layer '{L.key}' with method {opt['method']!r}: {e}") from e
             for n in L.fact.notes:
@@ -176,7 +177,7 @@ class LowRankPass(Pass):
         opt = dict(
             method=method, whitening=o("whitening", "cholesky"), damping=float(o("damping", 1e-2)),
             alpha=float(o("alpha", 0.5)), loss_fn=o("loss_fn"), labels=o("labels"),
-            fisher_samples=int(o("fisher_samples", 256)), rank=o("rank"), budget=o("budget"),
+            fisher_samples=int(o("fisher_samples", 256)), fisher_floor=float(o("fisher_floor", 1e-2)), rank=o("rank"), budget=o("budget"),
             budget_scope=o("budget_scope", "layers"), target_error=o("target_error"), energy=o("energy"),
             sensitivity=o("sensitivity", "layer"), snap=int(o("snap", 8)), min_layer_size=int(o("min_layer_size", 1024)),
             min_saving=float(o("min_saving", 0.1)), exclude=list(o("exclude", []) or []),

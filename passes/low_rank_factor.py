@@ -113,7 +113,8 @@ def _cholesky(c: torch.Tensor, damping: float, notes: list[str]) -> torch.Tensor
 
 
 def factorize(weight: torch.Tensor, stats: LayerStats | None, method: str = "svd", *,
-              whitening: str = "cholesky", damping: float = 1e-2, alpha: float = 0.5) -> Factorization:
+              whitening: str = "cholesky", damping: float = 1e-2, alpha: float = 0.5,
+              fisher_floor: float = 1e-2) -> Factorization:
     """Decompose ``weight`` ([out, d]) with ``method``; errors are measured with ``stats``' inputs.
 
     With no input statistics the error metric falls back to the weight error (C = I).
@@ -144,7 +145,9 @@ def factorize(weight: torch.Tensor, stats: LayerStats | None, method: str = "svd
             notes.append("all gradients were zero; fisher weighting fell back to plain SVD")
             row = torch.ones_like(row)
         else:
-            row = row / mean + 1e-6  # rows that never mattered still keep a tiny weight
+            # Rows whose gradients were ~0 on the calibration data (e.g. dead ReLU units) still keep a
+            # floor weight, so their reconstruction cannot drift far enough to wake them up.
+            row = row / mean + fisher_floor
         left = row.sqrt()
 
     Wt = W

@@ -47,10 +47,10 @@ class Observer:
         x = x.detach().float().reshape(-1)
         if not x.numel():
             return
-        finite = x[torch.isfinite(x)]
-        if finite.numel() != x.numel():
+        lo, hi = (float(v) for v in torch.aminmax(x))
+        if not (math.isfinite(lo) and math.isfinite(hi)):
             raise ValueError("calibration produced non-finite activations (inf/nan); check the calibration inputs")
-        self.lo, self.hi = min(self.lo, float(x.min())), max(self.hi, float(x.max()))
+        self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
         self.count += x.numel()
         if self.method != "minmax":
             per_batch = max(1, self.max_samples // 8)
@@ -131,7 +131,7 @@ def _qerr(x: torch.Tensor, lo: float, hi: float, qmin: int, qmax: int) -> float:
 # ----------------------------------------------------------------------------- weights
 
 def weight_clip(w: torch.Tensor, qmax: int, method: str = "minmax", mask: torch.Tensor | None = None,
-                grid: int = 80) -> torch.Tensor:
+                grid: int = 40) -> torch.Tensor:
     """Per-output-channel clipping magnitude (dim 0 is the output channel) for symmetric quantization.
 
     ``mask`` (same shape as w, bool) restricts the statistics to the weights it selects (a SplitQuant
@@ -139,7 +139,7 @@ def weight_clip(w: torch.Tensor, qmax: int, method: str = "minmax", mask: torch.
     """
     if method not in WEIGHT_CLIPS:
         raise ValueError(f"unknown weight clipping {method!r}; choose one of {', '.join(WEIGHT_CLIPS)}")
-    flat = w.detach().double().reshape(w.shape[0], -1)
+    flat = w.detach().float().reshape(w.shape[0], -1)
     m = mask.reshape(w.shape[0], -1) if mask is not None else torch.ones_like(flat, dtype=torch.bool)
     a = torch.where(m, flat.abs(), torch.zeros_like(flat))
     amax = a.max(dim=1).values
@@ -149,7 +149,7 @@ def weight_clip(w: torch.Tensor, qmax: int, method: str = "minmax", mask: torch.
     best = amax.clone()
     best_err = _wqerr(flat, m, amax, qmax)
     lo_ratio = 0.2 if qmax <= 7 else 0.5
-    for r in torch.linspace(lo_ratio, 1.0, grid, dtype=torch.float64)[:-1].tolist():
+    for r in torch.linspace(lo_ratio, 1.0, grid)[:-1].tolist():
         clip = amax * r
         err = _wqerr(flat, m, clip, qmax)
         better = err < best_err

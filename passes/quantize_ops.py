@@ -119,11 +119,17 @@ def _epilogue(accs: list[torch.Tensor], x_scale: float, w_scale: torch.Tensor, b
     return y
 
 
+def _exact_dtype(reduce_len: int) -> torch.dtype:
+    """float32 when every partial sum of int8 × uint8 products stays below 2^24 (so float32 is exact), else float64."""
+    return torch.float32 if reduce_len * 255 * 128 < (1 << 24) else torch.float64
+
+
 @torch.library.custom_op("fxpress::qlinear", mutates_args=())
 def qlinear(xq: torch.Tensor, x_scale: float, x_zp: int, w: torch.Tensor, w_scale: torch.Tensor,
             bias_q: torch.Tensor) -> torch.Tensor:
-    x = xq.to(torch.float64) - x_zp
-    accs = [torch.matmul(x, w[c].to(torch.float64).t()) for c in range(w.shape[0])]
+    dt = _exact_dtype(w.shape[2])
+    x = xq.to(dt) - x_zp
+    accs = [torch.matmul(x, w[c].to(dt).t()).double() for c in range(w.shape[0])]
     return _epilogue(accs, x_scale, w_scale, bias_q, -1)
 
 
@@ -137,8 +143,9 @@ def _qlinear_fake(xq, x_scale, x_zp, w, w_scale, bias_q):
 def qconv2d(xq: torch.Tensor, x_scale: float, x_zp: int, w: torch.Tensor, w_scale: torch.Tensor,
             bias_q: torch.Tensor, stride: list[int], padding: list[int], dilation: list[int],
             groups: int) -> torch.Tensor:
-    x = xq.to(torch.float64) - x_zp  # zero padding of (x - zp) == padding x with its zero point
-    accs = [F.conv2d(x, w[c].to(torch.float64), None, stride, padding, dilation, groups) for c in range(w.shape[0])]
+    dt = _exact_dtype(math.prod(w.shape[2:]))
+    x = xq.to(dt) - x_zp  # zero padding of (x - zp) == padding x with its zero point
+    accs = [F.conv2d(x, w[c].to(dt), None, stride, padding, dilation, groups).double() for c in range(w.shape[0])]
     return _epilogue(accs, x_scale, w_scale, bias_q, 1)
 
 
@@ -157,7 +164,8 @@ def _qconv2d_fake(xq, x_scale, x_zp, w, w_scale, bias_q, stride, padding, dilati
 @torch.library.custom_op("fxpress::qmatmul", mutates_args=())
 def qmatmul(aq: torch.Tensor, a_scale: float, a_zp: int, bq: torch.Tensor, b_scale: float,
             b_zp: int) -> torch.Tensor:
-    acc = torch.matmul(aq.to(torch.float64) - a_zp, bq.to(torch.float64) - b_zp)
+    dt = torch.float32 if aq.shape[-1] * 255 * 255 < (1 << 24) else torch.float64
+    acc = torch.matmul(aq.to(dt) - a_zp, bq.to(dt) - b_zp).double()
     return acc.to(torch.float32) * (torch.tensor(a_scale, dtype=torch.float32) * torch.tensor(b_scale, dtype=torch.float32))
 
 

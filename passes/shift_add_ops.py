@@ -46,7 +46,7 @@ from torch import fx
 from .stats import numel, register_cost, shape_of
 
 __all__ = [
-    "EXP_BITS", "ZERO_EXP", "pack_codes", "unpack_codes", "encode_pow2", "decode_pow2", "int_clamp_limit",
+    "EXP_BITS", "ZERO_EXP", "pack_codes", "unpack_codes", "encode_pow2", "encode_with_scale", "decode_pow2", "int_clamp_limit",
     "frac_bits_for", "linear_codes", "conv_codes", "linear_weight", "conv_weight", "pack_bitstream",
     "unpack_bitstream", "shift_linear", "shift_conv2d", "binary_attention",
 ]
@@ -111,24 +111,12 @@ def encode_pow2(weight: torch.Tensor, terms: int = 1, exp_bits: int = EXP_BITS,
         raise ValueError(f"terms must be 1 or 2, got {terms}")
     if not 1 <= exp_bits <= EXP_BITS:
         raise ValueError(f"exp_bits must be in [1, {EXP_BITS}], got {exp_bits}")
-    max_exp = (1 << exp_bits) - 2
     w = weight.detach().reshape(weight.shape[0], -1).double()
     scale = w.abs().amax(dim=1)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-
-    def codes_for(s: torch.Tensor) -> torch.Tensor:
-        r = w / s[:, None]
-        out = []
-        for _ in range(terms):
-            sign, e = _round_pow2(r, max_exp)
-            c = pack_codes(sign, e)
-            out.append(c)
-            r = r - _pow2_values(c).double()
-        return torch.stack(out)
-
     best = None
     for it in range(refit_iters + 1):
-        codes = codes_for(scale)
+        codes = encode_with_scale(w, scale, terms, exp_bits)
         q = _pow2_values(codes).double().sum(0)
         err = float(((q * scale[:, None] - w) ** 2).sum())
         if best is None or err < best[0]:
@@ -140,6 +128,23 @@ def encode_pow2(weight: torch.Tensor, terms: int = 1, exp_bits: int = EXP_BITS,
         scale = torch.where((qq > 0) & (fit > 0), fit, scale)
     _, codes, scale = best
     return codes, scale.float()
+
+
+def encode_with_scale(weight: torch.Tensor, scale: torch.Tensor, terms: int = 1,
+                      exp_bits: int = EXP_BITS) -> torch.Tensor:
+    """Codes [terms, out, K] for a given per-channel scale: greedy nearest power of two per term.
+
+    ``decode_pow2(encode_with_scale(decode_pow2(c, s), s), s) == decode_pow2(c, s)`` exactly.
+    """
+    max_exp = (1 << exp_bits) - 2
+    r = weight.reshape(weight.shape[0], -1).double() / scale.double()[:, None]
+    out = []
+    for _ in range(terms):
+        sign, e = _round_pow2(r, max_exp)
+        c = pack_codes(sign, e)
+        out.append(c)
+        r = r - _pow2_values(c).double()
+    return torch.stack(out)
 
 
 def decode_pow2(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

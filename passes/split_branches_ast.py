@@ -87,7 +87,8 @@ def load_function(fn) -> FnInfo:
         closure = dict(inspect.getclosurevars(fn).nonlocals)
     except (TypeError, ValueError):
         closure = {}
-    info = FnInfo(fn, fdef, filename, fn.__globals__, closure)
+    # The code object's file name is what tracebacks, fx stack traces and sys.settrace report.
+    info = FnInfo(fn, fdef, code.co_filename or filename, fn.__globals__, closure)
     _SOURCE_CACHE[code] = info
     return FnInfo(info.fn, copy.deepcopy(fdef), filename, info.globals, closure)
 
@@ -182,21 +183,18 @@ class Taint:
 def _expr_taint(e: ast.AST, t: Taint) -> tuple[bool, bool]:
     if isinstance(e, ast.Name):
         return e.id in t.data, e.id in t.varying
+    # Shapes, dtypes, lengths and None-ness are fixed for a given region: a region is traced once per
+    # signature of its inputs (split_branches duplicates code after a branch whose sides differ), so
+    # a test on them is static even when the name itself is data or varying.
     if isinstance(e, ast.Attribute) and e.attr in SHAPE_ATTRS:
-        return False, _expr_taint(e.value, t)[1]
+        return False, False
     if isinstance(e, ast.Call):
         f = e.func
-        exempt = (isinstance(f, ast.Attribute) and f.attr in SHAPE_METHODS) or (
-            isinstance(f, ast.Name) and f.id in SHAPE_FUNCS)
-        if exempt:
-            parts = [f.value] if isinstance(f, ast.Attribute) else []
-            parts += list(e.args) + [k.value for k in e.keywords]
-            v = any(_expr_taint(p, t)[1] for p in parts)
-            # size(dim) with a data-dependent dim would still be data; ignore (never seen in practice).
-            return False, v
+        if (isinstance(f, ast.Attribute) and f.attr in SHAPE_METHODS) or (
+                isinstance(f, ast.Name) and f.id in SHAPE_FUNCS):
+            return False, False
     if isinstance(e, ast.Compare) and all(isinstance(op, (ast.Is, ast.IsNot)) for op in e.ops):
-        v = any(_expr_taint(p, t)[1] for p in [e.left, *e.comparators])
-        return False, v
+        return False, False
     d = v = False
     for c in ast.iter_child_nodes(e):
         cd, cv = _expr_taint(c, t)
@@ -494,7 +492,9 @@ class Lowerer:
         return eval(code, self.namespace(frame))  # noqa: S307 - the user's own model code
 
     def try_static_eval(self, expr: ast.expr, frame: _Frame):
-        if frame.taint.dynamic(expr):
+        known = set(frame.consts)
+        view = Taint(data=frame.taint.data - known, varying=frame.taint.varying - known)
+        if view.dynamic(expr):
             return False, None
         try:
             return True, self.static_eval(expr, frame)
@@ -505,7 +505,7 @@ class Lowerer:
         """(value expr, max_iter, on_exceed) when ``expr`` is ``fxpress.bound(value, max_iter, ...)``."""
         if not isinstance(expr, ast.Call):
             return None
-        ok, f = self.try_static_eval(expr.func, _StaticFrame(frame))
+        ok, f = self.try_static_eval(expr.func, frame)
         if not ok or f is not self._bound:
             return None
         args = list(expr.args)
@@ -531,7 +531,7 @@ class Lowerer:
         """(FnInfo, bound self object) when ``call`` calls a submodule or method with dynamic control flow."""
         if not isinstance(call, ast.Call):
             return None
-        ok, obj = self.try_static_eval(call.func, _StaticFrame(frame))
+        ok, obj = self.try_static_eval(call.func, frame)
         if not ok:
             return None
         if isinstance(obj, nn.Module):
@@ -594,13 +594,35 @@ class Lowerer:
             return (t.dynamic(s.test) or self.is_bound_call(s.test, frame) is not None
                     or any(self.needs_split(c, frame, True) for c in s.body + s.orelse))
         if isinstance(s, ast.For):
-            return (t.dynamic(s.iter) or self.is_bound_call(s.iter, frame) is not None
-                    or any(self.needs_split(c, frame, True) for c in s.body + s.orelse))
+            if t.dynamic(s.iter) or self.is_bound_call(s.iter, frame) is not None:
+                return True
+            return any(self.needs_split(c, f, True) for f in self._iteration_frames(s, frame) for c in s.body + s.orelse)
         if isinstance(s, (ast.With, ast.Try)):
             return any(self.needs_split(c, frame, loop_inside) for b in _blocks(s) for c in b)
         if isinstance(s, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)):
             return False
         return self._call_needs(s, frame)
+
+    def _iteration_frames(self, s: ast.For, frame: _Frame) -> list[_Frame]:
+        """Frames with the loop variable bound to each item of a static iterable (so a call like
+        ``self.blocks[i](x)`` in the body resolves); the frame itself when the items are unknown."""
+        ok, items = self.try_static_eval(s.iter, frame)
+        try:
+            items = list(items) if ok else None
+        except TypeError:
+            items = None
+        if not items or len(items) > MAX_UNROLL:
+            return [frame]
+        frames = []
+        for item in items:
+            try:
+                values = _destructure(s.target, item, frame.fn)
+            except TraceError:
+                return [frame]
+            f = _Frame(frame.fn, frame.taint, frame.self_name)
+            f.consts = {**frame.consts, **values}
+            frames.append(f)
+        return frames
 
     # ------------------------------------------------------------------ lowering
     def lower_block(self, stmts: list[ast.stmt], frame: _Frame) -> list:
@@ -629,7 +651,9 @@ class Lowerer:
     def lower_stmt(self, s: ast.stmt, frame: _Frame) -> list:
         fn, t = frame.fn, frame.taint
         if isinstance(s, ast.Return):
-            if s.value is not None and isinstance(s.value, ast.Call) and self.callee(s.value, frame):
+            if s.value is not None and self._call_needs(s, frame):
+                if not (isinstance(s.value, ast.Call) and self.callee(s.value, frame)):
+                    self._nested_call_error(s, frame)
                 var = self.fresh("ret")
                 assign = ast.copy_location(ast.Assign(targets=[ast.Name(var, ast.Store())], value=s.value), s)
                 return self.inline(assign, frame) + [
@@ -757,6 +781,14 @@ class Lowerer:
         return [SUnrolled(iterations, fn.loc(s), _loc_line(fn, s.body))]
 
     # ------------------------------------------------------------------ inlining
+    def _nested_call_error(self, s: ast.stmt, frame: _Frame):
+        inner = [c for c in ast.walk(s) if isinstance(c, ast.Call) and self.callee(c, frame) is not None]
+        what = ast.unparse(inner[0].func) if inner else "a callee"
+        raise TraceError(
+            f"split_branches: {frame.fn.loc(s)}: `{ast.unparse(s).strip()}` calls {what}, whose forward has "
+            "data-dependent control flow, inside a larger expression.\n"
+            f"What to do: call it in a statement of its own, e.g. `y = {what}(...)`, and use y.")
+
     def inline(self, s: ast.stmt, frame: _Frame) -> list:
         fn = frame.fn
         call = s.value
@@ -770,12 +802,7 @@ class Lowerer:
             target = s.target
         found = self.callee(call, frame) if isinstance(call, ast.Call) else None
         if found is None:
-            inner = [c for c in ast.walk(s) if isinstance(c, ast.Call) and self.callee(c, frame) is not None]
-            what = ast.unparse(inner[0].func) if inner else "a callee"
-            raise TraceError(
-                f"split_branches: {fn.loc(s)}: `{ast.unparse(s).strip()}` calls {what}, whose forward has "
-                "data-dependent control flow, inside a larger expression.\n"
-                f"What to do: call it in a statement of its own, e.g. `y = {what}(...)`, and use y.")
+            self._nested_call_error(s, frame)
         cfn, cself = found
         info = load_function(cfn)
         self.code_objects.add(info.fn.__code__)
@@ -845,13 +872,6 @@ class Lowerer:
             post.append(SStmt(assign, fn))
             # the caller's names assigned from a dynamic call may differ per path: they are data
         return pre + body + post
-
-
-class _StaticFrame(_Frame):
-    """A frame view for evaluating callee expressions: the taint of the frame, its constants."""
-
-    def __init__(self, frame: _Frame):
-        self.__dict__.update(frame.__dict__)
 
 
 def _fix(node):

@@ -54,6 +54,7 @@ def trace(model: nn.Module, example_inputs: tuple) -> Traced:
             # torch.export's unlifted module is a GraphModule with pytree plumbing; re-trace
             # it into a plain GraphModule so passes see one consistent form.
             gm = _plain_graph_module(gm, example_inputs)
+            gm.train(model.training)  # make_fx's module starts in training mode; exporters warn about it
             annotate_shapes(gm, example_inputs)
             return Traced(gm, "torch.export", f"symbolic_trace failed at {fx_line}: {_first_line(fx_err)}")
         except Exception as ex_err:  # noqa: BLE001

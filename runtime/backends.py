@@ -40,13 +40,13 @@ class TVMExecutor:
         self._tvm = tvm
         self.device = _tvm_device(tvm, device)
         self.vm = relax.VirtualMachine(executable, self.device)
-        self.params = [tvm.runtime.tensor(np.ascontiguousarray(p), self.device) for p in params]
+        self.params = [tvm.runtime.tensor(np.asarray(p, order="C"), self.device) for p in params]
         self._main = self.vm["main"]
         return self
 
     def run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
         tvm = self._tvm
-        args = [tvm.runtime.tensor(np.ascontiguousarray(x), self.device) for x in inputs]
+        args = [tvm.runtime.tensor(np.asarray(x, order="C"), self.device) for x in inputs]  # keeps 0-d arrays 0-d
         out = self._main(*args, *self.params)
         return _flatten_tvm(out)
 
@@ -92,5 +92,5 @@ class ORTExecutor:
         self.input_names = [i.name for i in self.session.get_inputs()]
 
     def run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
-        feed: dict[str, Any] = {n: np.ascontiguousarray(x) for n, x in zip(self.input_names, inputs)}
+        feed: dict[str, Any] = {n: np.asarray(x, order="C") for n, x in zip(self.input_names, inputs)}
         return list(self.session.run(None, feed))

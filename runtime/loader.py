@@ -9,11 +9,12 @@ import numpy as np
 from fxpress.errors import ArtifactError, InputError
 
 from .backends import ORTExecutor, TVMExecutor
-from .manifest import read_manifest
+from .manifest import artifact_file, read_manifest
 
 
 def check_inputs(inputs: Sequence[Any], specs: list[dict[str, Any]], convert=np.asarray) -> list:
-    """Validate count, shape and dtype against the manifest's input specs (clear messages)."""
+    """Validate count, shape, dtype (and the index range, where the spec has one) against the
+    manifest's input specs (clear messages)."""
     if len(inputs) != len(specs):
         raise InputError(f"the model takes {len(specs)} input(s) "
                          f"({', '.join(s['name'] for s in specs)}), got {len(inputs)}")
@@ -26,6 +27,14 @@ def check_inputs(inputs: Sequence[Any], specs: list[dict[str, Any]], convert=np.
                 f"input {i} ('{spec['name']}'): expected shape {tuple(spec['shape'])} dtype {spec['dtype']}, "
                 f"got shape {shape} dtype {dtype}. The model was compiled for fixed shapes: pass inputs of "
                 "that shape, or compile again with example inputs of the new shape.")
+        if spec.get("range") and (x.numel() if hasattr(x, "numel") else x.size):
+            lo, hi = spec["range"]
+            x_min, x_max = int(x.min()), int(x.max())
+            if x_min < lo or x_max > hi:
+                raise InputError(
+                    f"input {i} ('{spec['name']}') holds index {x_max if x_max > hi else x_min}, outside "
+                    f"[{lo}, {hi}]: it indexes an embedding table of {hi - lo + 1} rows. Pass indices in that "
+                    "range (the compiled kernels do not check them).")
         out.append(x)
     return out
 
@@ -69,10 +78,11 @@ def make_executor(root: str, manifest: dict[str, Any], backend: str, device: str
     """The executor for one graph's entry in ``manifest['backends']``."""
     info = manifest["backends"][backend]
     if backend == "tvm":
-        params = os.path.join(root, info["params"]) if info.get("params") else None
-        return TVMExecutor(os.path.join(root, info["library"]), params, device or info.get("device", "cpu"))
+        params = artifact_file(root, manifest, info["params"]) if info.get("params") else None
+        return TVMExecutor(artifact_file(root, manifest, info.get("library")), params,
+                           device or info.get("device", "cpu"))
     if backend == "onnx":
-        return ORTExecutor(os.path.join(root, info["file"]), device or "cpu")
+        return ORTExecutor(artifact_file(root, manifest, info.get("file")), device or "cpu")
     raise ArtifactError(f"unknown backend {backend!r} in manifest")
 
 
@@ -85,5 +95,9 @@ def load(path: str, backend: str = "auto", device: str | None = None) -> Runtime
     """
     root = os.path.abspath(path)
     manifest = read_manifest(root)
+    if "host_program" in manifest:  # a split dynamic model: regions + host program (host_program.py)
+        from .host_program import load_host_program
+
+        return load_host_program(root, manifest, backend, device)
     chosen = _pick_backend(manifest, backend)
     return Runtime(root, manifest, chosen, make_executor(root, manifest, chosen, device))

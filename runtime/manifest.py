@@ -80,3 +80,22 @@ def verify_files(root: str, manifest: dict[str, Any]) -> None:
             raise ArtifactError(
                 f"artifact file {full} has sha256 {actual[:16]}…, the manifest says {digest[:16]}…: the file was "
                 "altered or corrupted. Refusing to load it (a library file is native code); re-export it.")
+
+
+def artifact_file(root: str, manifest: dict[str, Any], rel: Any) -> str:
+    """The full path of a file the manifest lists (so ``read_manifest`` checked its sha256).
+
+    Backends open files only through this: a file the manifest does not list has no hash to check,
+    and a path outside the artifact directory is never opened.
+    """
+    files = manifest.get("files") or {}
+    if not isinstance(rel, str) or rel not in files:
+        raise ArtifactError(
+            f"artifact file {rel!r} in {os.path.join(root, MANIFEST)} is not listed in the manifest's files, so "
+            "it has no sha256 to check; refusing to load it. Re-export the artifact with cm.export(dir).")
+    base = os.path.realpath(root)
+    full = os.path.realpath(os.path.join(base, rel))
+    if os.path.isabs(rel) or os.path.commonpath([full, base]) != base:
+        raise ArtifactError(f"artifact file {rel!r} points outside the artifact directory {root!r}; refusing to "
+                            "load it. Re-export the artifact with cm.export(dir).")
+    return full

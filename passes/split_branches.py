@@ -1,0 +1,253 @@
+"""Dynamic-branch splitting (``split_branches``): compile models with data-dependent control flow.
+
+After DyCL (Chen et al., ISSTA'23): the forward of a dynamic network is cut into branch-free regions,
+each traced to its own fx.GraphModule (then optimised and lowered like any graph), plus a small host
+program (``split_branches_ir``; JSON, not pickled Python) that evaluates the conditions on region
+outputs and calls the regions: branches, bounded loops (input-dependent trip counts included, with a
+declared bound, which DyCL could not handle) and early exits.
+
+Entry points:
+- ``split_model(model, example_inputs, options)`` → ``SplitProgram`` (used by ``fxpress.dynamic``,
+  which ``fxpress.compile`` hands a model to when ``passes`` names ``split_branches``, or when
+  ``passes="default"`` and the model cannot be traced whole);
+- the registered pass ``split_branches``: on a graph that was already traced whole (so has no data-
+  dependent control flow) there is nothing to split and the pass leaves it unchanged;
+- ``eager_decisions(model, inputs, program)``: the decision trace of eager PyTorch, for comparing.
+
+See docs/passes/split_branches.md.
+"""
+from __future__ import annotations
+
+import ast
+import itertools
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import fx, nn
+from torch.utils import _pytree as pytree
+
+from fxpress.errors import TraceError
+
+from . import split_branches_ir as ir
+from .base import Pass, PassContext, PassResult, register_pass
+from .graph import finalize
+from .split_branches_ast import Analysis, Taint, analyze
+from .split_branches_regions import (HELPERS, PREFIX, Builder, Explorer, RegionDef, RegionModule,
+                                     flat_input_names, flat_output_names, liveness, merge_adjacent,
+                                     region_module, tail_duplicate, uses_defs)
+
+MAX_DUPLICATION_ROUNDS = 16
+
+
+@register_pass("split_branches")
+class SplitBranches(Pass):
+    """Marks a pipeline as dynamic-branch splitting; see the module docstring.
+
+    Options (``compile(options={"split_branches": {...}})`` or ``SplitBranches(**options)``):
+      per_sample      run the host program once per sample (regions compiled for batch 1); default False
+      max_loop_iters  bound for every data-dependent loop that declares none; default None (error)
+      on_exceed       what a loop given ``max_loop_iters`` does past it: "error" (default) or "stop"
+      lowering        "split" (default: regions + host program) or "native" (one graph with
+                      torch.cond → relax.If / ONNX If; branches only, loops unrolled to their bound)
+    """
+
+    lossy = False
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> tuple[fx.GraphModule, PassResult]:
+        result = PassResult()
+        result.notes.append("the graph was traced whole, so it has no data-dependent control flow: nothing to split")
+        result.metrics["regions"] = 1
+        return finalize(gm), result
+
+
+# ----------------------------------------------------------------------------- the split program
+
+@dataclass
+class RegionBuild:
+    """One branch-free region, ready for the pass manager and lowering."""
+
+    name: str
+    module: RegionModule
+    example_inputs: tuple
+    reference: list[torch.Tensor]
+    sig: ir.RegionSig
+    code: str
+    source: str
+
+
+@dataclass
+class SplitProgram:
+    host: ir.HostProgram
+    regions: dict[str, RegionBuild]
+    analysis: Analysis
+    notes: list[str] = field(default_factory=list)
+    duplications: int = 0
+
+    @property
+    def markers(self) -> set[str]:
+        return program_markers(self.host)
+
+    def text(self) -> str:
+        return ir.render(self.host)
+
+
+def program_markers(host: ir.HostProgram) -> set[str]:
+    out = set()
+    for n in host.nodes():
+        for attr in ("then_line", "else_line", "body_line", "line"):
+            v = getattr(n, attr, None)
+            if v:
+                out.add(v)
+    return out
+
+
+def split_model(model: nn.Module, example_inputs: Sequence[torch.Tensor], options: dict[str, Any] | None = None,
+                out_spec=None, batch: str = "uniform") -> SplitProgram:
+    """Cut ``model``'s forward into branch-free regions and a host program (see module docstring)."""
+    options = dict(options or {})
+    analysis = analyze(model, options)
+    if len(analysis.params) != len(example_inputs):
+        raise TraceError(f"split_branches: {analysis.root_fn.qualname} takes {len(analysis.params)} input(s) "
+                         f"({', '.join(analysis.params)}), got {len(example_inputs)} example input(s)")
+    builder = Builder(analysis)
+    body = builder.build()
+    regions = builder.regions
+    notes = list(analysis.notes)
+    taint = Taint(data=set(analysis.data), varying=set(analysis.varying))
+    namespace = analysis.namespace()
+    namespace.update(HELPERS)
+    fresh_region = lambda: f"r{next(builder._regions)}"  # noqa: E731, SLF001
+    fresh_id = lambda: next(builder._ids)  # noqa: E731, SLF001
+    inputs = dict(zip(analysis.params, example_inputs))
+    duplications = 0
+    for _ in range(MAX_DUPLICATION_ROUNDS):
+        merge_adjacent(body, regions)
+        live = _assign_liveness(body, regions, analysis.params)
+        explorer = Explorer(body, regions, analysis, live, namespace, taint, out_spec, notes)
+        explorer.run(inputs)
+        if not explorer.duplicate:
+            break
+        seen = set()
+        for node in explorer.duplicate:
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            note = tail_duplicate(body, node, regions, fresh_region, fresh_id)
+            duplications += 1
+            if note not in notes:
+                notes.append(note)
+    else:
+        raise TraceError(f"split_branches: shapes still differ after {MAX_DUPLICATION_ROUNDS} rounds of duplicating "
+                         "code after branches; make the two sides of each branch produce the same shapes")
+    return _finalize(model, body, regions, explorer, analysis, notes, duplications, batch)
+
+
+def _assign_liveness(body: list, regions: dict[str, RegionDef], params: list[str]):
+    progvars = set(params)
+    reachable = {n.region for n in ir.walk(body) if isinstance(n, ir.Call)}
+    for name in reachable:
+        r = regions[name]
+        r.uses, r.defs, r.maybe = uses_defs(r.stmts)
+        progvars.update(r.maybe)
+    for n in ir.walk(body):
+        if isinstance(n, ir.ForRange) and n.index:
+            progvars.add(n.index)
+    for name in reachable:
+        r = regions[name]
+        r.uses = [u for u in r.uses if u in progvars]
+    live = liveness(body, regions, params)
+    for n in ir.walk(body):
+        if isinstance(n, ir.Call):
+            r = regions[n.region]
+            out = live.live_out[live.vertex_of[id(n)]]
+            r.inputs = list(r.uses)
+            r.outputs = [m for m in r.maybe if m in out]
+    return live
+
+
+def _finalize(model, body, regions, explorer: Explorer, analysis, notes, duplications, batch) -> SplitProgram:
+    # Calls that produce no tensor become constant assignments (or vanish); never-visited code goes.
+    def rewrite(nodes: list) -> list:
+        out = []
+        for n in nodes:
+            if isinstance(n, ir.Call):
+                r = regions[n.region]
+                if r.name not in explorer.visited:
+                    notes.append(f"region at {r.source} is unreachable; dropped")
+                    continue
+                if not r.out_layout:
+                    if r.consts:
+                        out.append(ir.Set(values=dict(r.consts)))
+                    continue
+                n.consts = dict(r.consts)
+            elif isinstance(n, ir.Return):
+                n.values = explorer.returns.get(id(n), n.values)
+            for sub in ir.children(n):
+                sub[:] = rewrite(sub)
+            out.append(n)
+        return out
+
+    body = rewrite(body)
+    # Name regions r0, r1, ... in program order.
+    order = [n for n in ir.walk(body) if isinstance(n, ir.Call)]
+    rename = {}
+    for n in order:
+        if n.region not in rename:
+            rename[n.region] = f"r{len(rename)}"
+        n.region = rename[n.region]
+    builds: dict[str, RegionBuild] = {}
+    sigs: dict[str, ir.RegionSig] = {}
+    for old, new in rename.items():
+        r = regions[old]
+        r.name = new
+        fn = explorer.fns[old]
+        module = region_module(model, r, fn)
+        in_names = flat_input_names(r.in_layout)
+        dtypes = []
+        for (name, kind, extra) in r.in_layout:
+            if kind == "tensor":
+                dtypes.append(None)
+            elif kind == "scalar":
+                dtypes.append(extra)
+            elif kind == "tree":
+                dtypes += [None] * extra.num_leaves
+        dtypes = [d if d is not None else str(t.dtype).replace("torch.", "")
+                  for d, t in zip(dtypes, r.example_inputs)]
+        sig = ir.RegionSig(name=new, inputs=in_names, input_dtypes=dtypes, outputs=flat_output_names(r.out_layout),
+                           source=r.source)
+        sigs[new] = sig
+        builds[new] = RegionBuild(new, module, tuple(r.example_inputs), list(r.example_outputs), sig, r.code(),
+                                  r.source)
+    host = ir.HostProgram(inputs=list(analysis.params), regions=sigs, body=body, batch=batch)
+    return SplitProgram(host=host, regions=builds, analysis=analysis, notes=notes, duplications=duplications)
+
+
+# ----------------------------------------------------------------------------- eager decisions
+
+def eager_decisions(model: nn.Module, inputs: Sequence[torch.Tensor], program: SplitProgram):
+    """Run the eager model and return (outputs, decision trace): the marker lines ("file:line") of the
+    branch bodies, loop iterations and returns it executed, in order, as the host program records them."""
+    markers = program.markers
+    codes = set(program.analysis.code_objects)
+    seen: list[str] = []
+
+    def local(frame, event, arg):
+        if event == "line":
+            key = f"{frame.f_code.co_filename}:{frame.f_lineno}"
+            if key in markers:
+                seen.append(key)
+        return local
+
+    def global_trace(frame, event, arg):
+        return local if frame.f_code in codes else None
+
+    old = sys.gettrace()
+    sys.settrace(global_trace)
+    try:
+        with torch.no_grad():
+            out = model(*inputs)
+    finally:
+        sys.settrace(old)
+    return out, seen
