@@ -11,5 +11,6 @@ os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
 
 from .build import BuiltModule, build  # noqa: E402 - after TVM_NUM_THREADS
 from .targets import device_for, gpu_available, resolve_target, target_kind  # noqa: E402
+from .tune import tune  # noqa: E402
 
-__all__ = ["BuiltModule", "build", "device_for", "gpu_available", "resolve_target", "target_kind"]
+__all__ = ["BuiltModule", "build", "device_for", "gpu_available", "resolve_target", "target_kind", "tune"]

@@ -33,7 +33,7 @@ from fxpress.passes.split_branches import SplitProgram, eager_decisions, split_m
 from fxpress.passes.split_branches_ast import analyze
 from fxpress.passes.split_branches_ir import render
 from fxpress.passes.stats import count_params
-from fxpress.runtime.host_program import HOST_FILE, HostInterpreter, Trace
+from fxpress.runtime.host_program import HOST_FILE, HostInterpreter, Trace, combine_samples
 from fxpress.runtime.loader import check_inputs
 
 from .compiled import CompiledModel, _to_numpy, tensor_spec
@@ -63,6 +63,14 @@ def maybe_compile_dynamic(model: nn.Module, example_inputs: tuple, pass_list, **
     opts = _split_options(pass_list, kwargs.get("options"))
     analysis = analyze(model.eval(), opts)
     if not analysis.has_dynamic:
+        try:  # what tracing reports: nothing to split must mean the model traces whole
+            trace(model, example_inputs)
+        except TraceError as e:
+            raise TraceError(
+                f"split_branches found no data-dependent control flow it can split in {analysis.root_fn.qualname} "
+                "(it reads forward, submodule forwards and self methods), yet the model does not trace:\n"
+                f"{e}\nThe control flow is probably in a plain function, a comprehension or a lambda; move it into "
+                "forward or a submodule's forward.") from e
         return None
     return compile_dynamic(model, example_inputs, pass_list, analysis=analysis, **kwargs)
 
@@ -88,14 +96,20 @@ def compile_dynamic(model: nn.Module, example_inputs: tuple, pass_list, *, targe
 
     reference, out_spec = _eager_reference(model, example_inputs, per_sample)
     _, sample_spec = pytree.tree_flatten(_run_eager(model, examples))
-    split = split_model(model, examples, opts, out_spec=sample_spec, batch=batch)
+    split = split_model(model, examples, opts, out_spec=sample_spec, batch=batch, analysis=analysis)
     split_seconds = time.perf_counter() - t_start
 
     # Split-stage check: the host program over the traced (not yet optimised) regions vs eager.
     traced = {}
     for name, r in split.regions.items():
         t0 = time.perf_counter()
-        tr = trace(r.module, r.example_inputs)
+        try:
+            tr = trace(r.module, r.example_inputs)
+        except TraceError as e:
+            raise TraceError(
+                f"split_branches: region {name} ({r.source}) still has control flow that depends on data, in code "
+                "split_branches does not read (it splits forward, submodule forwards and self methods; not plain "
+                f"functions, comprehensions or lambdas):\n{e}") from e
         traced[name] = (tr, time.perf_counter() - t0)
     host_json = split.host.to_json()
     torch_interp = HostInterpreter(host_json, {n: _TorchExecutor(t.gm) for n, (t, _) in traced.items()})
@@ -149,9 +163,8 @@ def _eager_reference(model, example_inputs, per_sample: bool):
         if per_sample:
             outs = [_run_eager(model, tuple(x[i:i + 1] for x in example_inputs))
                     for i in range(int(example_inputs[0].shape[0]))]
-            flat = [pytree.tree_flatten(o)[0] for o in outs]
             spec = pytree.tree_flatten(outs[0])[1]
-            leaves = [torch.cat([f[k] for f in flat], 0) for k in range(len(flat[0]))]
+            leaves = _combine_samples(outs)
         else:
             out = _run_eager(model, example_inputs)
             leaves, spec = pytree.tree_flatten(out)
@@ -165,6 +178,12 @@ def _eager_reference(model, example_inputs, per_sample: bool):
     if not leaves or not all(isinstance(t, torch.Tensor) for t in leaves):
         raise InputError("the model's output must be a tensor or a (nested) tuple/list/dict of tensors")
     return [t.detach() for t in leaves], spec
+
+
+def _combine_samples(outs: list) -> list[torch.Tensor]:
+    """Per-sample eager outputs → batch leaves, as the host program combines them (combine_samples)."""
+    flat = [pytree.tree_flatten(o)[0] for o in outs]
+    return [torch.from_numpy(combine_samples([f[k].detach().numpy() for f in flat])) for k in range(len(flat[0]))]
 
 
 def _split_record(model, split: SplitProgram, traced, torch_interp, example_inputs, reference, seconds, reason):
@@ -250,6 +269,7 @@ class DynamicCompiledModel:
         self._interp = interpreter
         self.passes = passes
         self.native = native  # the torch.cond lowering, when compiled with lowering="native"
+        self.trace_method = "split_branches (torch.cond graph)" if native is not None else "split_branches"
         self.last_trace: Trace | None = None
 
     @property
@@ -332,6 +352,19 @@ class DynamicCompiledModel:
     def stages(self) -> list[str]:
         return self.report.names()
 
+    @property
+    def _graphs(self) -> dict[str, fx.GraphModule]:
+        """Every region's graph per stage, keyed like the report ("r0:trace", "r0:fuse", ...)."""
+        if self.native is not None:
+            return {"native": self.native.gm}
+        return {f"{r}:{stage}": gm for r, cm in self.regions.items() for stage, gm in cm._graphs.items()}
+
+    def html_report(self, path):
+        """Write a self-contained HTML report (stages, region graphs, IR) to ``path``; returns the path."""
+        from .html_report import write_html_report
+
+        return write_html_report(self, path)
+
     def eager_trace(self, model: nn.Module, *inputs):
         """(eager outputs, decision markers of eager PyTorch), comparable with ``run_with_trace``'s markers;
         per sample in per-sample mode."""
@@ -341,9 +374,7 @@ class DynamicCompiledModel:
                 o, m = eager_decisions(model, tuple(x[i:i + 1] for x in inputs), self.split)
                 outs.append(o)
                 markers += m
-            flat = [pytree.tree_flatten(o)[0] for o in outs]
-            leaves = [torch.cat([f[k] for f in flat], 0) for k in range(len(flat[0]))]
-            return pytree.tree_unflatten(leaves, self._out_spec), markers
+            return pytree.tree_unflatten(_combine_samples(outs), self._out_spec), markers
         return eager_decisions(model, inputs, self.split)
 
     def __repr__(self) -> str:

@@ -119,8 +119,7 @@ def _binary_attention_relax(node, importer):
 
 def _code_table() -> np.ndarray:
     """Value of every 5-bit code without the scale: ±2^-e, or 0 for e == 15."""
-    codes = torch.arange(32, dtype=torch.uint8)
-    return ops._pow2_values(codes).numpy().astype(np.float32)
+    return ops.CODE_VALUES.numpy().astype(np.float32)
 
 
 def _decode_onnx(op, codes):

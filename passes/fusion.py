@@ -36,9 +36,8 @@ from .base import Pass, PassContext, PassResult, register_pass
 from .fusion_act import flatten_linear_regions, hoist_activations, mark_regions
 from .fusion_bn import fold_batchnorm
 from .fusion_cleanup import fold_constants, remove_noops
-from .fusion_common import FuseState, bn_count, is_tuple_getitem
+from .fusion_common import FuseState, bn_count, eliminate_dead_code, finalize, is_tuple_getitem
 from .fusion_linear import fold_scalar_scales, merge_linear_chains, merge_parallel_linears
-from .graph import finalize
 from .stats import count_params, graph_costs, op_histogram
 from .trace import annotate_shapes
 
@@ -131,7 +130,7 @@ def _refresh(gm: fx.GraphModule, ctx: PassContext, step: str, known: set[fx.Node
 
     Steps that only remove nodes or edit weights keep every shape, so they cost no forward run.
     """
-    gm.graph.eliminate_dead_code()
+    eliminate_dead_code(gm)
     nodes = set(gm.graph.nodes)
     if nodes <= known:
         return known

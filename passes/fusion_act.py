@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from torch import fx, nn
 
-from .fusion_common import (FuseState, activation_name, copy_meta, is_activation, is_affine_layer, is_module,
+from .fusion_common import (FuseState, copy_meta, is_activation, is_affine_layer, is_module,
                             is_shape_op, kind_of)
 from .stats import shape_of
 
@@ -29,7 +29,7 @@ def hoist_activations(state: FuseState) -> bool:
             continue
         chain: list[fx.Node] = []
         node = act.args[0]
-        while isinstance(node, fx.Node) and is_shape_op(gm, node) and len(node.users) == 1:
+        while isinstance(node, fx.Node) and node.args and is_shape_op(gm, node) and len(node.users) == 1:
             chain.append(node)
             node = node.args[0]
         if not chain or not is_affine_layer(gm, node) or len(node.users) != 1:
@@ -43,7 +43,7 @@ def hoist_activations(state: FuseState) -> bool:
         act.replace_all_uses_with(chain[0])
         gm.graph.erase_node(act)
         state.result.rewrite("hoist_activation", [layer, *reversed(chain), act], [layer, new_act, *reversed(chain)],
-                             activation=activation_name(gm, new_act))
+                             activation=kind_of(gm, new_act))
         changed = True
     return changed
 
@@ -67,7 +67,7 @@ def flatten_linear_regions(state: FuseState) -> bool:
         for u in users:
             u.replace_input_with(act, out)
         state.result.rewrite("flatten_linear_region", [lin, act], [flat, lin, act, out],
-                             activation=activation_name(gm, act))
+                             activation=kind_of(gm, act))
         changed = True
     return changed
 
@@ -87,7 +87,7 @@ def mark_regions(state: FuseState) -> list[dict]:
                                 f"also read by {', '.join(others)}")
             continue
         act = acts[0]
-        label = f"{kind_of(gm, node)}+{activation_name(gm, act)}"
+        label = f"{kind_of(gm, node)}+{kind_of(gm, act)}"
         node.meta["fuse_region"] = act.meta["fuse_region"] = f"{node.name}+{act.name}"
         regions.append({"layer": node.name, "activation": act.name, "region": label})
     return regions

@@ -46,9 +46,9 @@ def _after_reason(gm: fx.GraphModule, bn_node: fx.Node, bn: nn.Module) -> str | 
     prod = bn_node.args[0]
     if not isinstance(prod, fx.Node) or prod.op == "placeholder":
         return "its input is a graph input, not a conv/linear output"
-    if module_of(gm, prod) is None or not isinstance(module_of(gm, prod), AFFINE_LAYER_TYPES):
-        return f"its producer '{prod.name}' ({kind_of(gm, prod)}) is not a Conv/ConvTranspose/Linear"
     layer = module_of(gm, prod)
+    if not isinstance(layer, AFFINE_LAYER_TYPES):
+        return f"its producer '{prod.name}' ({kind_of(gm, prod)}) is not a Conv/ConvTranspose/Linear"
     if len(prod.users) > 1:
         others = sorted(u.name for u in prod.users if u is not bn_node)
         return (f"its producer '{prod.name}' has other users ({', '.join(others)}) that need the unnormalised "
@@ -107,7 +107,7 @@ def _before_reason(gm: fx.GraphModule, bn_node: fx.Node, bn: nn.Module, shift: t
         if u.op == "output":
             return "it is a graph output"
         layer = module_of(gm, u)
-        if layer is None or not isinstance(layer, AFFINE_LAYER_TYPES) or u.args[0] is not bn_node:
+        if not isinstance(layer, AFFINE_LAYER_TYPES) or u.args != (bn_node,) or u.kwargs:
             return f"its consumer '{u.name}' ({kind_of(gm, u)}) is not a Conv/Linear reading it as input"
         in_ch = layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
         if in_ch != bn.num_features:
@@ -166,7 +166,8 @@ def fold_batchnorm(state: FuseState) -> bool:
         if node.op != "call_module" or not isinstance(module_of(gm, node), BN_TYPES):
             continue
         bn = module_of(gm, node)
-        why = bn_unfoldable_reason(bn)
+        why = bn_unfoldable_reason(bn) or (None if len(node.args) == 1 and not node.kwargs else
+                                           "called with keyword arguments; not rewritten")
         if why:
             state.why_not(node, why)
             continue

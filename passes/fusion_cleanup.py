@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .fusion_common import FuseState, has_inplace, is_inplace, kind_of, module_of
+from .fusion_common import FuseState, eliminate_dead_code, has_inplace, is_inplace, kind_of, module_of
+from .graph import unique_name
 from .stats import dtype_of, shape_of
 
 DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
@@ -215,56 +216,80 @@ def _is_nondeterministic(target) -> bool:
     return isinstance(target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in target.tags
 
 
-def fold_constants(state: FuseState) -> bool:
-    """Evaluate subgraphs that read only parameters/buffers once; keep their result as a buffer."""
-    gm = state.gm
-    const = _constant_nodes(gm)
-    frontier = [n for n in gm.graph.nodes if const.get(n) and n.op != "get_attr"
-                and any(not const.get(u, False) for u in n.users)]
-    if not frontier:
-        return False
+def _evaluate(gm: fx.GraphModule, const: dict[fx.Node, bool]) -> dict[fx.Node, object]:
+    """Values of the constant nodes; a node that fails to evaluate (and what reads it) stays in the graph."""
     env: dict[fx.Node, object] = {}
-    changed = False
-    max_growth = state.options.get("fold_max_growth", 4)
     with torch.no_grad():
         for node in gm.graph.nodes:
             if not const.get(node):
                 continue
-            if node.op == "get_attr":
-                env[node] = _fetch(gm, node.target)
+            if not all(i in env for i in node.all_input_nodes):
+                const[node] = False
                 continue
-            args = fx.node.map_arg(node.args, lambda n: env[n])
-            kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
-            if node.op == "call_function":
-                env[node] = node.target(*args, **kwargs)
-            elif node.op == "call_method":
-                env[node] = getattr(args[0], node.target)(*args[1:], **kwargs)
-            else:
-                env[node] = module_of(gm, node)(*args, **kwargs)
-        for node in frontier:
-            value = env[node]
-            if not isinstance(value, torch.Tensor):
-                continue
-            leaves = _leaf_attrs(node, const)
-            leaf_numel = sum(_fetch(gm, a.target).numel() for a in leaves)
-            if value.numel() > max(max_growth * leaf_numel, 1024):
-                state.why_not(node, f"constant subgraph result has {value.numel()} elements, "
-                                    f"> {max_growth}x its {leaf_numel} parameter elements; kept as computed")
-                continue
-            name = fresh_buffer_name(gm, f"{node.name}_folded")
-            gm.register_buffer(name, value.detach().clone().contiguous())
-            with gm.graph.inserting_before(node):
-                new = gm.graph.get_attr(name)
-            new.meta.update({k: v for k, v in node.meta.items() if k == "tensor_meta"})
-            node.replace_all_uses_with(new)
-            consumed = sorted(_subgraph(node, const), key=lambda n: n.name)
-            state.result.rewrite("fold_constant", consumed, [new], shape=list(value.shape))
-            changed = True
-    if changed:
-        leaves = {a.target for n in frontier for a in _leaf_attrs(n, const)}
-        gm.graph.eliminate_dead_code()
-        _drop_orphan_attrs(gm, leaves)
-    return changed
+            try:
+                if node.op == "get_attr":
+                    env[node] = _fetch(gm, node.target)
+                    continue
+                args = fx.node.map_arg(node.args, lambda n: env[n])
+                kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
+                if node.op == "call_function":
+                    env[node] = node.target(*args, **kwargs)
+                elif node.op == "call_method":
+                    env[node] = getattr(args[0], node.target)(*args[1:], **kwargs)
+                else:
+                    env[node] = module_of(gm, node)(*args, **kwargs)
+            except Exception:  # noqa: BLE001 - not foldable; running the graph will show any real error
+                const[node] = False
+    return env
+
+
+def _freed_elements(gm: fx.GraphModule, sub: set[fx.Node]) -> int:
+    """Parameter elements no longer needed once ``sub`` is replaced by one buffer."""
+    called = [n.target + "." for n in gm.graph.nodes if n.op == "call_module"]
+    freed = 0
+    for leaf in (n for n in sub if n.op == "get_attr"):
+        still_read = any(u not in sub for u in leaf.users) or any(
+            n.op == "get_attr" and n.target == leaf.target and n not in sub for n in gm.graph.nodes)
+        if not still_read and not any(leaf.target.startswith(c) for c in called):
+            freed += _fetch(gm, leaf.target).numel()
+    return freed
+
+
+def fold_constants(state: FuseState) -> bool:
+    """Evaluate subgraphs that read only parameters/buffers once; keep their result as a buffer."""
+    gm = state.gm
+    const = _constant_nodes(gm)
+    if not any(const.get(n) for n in gm.graph.nodes if n.op != "get_attr"):
+        return False
+    env = _evaluate(gm, const)
+    frontier = [n for n in gm.graph.nodes if const.get(n) and n.op != "get_attr"
+                and any(not const.get(u, False) for u in n.users)]
+    max_growth = state.options.get("fold_max_growth", 4)
+    folded: list[set[fx.Node]] = []
+    for node in frontier:
+        value = env[node]
+        if not isinstance(value, torch.Tensor):
+            continue
+        sub = _subgraph(node, const)
+        freed = _freed_elements(gm, sub)
+        if value.numel() > max(max_growth * freed, 1024):
+            state.why_not(node, f"constant subgraph result has {value.numel()} elements and folding frees "
+                                f"{freed} parameter elements (> {max_growth}x); kept as computed")
+            continue
+        name = unique_name(gm, f"{node.name}_folded")
+        gm.register_buffer(name, value.detach().clone().contiguous())
+        with gm.graph.inserting_before(node):
+            new = gm.graph.get_attr(name)
+        new.meta.update({k: v for k, v in node.meta.items() if k == "tensor_meta"})
+        node.replace_all_uses_with(new)
+        state.result.rewrite("fold_constant", sorted(sub, key=lambda n: n.name), [new], shape=list(value.shape))
+        folded.append(sub)
+    if not folded:
+        return False
+    leaves = {n.target for sub in folded for n in sub if n.op == "get_attr"}
+    eliminate_dead_code(gm)
+    _drop_orphan_attrs(gm, leaves)
+    return True
 
 
 def _drop_orphan_attrs(gm: fx.GraphModule, targets: set[str]) -> None:
@@ -273,14 +298,6 @@ def _drop_orphan_attrs(gm: fx.GraphModule, targets: set[str]) -> None:
     for t in targets:
         if "." not in t and t not in read and hasattr(gm, t):
             delattr(gm, t)
-
-
-def fresh_buffer_name(gm: nn.Module, base: str) -> str:
-    base = base.replace(".", "_")
-    name, i = base, 1
-    while hasattr(gm, name):
-        name, i = f"{base}_{i}", i + 1
-    return name
 
 
 def _subgraph(node: fx.Node, const: dict) -> set[fx.Node]:
@@ -292,7 +309,3 @@ def _subgraph(node: fx.Node, const: dict) -> set[fx.Node]:
         seen.add(n)
         stack.extend(n.all_input_nodes)
     return seen
-
-
-def _leaf_attrs(node: fx.Node, const: dict) -> list[fx.Node]:
-    return [n for n in _subgraph(node, const) if n.op == "get_attr"]

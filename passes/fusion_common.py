@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .base import PassResult
+from .graph import is_module as _is_module
+from .graph import module_of
 from .stats import shape_of
 
 # ----------------------------------------------------------------------------- op classes
@@ -44,14 +46,9 @@ _INPLACE_FLAG_FUNCTIONS = {F.relu, F.relu6, F.elu, F.hardtanh, F.leaky_relu, F.s
                            F.celu, F.rrelu, F.threshold}
 
 
-def module_of(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
-    if node.op != "call_module":
-        return None
-    return gm.get_submodule(node.target)
-
-
 def is_module(gm: fx.GraphModule, node: Any, types) -> bool:
-    return isinstance(node, fx.Node) and isinstance(module_of(gm, node), types)
+    """graph.is_module that also accepts non-node arguments (constants, lists)."""
+    return isinstance(node, fx.Node) and _is_module(gm, node, types)
 
 
 def is_bn(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -68,13 +65,9 @@ def is_activation(gm: fx.GraphModule, node: Any) -> bool:
         return False
     if node.op == "call_module":
         return isinstance(module_of(gm, node), ACT_MODULES) and len(node.args) == 1
-    if node.op == "call_function" and node.target in ACT_FUNCTIONS:
-        pass
-    elif node.op == "call_method" and node.target in ACT_METHODS:
-        pass
-    else:
-        return False
-    return not _has_node((node.args[1:], node.kwargs))
+    known = (node.op == "call_function" and node.target in ACT_FUNCTIONS) or \
+        (node.op == "call_method" and node.target in ACT_METHODS)
+    return known and not _has_node((node.args[1:], node.kwargs))
 
 
 def _has_node(args) -> bool:
@@ -91,14 +84,10 @@ def activation_signature(gm: fx.GraphModule, node: fx.Node) -> tuple:
     return (node.op, node.target, repr(node.args[1:]), repr(sorted(node.kwargs.items())))
 
 
-def activation_name(gm: fx.GraphModule, node: fx.Node) -> str:
-    if node.op == "call_module":
-        return type(module_of(gm, node)).__name__
-    return getattr(node.target, "__name__", str(node.target))
-
-
 def is_shape_op(gm: fx.GraphModule, node: fx.Node) -> bool:
     """An op that moves elements around without changing their values (first argument only)."""
+    if any(isinstance(a, torch.dtype) for a in node.args[1:]):
+        return False  # x.view(torch.int32) reinterprets bits
     if node.op == "call_method":
         return node.target in SHAPE_METHODS
     if node.op == "call_function":
@@ -140,6 +129,21 @@ def is_inplace(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 def has_inplace(gm: fx.GraphModule) -> bool:
     return any(is_inplace(gm, n) for n in gm.graph.nodes)
+
+
+def eliminate_dead_code(gm: fx.GraphModule) -> None:
+    """Graph DCE that keeps in-place writes: fx treats every call_method as pure, so a bare
+    ``h.relu_()`` whose result is unused would otherwise be deleted."""
+    gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or is_inplace(gm, n))
+
+
+def finalize(gm: fx.GraphModule) -> fx.GraphModule:
+    """``fxpress.passes.graph.finalize`` with the in-place-aware DCE above."""
+    eliminate_dead_code(gm)
+    gm.delete_all_unused_submodules()
+    gm.graph.lint()
+    gm.recompile()
+    return gm
 
 
 def rank(node: fx.Node) -> int | None:

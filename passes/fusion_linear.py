@@ -106,7 +106,7 @@ def _scalable_layer(gm: fx.GraphModule, start: fx.Node, consumer: fx.Node) -> fx
             return None
         if is_affine_layer(gm, node):
             return node
-        if is_shape_op(gm, node):
+        if node.args and is_shape_op(gm, node):
             node, user = node.args[0], node
             continue
         if node.op in ("call_function", "call_method") and node.target in _MATMULS and len(node.args) == 2:

@@ -14,6 +14,7 @@ fisher_floor   fisher: weight floor of a row, relative to the mean row importanc
 rank           fixed rank: an int for every layer, or {module name: rank}; skips selection
 budget         keep this fraction of the eligible layers' weight parameters (e.g. 0.6)
 budget_scope   "layers" (fraction of the eligible layers) | "model" (of all model parameters)
+budget_on      what the budget counts: "params" | "macs"                            (default "params")
 target_error   keep the model's relative output error (the manager's measure) within this
 energy         keep this fraction of each layer's spectral energy                  (default 0.99)
 sensitivity    how the budget / target_error search weighs layers: "layer" (each layer's own
@@ -125,6 +126,9 @@ class LowRankPass(Pass):
             return finalize(gm), result
 
         self._collect_activations(gm, layers, ctx, opt)
+        if not ctx.calibration and opt["method"] != "svd":
+            result.notes.append(f"method {opt['method']!r} calibrated on the example inputs only; pass "
+                                "compile(calibration=[...]) with representative batches for better factors")
         if opt["method"] == "fisher":
             self._collect_fisher(gm, layers, ctx, opt)
         for L in layers:
@@ -138,6 +142,7 @@ class LowRankPass(Pass):
             L.candidates = candidate_ranks(L.out, L.d, L.fact.full_rank, opt["snap"], opt["min_saving"])
 
         ranks = self._select(gm, layers, ctx, opt, result)
+        rows = {L.key: _rows(L) for L in layers}  # from the original nodes' shapes, before they go
 
         for L in layers:
             r = ranks.get(L.key)
@@ -156,11 +161,15 @@ class LowRankPass(Pass):
         rel = max(output_error(ao, bo)[1] for ao, bo in zip(after_outs, before_outs))
         eligible = sum(L.weight_params for L in layers)
         chosen = sum(L.weight_params if ranks.get(L.key) is None else ranks[L.key] * (L.out + L.d) for L in layers)
+        eligible_macs = sum(L.weight_params * rows[L.key] for L in layers)
+        chosen_macs = sum((L.weight_params if ranks.get(L.key) is None else ranks[L.key] * (L.out + L.d)) * rows[L.key]
+                          for L in layers)
         result.metrics.update(
             method=opt["method"], selection=opt["selection"], layers_replaced=len(result.rewrites),
             params_before=params_before, params_after=params_after, macs_before=macs_before, macs_after=macs_after,
             params_ratio=params_after / max(params_before, 1), macs_ratio=macs_after / max(macs_before, 1),
             eligible_weight_params_before=eligible, eligible_weight_params_after=chosen,
+            eligible_macs_before=eligible_macs, eligible_macs_after=chosen_macs,
             output_cosine=cos, output_rel_error=rel)
         if ctx.reference_outputs is not None:
             with torch.no_grad():
@@ -178,7 +187,8 @@ class LowRankPass(Pass):
             method=method, whitening=o("whitening", "cholesky"), damping=float(o("damping", 1e-2)),
             alpha=float(o("alpha", 0.5)), loss_fn=o("loss_fn"), labels=o("labels"),
             fisher_samples=int(o("fisher_samples", 256)), fisher_floor=float(o("fisher_floor", 1e-2)), rank=o("rank"), budget=o("budget"),
-            budget_scope=o("budget_scope", "layers"), target_error=o("target_error"), energy=o("energy"),
+            budget_scope=o("budget_scope", "layers"), budget_on=o("budget_on", "params"),
+            target_error=o("target_error"), energy=o("energy"),
             sensitivity=o("sensitivity", "layer"), snap=int(o("snap", 8)), min_layer_size=int(o("min_layer_size", 1024)),
             min_saving=float(o("min_saving", 0.1)), exclude=list(o("exclude", []) or []),
             max_rows=int(o("max_rows", 65536)))
@@ -188,6 +198,8 @@ class LowRankPass(Pass):
             raise PassError(f"low_rank: budget must be a fraction in (0, 1], got {opt['budget']!r}")
         if opt["budget_scope"] not in ("layers", "model"):
             raise PassError(f"low_rank: budget_scope must be 'layers' or 'model', got {opt['budget_scope']!r}")
+        if opt["budget_on"] not in ("params", "macs"):
+            raise PassError(f"low_rank: budget_on must be 'params' or 'macs', got {opt['budget_on']!r}")
         if opt["sensitivity"] not in ("layer", "model"):
             raise PassError(f"low_rank: sensitivity must be 'layer' or 'model', got {opt['sensitivity']!r}")
         if opt["energy"] is not None and not 0 < float(opt["energy"]) <= 1:
@@ -399,21 +411,26 @@ class LowRankPass(Pass):
         choices = self._choices(gm, usable, ctx, opt)
         if mode == "budget":
             frac = float(opt["budget"])
+            on = opt["budget_on"]
+            if on == "macs":
+                for c, L in zip(choices, usable):
+                    c.scale = _rows(L)
+            eligible = sum(c.dense_params for c in choices)
             if opt["budget_scope"] == "model":
-                total, _ = count_params(gm)
-                fixed = total - sum(L.weight_params for L in usable)
+                total = count_params(gm)[0] if on == "params" else graph_costs(gm)[0]
+                fixed = total - eligible
                 target = frac * total - fixed
                 if target <= 0:
-                    raise PassError(f"low_rank: budget {frac:g} of the model's {total} parameters is unreachable: "
-                                    f"{fixed} parameters are outside the factorable layers. Use a larger budget or "
+                    raise PassError(f"low_rank: budget {frac:g} of the model's {total} {on} is unreachable: "
+                                    f"{fixed} {on} are outside the factorable layers. Use a larger budget or "
                                     "budget_scope='layers'.")
             else:
-                target = frac * sum(L.weight_params for L in usable)
+                target = frac * eligible
             state, reached = select_budget(choices, target)
-            result.metrics["budget_target_weight_params"] = int(target)
+            result.metrics[f"budget_target_{on}"] = int(target)
             if not reached:
-                result.notes.append(f"budget {frac:g} ({opt['budget_scope']}) not reachable with ranks ≥ snap="
-                                    f"{opt['snap']}; every layer is at its smallest useful rank")
+                result.notes.append(f"budget {frac:g} of {on} ({opt['budget_scope']}) not reachable with ranks ≥ "
+                                    f"snap={opt['snap']}; every layer is at its smallest useful rank")
             result.metrics["budget_reached"] = reached
         else:  # target_error
             target = float(opt["target_error"])
@@ -496,9 +513,14 @@ class LowRankPass(Pass):
                    params_before=L.weight_params + L.bias_params,
                    params_after=rank * (L.out + L.d) + L.out,
                    macs_before=macs_before, macs_after=macs_after,
-                   output_error=err, energy=L.fact.energy(rank), method=L.fact.method)
+                   output_error=round(err, 6), energy=round(L.fact.energy(rank), 6), method=L.fact.method)
         result.layers.append(row)
         result.rewrite("low_rank", L.nodes, produced, layer=L.key, rank=rank, error=round(err, 5))
+
+
+def _rows(L: _Layer) -> int:
+    """How many rows (tokens, or output pixels of a conv) the layer's weight is applied to, all calls."""
+    return max(1, sum(math.prod(shape_of(n) or (0,)) // L.out for n in L.nodes))
 
 
 def _factors(L: _Layer, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

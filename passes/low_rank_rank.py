@@ -47,14 +47,17 @@ class LayerChoice:
     d: int
     ranks: list[int]  # candidate ranks, ascending
     err: dict[int, float]  # squared relative error at each candidate rank (the selector's metric)
-    extra_params: int = 0  # bias etc., the same dense or factored
+    # Cost of one weight value: 1 when the budget counts parameters, the rows it is applied to
+    # (tokens, or N·OH·OW output pixels of a conv) when it counts MACs.
+    scale: int = 1
 
     @property
     def dense_params(self) -> int:
-        return self.out * self.d
+        return self.out * self.d * self.scale
 
     def params(self, rank: int | None) -> int:
-        return self.dense_params if rank is None else lowrank_weight_params(self.out, self.d, rank)
+        """Cost (parameters, or MACs with ``scale``) of the layer at ``rank`` (None = dense)."""
+        return self.dense_params if rank is None else lowrank_weight_params(self.out, self.d, rank) * self.scale
 
     def error(self, rank: int | None) -> float:
         return 0.0 if rank is None else self.err[rank]

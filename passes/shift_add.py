@@ -155,6 +155,7 @@ class ShiftAddPass(Pass):
             self._calibrate(gm, selected, ctx, opt)
         for L in selected:
             self._rewrite(gm, L, opt, result)
+        gm.recompile()  # the attention step runs the graph as rewritten so far
         att_error = None
         if opt["attention"]:
             att_error = self._attention(gm, ctx, opt, result)
@@ -373,7 +374,7 @@ class ShiftAddPass(Pass):
             node.replace_all_uses_with(new)
             gm.graph.erase_node(node)
             produced.append(new)
-        packed, _ = ops.pack_bitstream(L.codes, 1 + opt["exp_bits"])
+        packed_bytes = (L.codes.numel() * (1 + opt["exp_bits"]) + 7) // 8  # ops.pack_bitstream's size
         row = dict(
             layer=L.key, op=L.kind, weight_shape=list(L.weight.shape), terms=opt["terms"],
             bits_per_weight=(1 + opt["exp_bits"]) * opt["terms"], mode=opt["mode"], frac_bits=frac,
@@ -381,7 +382,7 @@ class ShiftAddPass(Pass):
             sensitivity=None if L.sensitivity is None else float(L.sensitivity),
             bytes_before=L.weight.numel() * L.weight.element_size(),
             bytes_after=codes.numel() * codes.element_size() + L.scale.numel() * 4,
-            bytes_packed=packed.numel() + L.scale.numel() * 4,
+            bytes_packed=packed_bytes + L.scale.numel() * 4,
             multiplies_before=dense_mults, multiplies_after=after_mults,
             zero_fraction=float((ops.unpack_codes(L.codes)[1] == ops.ZERO_EXP).all(0).float().mean()),
         )

@@ -74,12 +74,21 @@ def unpack_codes(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (c >> EXP_BITS) & 1, c & ZERO_EXP
 
 
-def _pow2_values(codes: torch.Tensor) -> torch.Tensor:
-    """float32 value of each code, without the scale: ±2^-e, or 0."""
-    sign, exp = unpack_codes(codes)
-    mag = torch.ldexp(torch.ones_like(exp, dtype=torch.float32), -exp.to(torch.float32))
+def _code_values() -> torch.Tensor:
+    """float32 value of each of the 32 five-bit codes, without the scale: ±2^-e, or 0 for e == 15."""
+    c = torch.arange(2 * SIGN_BIT, dtype=torch.int32)
+    exp, sign = c & ZERO_EXP, (c >> EXP_BITS) & 1
+    mag = torch.ldexp(torch.ones(c.shape, dtype=torch.float32), -exp.to(torch.float32))
     val = torch.where(sign == 1, -mag, mag)
     return torch.where(exp == ZERO_EXP, torch.zeros_like(val), val)
+
+
+CODE_VALUES = _code_values()
+
+
+def _pow2_values(codes: torch.Tensor) -> torch.Tensor:
+    """float32 value of each code, without the scale: ±2^-e, or 0 (a 32-entry table lookup)."""
+    return CODE_VALUES.index_select(0, codes.reshape(-1).to(torch.int64)).reshape(codes.shape)
 
 
 def _round_pow2(r: torch.Tensor, max_exp: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,8 +97,9 @@ def _round_pow2(r: torch.Tensor, max_exp: int) -> tuple[torch.Tensor, torch.Tens
     Returns (sign, exp) with exp == ZERO_EXP where 0 is nearest.
     """
     a = r.abs().double()
-    p = torch.floor(torch.log2(a.clamp_min(1e-300)))            # 2^p <= a < 2^(p+1)
-    p = torch.where(a > 1.5 * torch.exp2(p), p + 1, p)          # nearer of 2^p and 2^(p+1)
+    mant, ex = torch.frexp(a)                                   # a = mant * 2^ex, mant in [0.5, 1)
+    p = (ex - 1).double()                                       # 2^p <= a < 2^(p+1), exactly
+    p = torch.where(mant > 0.75, p + 1, p)                      # nearer of 2^p and 2^(p+1) (a > 1.5 * 2^p)
     e = (-p).clamp(0, max_exp)                                  # saturate above 1, below 2^-max_exp
     # Below the smallest power, 0 is nearer when a < 2^-max_exp / 2.
     zero = a < 0.5 * 2.0 ** (-max_exp)

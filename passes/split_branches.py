@@ -35,7 +35,7 @@ from .base import Pass, PassContext, PassResult, register_pass
 from .graph import finalize
 from .split_branches_ast import Analysis, Taint, analyze
 from .split_branches_regions import (HELPERS, PREFIX, Builder, Explorer, RegionDef, RegionModule,
-                                     flat_input_names, flat_output_names, liveness, merge_adjacent,
+                                     flat_input_names, flat_output_names, hoist_regions, liveness, merge_adjacent,
                                      region_module, tail_duplicate, uses_defs)
 
 MAX_DUPLICATION_ROUNDS = 16
@@ -104,10 +104,11 @@ def program_markers(host: ir.HostProgram) -> set[str]:
 
 
 def split_model(model: nn.Module, example_inputs: Sequence[torch.Tensor], options: dict[str, Any] | None = None,
-                out_spec=None, batch: str = "uniform") -> SplitProgram:
-    """Cut ``model``'s forward into branch-free regions and a host program (see module docstring)."""
+                out_spec=None, batch: str = "uniform", analysis: Analysis | None = None) -> SplitProgram:
+    """Cut ``model``'s forward into branch-free regions and a host program (see module docstring).
+    ``analysis``: the front end's result when the caller already has it (``analyze(model, options)``)."""
     options = dict(options or {})
-    analysis = analyze(model, options)
+    analysis = analysis if analysis is not None else analyze(model, options)
     if len(analysis.params) != len(example_inputs):
         raise TraceError(f"split_branches: {analysis.root_fn.qualname} takes {len(analysis.params)} input(s) "
                          f"({', '.join(analysis.params)}), got {len(example_inputs)} example input(s)")
@@ -122,6 +123,8 @@ def split_model(model: nn.Module, example_inputs: Sequence[torch.Tensor], option
     fresh_id = lambda: next(builder._ids)  # noqa: E731, SLF001
     inputs = dict(zip(analysis.params, example_inputs))
     duplications = 0
+    if hoist_regions(body, regions):
+        notes.append("moved region(s) that do not depend on the preceding branch before it")
     for _ in range(MAX_DUPLICATION_ROUNDS):
         merge_adjacent(body, regions)
         live = _assign_liveness(body, regions, analysis.params)

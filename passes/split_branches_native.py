@@ -254,4 +254,9 @@ def native_module(split, graphs: dict[str, fx.GraphModule], example_inputs: tupl
     module = NativeProgram(split.host, graphs).eval()
     with torch.no_grad():
         ep = torch.export.export(module, tuple(example_inputs), strict=False)
-    return ep.module()
+    gm = ep.module()
+    # An exported module refuses .eval(); it computes the same in either mode, so only set the flag
+    # (exporters warn about modules in training mode).
+    for m in gm.modules():
+        m.training = False
+    return gm

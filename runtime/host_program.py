@@ -60,6 +60,12 @@ class _Return(Exception):
         self.values = values
 
 
+def combine_samples(values: list) -> np.ndarray:
+    """Per-sample outputs → one batch: concatenated on axis 0; scalars (0-d, e.g. a step count) stacked."""
+    arrays = [np.asarray(v) for v in values]
+    return np.stack(arrays) if arrays[0].ndim == 0 else np.concatenate(arrays, axis=0)
+
+
 def check_program(program: dict[str, Any]) -> None:
     if program.get("format") != HOST_FORMAT:
         raise ArtifactError(f"not an fxpress host program (format={program.get('format')!r})")
@@ -110,6 +116,9 @@ class HostInterpreter:
         self.program = program
         self.executors = executors
         self.regions = program["regions"]
+        # (input names, numpy dtypes, output names) per region, resolved once
+        self._sigs = {name: (r["inputs"], [np.dtype(d) for d in r["input_dtypes"]], r["outputs"])
+                      for name, r in self.regions.items()}
         self.inputs = program["inputs"]
         self.batch = program.get("batch", "uniform")
 
@@ -118,7 +127,7 @@ class HostInterpreter:
         if self.batch == "per_sample":
             n = int(np.asarray(inputs[0]).shape[0]) if inputs else 1
             outs = [self._run_once([np.asarray(x)[i:i + 1] for x in inputs], trace) for i in range(n)]
-            return [np.concatenate([o[k] for o in outs], axis=0) for k in range(len(outs[0]))]
+            return [combine_samples([o[k] for o in outs]) for k in range(len(outs[0]))]
         return self._run_once(inputs, trace)
 
     def _run_once(self, inputs: Sequence[np.ndarray], trace: Trace | None) -> list[np.ndarray]:
@@ -212,18 +221,18 @@ class HostInterpreter:
                 trace.path.append(("loop", n["id"], count))
 
     def _call(self, n, env):
-        sig = self.regions[n["region"]]
+        in_names, dtypes, out_names = self._sigs[n["region"]]
         args = []
-        for name, dtype in zip(sig["inputs"], sig["input_dtypes"]):
+        for name, dtype in zip(in_names, dtypes):
             value = self._get(env, name, n)
-            if not isinstance(value, np.ndarray) or value.dtype != np.dtype(dtype):
+            if not isinstance(value, np.ndarray) or value.dtype != dtype:
                 value = np.asarray(value, dtype=dtype)
             args.append(value)
         outs = self.executors[n["region"]].run(args)
-        if len(outs) != len(sig["outputs"]):
+        if len(outs) != len(out_names):
             raise HostProgramError(f"region {n['region']} returned {len(outs)} values, its signature says "
-                                   f"{len(sig['outputs'])}")
-        for name, value in zip(sig["outputs"], outs):
+                                   f"{len(out_names)}")
+        for name, value in zip(out_names, outs):
             env[name] = value if isinstance(value, np.ndarray) else np.asarray(value)
         if n.get("consts"):
             env.update(n["consts"])

@@ -89,3 +89,35 @@ def test_peak_rss_sees_an_allocation():
         assert m.bytes >= 48 << 20
     else:
         assert m.bytes >= 0
+
+
+def test_run_all_renders_markdown_and_plots(digits_bench, tmp_path):
+    """benchmarks/run_all.py --render-only: JSON → Markdown + the two plots (no measuring)."""
+    import importlib.util
+    import os
+
+    from dataclasses import asdict
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "run_all.py")
+    spec = importlib.util.spec_from_file_location("run_all", path)
+    run_all = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_all)
+
+    rows = [asdict(p) for p in digits_bench.peers]
+    model = {"model": "digits_cnn", "size": "small", "description": "digits", "has_labels": True,
+             "inputs": digits_bench.inputs, "original": {"params": 38474, "size_bytes": 153896, "macs": 2700288},
+             "threads": {}, "peers": [r for r in rows if not r["peer"].startswith("fxpress")],
+             "fxpress": [r for r in rows if r["peer"].startswith("fxpress")],
+             "skipped": [{"passes": "fuse+shift_add", "reason": "skipped: pass(es) shift_add not registered yet"}]}
+    meta = {"tag": "t", "date": "2026-01-01T00:00:00Z", "commit": "abc", "command": "run_all.py --quick",
+            "repeat": 3, "targets": ["llvm", "onnx"], "load_start": 1.0, "load_end": 1.0,
+            "machine": {"cpu": "test cpu", "cpu_flags": "avx2", "usable_cores": 2, "logical_cores": 2,
+                        "memory_bytes": 1 << 30, "os": "linux", "python": "3.11", "versions": {"torch": "x"}},
+            "models": [model]}
+    (tmp_path / "t.json").write_text(json.dumps(meta))
+    assert run_all.main(["--render-only", "--out", str(tmp_path), "--tag", "t"]) == 0
+    md = (tmp_path / "t.md").read_text()
+    assert "test cpu" in md and "commit: abc" in md and "| digits_cnn |" in md
+    assert "| fxpress:llvm | none |" in md and "shift_add not registered yet" in md
+    for png in ("t-accuracy_vs_size.png", "t-latency_vs_passes.png"):
+        assert (tmp_path / png).stat().st_size > 10_000

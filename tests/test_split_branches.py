@@ -25,7 +25,7 @@ EXPECTED = {
     # name: (regions, host node counts)
     "early_exit": (3, {"if": 2, "return": 3}),
     "gated_skip": (5, {"if": 2, "return": 1}),
-    "blockdrop": (5, {"if": 2, "return": 1}),
+    "blockdrop": (4, {"if": 2, "return": 1}),  # the second keep test is hoisted before block 0
     "refine_loop": (3, {"while": 1, "return": 1}),
     "shape_branch": (3, {"if": 1, "return": 2}),
 }
@@ -115,6 +115,21 @@ def test_report_graph_and_pass_registry():
     gm = torch.fx.symbolic_trace(nn.Linear(2, 2))
     out, result = p.run(gm, None)
     assert not result.changed
+
+
+def test_regions_calibrate_on_what_reaches_them():
+    from fxpress.dynamic import _region_calibration
+    from fxpress.lower import _TorchExecutor
+
+    spec = get_dynamic("gated_skip")
+    model = spec.build()
+    calibration = [spec.sample(s) for s in range(8)]
+    cm = fxpress.compile(model, spec.example_inputs(), passes=["split_branches", "fuse"], target="torch",
+                         calibration=calibration)
+    interp = HostInterpreter(cm.split.host.to_json(), {n: _TorchExecutor(r.gm) for n, r in cm.regions.items()})
+    calib = _region_calibration(interp, calibration, False, cm.split)
+    assert len(calib["r0"]) == 8 and len(calib["r4"]) == 8  # every input reaches stem and head
+    assert 0 < len(calib["r1"]) < 8 and 0 < len(calib["r3"]) < 8  # the gated bodies see only their inputs
 
 
 def test_static_model_with_split_branches_compiles_whole():
@@ -256,6 +271,32 @@ class ShapeChangingLoop(nn.Module):
         while fxpress.bound(x.sum() < 10, max_iter=3):
             x = torch.cat([x, x], 1)
         return x
+
+
+def clamp_if_positive(x):
+    if x.sum() > 0:  # data-dependent control flow in a plain function: not split
+        return x.clamp(max=1.0)
+    return x
+
+
+class HelperFunction(nn.Module):
+    def forward(self, x):
+        return clamp_if_positive(x) * 2
+
+
+class HelperInRegion(nn.Module):
+    def forward(self, x):
+        if x.mean() > 0:
+            x = x + 1
+        return clamp_if_positive(x)
+
+
+def test_control_flow_outside_what_is_split_is_reported():
+    with pytest.raises(TraceError, match="found no data-dependent control flow") as e:
+        fxpress.compile(HelperFunction(), (torch.randn(1, 4),), passes=["split_branches"], target="torch")
+    assert "if x.sum() > 0" in str(e.value)  # tracing's offending line
+    with pytest.raises(TraceError, match=r"region r2 .* still has control flow"):
+        fxpress.compile(HelperInRegion(), (torch.randn(1, 4),), passes=["split_branches"], target="torch")
 
 
 def _line_of(cls, text):

@@ -100,8 +100,10 @@ TORCH_FREE = textwrap.dedent("""
 
 def test_export_and_torch_free_reload(tmp_path):
     jobs, expected = [], {}
-    # every model through TVM (llvm build reused); one through ONNX Runtime (re-exported per region)
-    plan = [(name, "llvm", "tvm") for name in dynamic_names()] + [("shape_branch", "onnx", "onnx")]
+    # early exits in a loop, a bounded while, a duplicated join through TVM (the llvm build is reused);
+    # one through ONNX Runtime (re-exported per region)
+    plan = [("early_exit", "llvm", "tvm"), ("refine_loop", "llvm", "tvm"), ("shape_branch", "llvm", "tvm"),
+            ("refine_loop", "onnx", "onnx")]
     for name, target, backend in plan:
         spec, model, cm = compiled(name, target)
         art = cm.export(str(tmp_path / f"{name}-{backend}"), backends=(backend,))
@@ -110,8 +112,8 @@ def test_export_and_torch_free_reload(tmp_path):
         assert all(f in manifest["files"] for f in ("host_program.json", "regions/r0/" + (
             "tvm/model.so" if backend == "tvm" else "model.onnx")))
         xs = [spec.sample(1000 + s) for s in range(8)]
-        np.savez(tmp_path / f"{name}.npz", **{f"x{i}": x[0].numpy() for i, x in enumerate(xs)})
-        jobs.append({"artifact": art, "backend": backend, "inputs": str(tmp_path / f"{name}.npz")})
+        np.savez(tmp_path / f"{name}-{backend}.npz", **{f"x{i}": x[0].numpy() for i, x in enumerate(xs)})
+        jobs.append({"artifact": art, "backend": backend, "inputs": str(tmp_path / f"{name}-{backend}.npz")})
         runs = [cm.run_with_trace(*x) for x in xs]
         expected[f"{art}:{backend}"] = ([leaves(y) for y, _ in runs], [t.key() for _, t in runs],
                                         [leaves(cm.eager_trace(model, *x)[0]) for x in xs])
@@ -144,18 +146,19 @@ def test_tampered_region_is_refused(tmp_path):
 
 
 def test_per_sample_artifact_any_batch(tmp_path):
-    spec = get_dynamic("blockdrop")
+    # refine_loop with per_sample: each sample of a batch runs its own number of iterations
+    spec = get_dynamic("refine_loop")
     model = spec.build()
     x = torch.cat([spec.sample(s)[0] for s in range(4)])
     cm = fxpress.compile(model, (x,), passes=["split_branches"], target="llvm",
                          options={"split_branches": {"per_sample": True}})
-    rt = fxpress.runtime.load(cm.export(str(tmp_path / "bd"), backends=("tvm",)))
+    rt = fxpress.runtime.load(cm.export(str(tmp_path / "rl"), backends=("tvm",)))
     xb = torch.cat([spec.sample(50 + s)[0] for s in range(7)])  # another batch size
-    y_ref, markers = cm.eager_trace(model, xb)
-    y = rt(xb.numpy())
+    (y_ref, steps_ref), markers = cm.eager_trace(model, xb)
+    y, steps = rt(xb.numpy())
     assert rt.last_trace.markers == markers
     assert rel_err(torch.from_numpy(y), y_ref) <= 1e-4
-    assert len({k for k in (cm.run_with_trace(xb[i:i + 1])[1].key() for i in range(7))}) >= 2
+    assert steps.tolist() == steps_ref.tolist() and len(set(steps.tolist())) >= 3
 
 
 # ----------------------------------------------------------------------------- native torch.cond lowering

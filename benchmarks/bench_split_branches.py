@@ -1,0 +1,175 @@
+"""Benchmark: split-compiled dynamic models vs eager PyTorch, per path; and the torch.cond lowering.
+
+For every dynamic reference model (fxpress.models.dynamic) and target, random inputs are grouped by the
+path the host program takes (which branch / exit / how many iterations); for one input per path the
+best latency (of N runs) of
+  eager      the PyTorch model (torch.no_grad)
+  split      the DynamicCompiledModel: host program + one compiled region per straight-line piece
+             (torch tensors in and out, as users call it)
+  host-only  the same host program on numpy arrays (what the torch-free runtime does), and the part of
+             it spent inside the region executors (the rest is the interpreter's dispatch)
+  native     lowering="native": one graph with torch.cond (relax.If / ONNX If), loops unrolled
+is measured (best of N runs: the machine is shared). Results: benchmarks/results/split_branches.{json,md}.
+
+    .venv/bin/python benchmarks/bench_split_branches.py [--models early_exit ...] [--targets llvm onnx]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+import torch
+
+import fxpress
+from fxpress.models.registry import dynamic_names, get_dynamic
+from fxpress.runtime.host_program import HostInterpreter
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def best_us(fn, repeats: int, warmup: int = 5) -> float:
+    """The fastest of ``repeats`` runs, in µs. On a shared machine the median mostly measures the other
+    processes; the minimum is the run least disturbed (all numbers here are minima)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times) * 1e6
+
+
+class Timed:
+    """Wraps a region executor and accumulates the time spent inside it."""
+
+    def __init__(self, inner):
+        self.inner, self.seconds = inner, 0.0
+
+    def run(self, inputs):
+        t0 = time.perf_counter()
+        out = self.inner.run(inputs)
+        self.seconds += time.perf_counter() - t0
+        return out
+
+
+def bench_model(name: str, targets: list[str], samples: int, repeats: int, native: bool) -> list[dict]:
+    spec = get_dynamic(name)
+    model = spec.build()
+    rows = []
+    for target in targets:
+        t0 = time.perf_counter()
+        cm = fxpress.compile(model, spec.example_inputs(), passes=["split_branches"], target=target,
+                             options={"split_branches": dict(spec.options)})
+        compile_s = time.perf_counter() - t0
+        nat = None
+        if native:
+            t0 = time.perf_counter()
+            nat = fxpress.compile(model, spec.example_inputs(), passes=["split_branches"], target=target,
+                                  options={"split_branches": {**spec.options, "lowering": "native"}})
+            native_compile_s = time.perf_counter() - t0
+        # one representative input per path
+        by_path: dict[str, tuple] = {}
+        counts: dict[str, int] = {}
+        for seed in range(samples):
+            x = spec.sample(seed)
+            _, trace = cm.run_with_trace(*x)
+            counts[trace.key()] = counts.get(trace.key(), 0) + 1
+            by_path.setdefault(trace.key(), x)
+        timed = {n: Timed(e) for n, e in cm._interp.executors.items()}  # noqa: SLF001
+        interp = HostInterpreter(cm._interp.program, timed)  # noqa: SLF001
+        for path, x in sorted(by_path.items(), key=lambda kv: -counts[kv[0]]):
+            arrays = [t.numpy() for t in x]
+            with torch.no_grad():
+                eager = best_us(lambda: model(*x), repeats)
+            split = best_us(lambda: cm(*x), repeats)
+            host = best_us(lambda: interp.run(arrays), repeats)
+            per_run = []
+            for _ in range(repeats):
+                for t in timed.values():
+                    t.seconds = 0.0
+                interp.run(arrays)
+                per_run.append(sum(t.seconds for t in timed.values()))
+            in_regions = min(per_run) * 1e6
+            row = {"model": name, "target": target, "path": path, "share": counts[path] / samples,
+                   "regions_called": _calls(cm, arrays),
+                   "eager_us": eager, "split_us": split, "host_us": host, "in_regions_us": in_regions,
+                   "dispatch_us": host - in_regions, "speedup_split": eager / split,
+                   "compile_s": compile_s, "regions": len(cm.regions)}
+            if nat is not None:
+                row["native_us"] = best_us(lambda: nat(*x), repeats)
+                row["speedup_native"] = eager / row["native_us"]
+                row["native_compile_s"] = native_compile_s
+            rows.append(row)
+            print(_line(row), flush=True)
+    return rows
+
+
+def _calls(cm, arrays) -> int:
+    n = {"calls": 0}
+
+    class Count:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def run(self, inputs):
+            n["calls"] += 1
+            return self.inner.run(inputs)
+
+    interp = HostInterpreter(cm._interp.program, {k: Count(e) for k, e in cm._interp.executors.items()})  # noqa: SLF001
+    interp.run(arrays)
+    return n["calls"]
+
+
+def _line(r: dict) -> str:
+    native = f" native {r['native_us']:8.1f}us ({r['speedup_native']:.2f}x)" if "native_us" in r else ""
+    return (f"{r['model']:13s} {r['target']:5s} {r['path'][:44]:44s} {r['share']:5.0%}  eager {r['eager_us']:8.1f}us"
+            f"  split {r['split_us']:8.1f}us ({r['speedup_split']:.2f}x)  host {r['host_us']:8.1f}us"
+            f" [regions {r['in_regions_us']:7.1f}us, {r['regions_called']} calls]{native}")
+
+
+def write_markdown(rows: list[dict], path: str, meta: dict) -> None:
+    lines = ["# split_branches: latency per path (µs, best of the timed runs)", "",
+             f"{meta['machine']}; {meta['when']}; torch threads {meta['torch_threads']}; "
+             f"{meta['samples']} random inputs per model grouped by path, {meta['repeats']} timed runs each.",
+             "split = DynamicCompiledModel call (torch in/out); host = torch-free host program on numpy; "
+             "regions = time inside the compiled regions; native = one torch.cond graph.", "",
+             "| model | target | path | share | regions called | eager | split | speedup | host | in regions "
+             "| native | native speedup |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        native = (f"{r['native_us']:.1f} | {r['speedup_native']:.2f}x" if "native_us" in r else "- | -")
+        lines.append(f"| {r['model']} | {r['target']} | {r['path']} | {r['share']:.0%} | {r['regions_called']} | "
+                     f"{r['eager_us']:.1f} | {r['split_us']:.1f} | {r['speedup_split']:.2f}x | {r['host_us']:.1f} | "
+                     f"{r['in_regions_us']:.1f} | {native} |")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="*", default=dynamic_names())
+    ap.add_argument("--targets", nargs="*", default=["llvm", "onnx"])
+    ap.add_argument("--samples", type=int, default=100)
+    ap.add_argument("--repeats", type=int, default=200)
+    ap.add_argument("--no-native", action="store_true")
+    ap.add_argument("--out", default=os.path.join(HERE, "results", "split_branches"))
+    args = ap.parse_args()
+    rows = []
+    for name in args.models:
+        rows += bench_model(name, args.targets, args.samples, args.repeats, not args.no_native)
+    meta = {"machine": f"{os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f}",
+            "when": time.strftime("%Y-%m-%d %H:%M"), "torch_threads": torch.get_num_threads(),
+            "samples": args.samples, "repeats": args.repeats}
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out + ".json", "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    write_markdown(rows, args.out + ".md", meta)
+    print(f"wrote {args.out}.json and .md")
+
+
+if __name__ == "__main__":
+    main()
