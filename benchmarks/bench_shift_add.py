@@ -26,6 +26,8 @@ import sys
 import tempfile
 import time
 
+if "--threads" in sys.argv:  # must be set before TVM starts its thread pool
+    os.environ["TVM_NUM_THREADS"] = sys.argv[sys.argv.index("--threads") + 1]
 os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
 
 import numpy as np  # noqa: E402
@@ -38,7 +40,7 @@ from fxpress.codegen import gpu_available, resolve_target  # noqa: E402
 from fxpress.codegen import shift_add_kernels as K  # noqa: E402
 from fxpress.passes import PassContext, get_pass, shift_add_ops as S, trace  # noqa: E402
 
-LINEAR_SHAPES = [("bert_ffn", 128, 384, 1536), ("square", 64, 512, 512)]
+LINEAR_SHAPES = [("bert_ffn", 128, 384, 1536), ("square", 64, 512, 512), ("gemv", 1, 2048, 2048)]
 CONV_SHAPES = [("resnet_3x3", (1, 64, 28, 28), 64, 3, 1)]
 QUICK_LINEAR = [("small", 32, 256, 256)]
 QUICK_CONV = [("small_3x3", (1, 16, 16, 16), 32, 3, 1)]
@@ -320,6 +322,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tune", type=int, default=0, help="MetaSchedule trials per kernel (first linear shape)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ap.add_argument("--skip-models", action="store_true")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="TVM and torch threads (default: all cores); 1 is steadier on a shared machine")
     args = ap.parse_args(argv)
     torch.set_num_threads(int(os.environ["TVM_NUM_THREADS"]))
     import tvm
@@ -357,7 +361,7 @@ def main(argv=None) -> int:
         print("compiled models", file=sys.stderr, flush=True)
         report["compiled"] = bench_compiled(args.quick)
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"shift_add_{device}{'_quick' if args.quick else ''}")
+    stem = os.path.join(args.out, f"shift_add_{device}_t{report['threads']}{'_quick' if args.quick else ''}")
     for path, text in ((stem + ".json", json.dumps(report, indent=1)), (stem + ".md", _md(report))):
         tmp = path + ".tmp"
         with open(tmp, "w") as f:

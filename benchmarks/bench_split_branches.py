@@ -20,7 +20,13 @@ import json
 import os
 import time
 
-import numpy as np
+
+if __name__ == "__main__":  # TVM sizes its thread pool when it first starts: set it before any import of tvm
+    import sys
+
+    _t = sys.argv[sys.argv.index("--threads") + 1] if "--threads" in sys.argv else "1"
+    os.environ["TVM_NUM_THREADS"] = _t
+
 import torch
 
 import fxpress
@@ -56,7 +62,25 @@ class Timed:
         return out
 
 
-def bench_model(name: str, targets: list[str], samples: int, repeats: int, native: bool) -> list[dict]:
+def pin_threads(cm, threads: int) -> None:
+    """Rebuild ONNX Runtime sessions with ``threads`` intra-op threads (fxpress builds them with the default)."""
+    from fxpress.runtime.backends import ORTExecutor
+
+    def fix(ex):
+        if isinstance(ex, ORTExecutor):
+            sess = ex.session
+            return ORTExecutor(sess._model_bytes if sess._model_bytes is not None else sess._model_path,
+                               threads=threads)
+        return ex
+
+    if getattr(cm, "_interp", None) is not None:
+        cm._interp.executors = {k: fix(e) for k, e in cm._interp.executors.items()}  # noqa: SLF001
+    if getattr(cm, "native", None) is not None:
+        cm.native._executor = fix(cm.native._executor)  # noqa: SLF001
+
+
+def bench_model(name: str, targets: list[str], samples: int, repeats: int, native: bool,
+                threads: int) -> list[dict]:
     spec = get_dynamic(name)
     model = spec.build()
     rows = []
@@ -71,6 +95,9 @@ def bench_model(name: str, targets: list[str], samples: int, repeats: int, nativ
             nat = fxpress.compile(model, spec.example_inputs(), passes=["split_branches"], target=target,
                                   options={"split_branches": {**spec.options, "lowering": "native"}})
             native_compile_s = time.perf_counter() - t0
+        pin_threads(cm, threads)
+        if nat is not None:
+            pin_threads(nat, threads)
         # one representative input per path
         by_path: dict[str, tuple] = {}
         counts: dict[str, int] = {}
@@ -133,7 +160,7 @@ def _line(r: dict) -> str:
 
 def write_markdown(rows: list[dict], path: str, meta: dict) -> None:
     lines = ["# split_branches: latency per path (µs, best of the timed runs)", "",
-             f"{meta['machine']}; {meta['when']}; torch threads {meta['torch_threads']}; "
+             f"{meta['machine']}; {meta['when']}; {meta['threads']} thread(s) for torch, TVM and ORT; "
              f"{meta['samples']} random inputs per model grouped by path, {meta['repeats']} timed runs each.",
              "split = DynamicCompiledModel call (torch in/out); host = torch-free host program on numpy; "
              "regions = time inside the compiled regions; native = one torch.cond graph.", "",
@@ -156,13 +183,17 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=100)
     ap.add_argument("--repeats", type=int, default=200)
     ap.add_argument("--no-native", action="store_true")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="threads for torch, TVM and ONNX Runtime alike (default 1: on a shared machine, parallel "
+                         "kernels mostly measure the other processes)")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "split_branches"))
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     rows = []
     for name in args.models:
-        rows += bench_model(name, args.targets, args.samples, args.repeats, not args.no_native)
+        rows += bench_model(name, args.targets, args.samples, args.repeats, not args.no_native, args.threads)
     meta = {"machine": f"{os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f}",
-            "when": time.strftime("%Y-%m-%d %H:%M"), "torch_threads": torch.get_num_threads(),
+            "when": time.strftime("%Y-%m-%d %H:%M"), "threads": args.threads,
             "samples": args.samples, "repeats": args.repeats}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out + ".json", "w") as f:

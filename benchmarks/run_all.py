@@ -278,9 +278,11 @@ def plot_accuracy_vs_size(path: str, results: list[dict]) -> str | None:
         pts = [(p.size_bytes / 1024, 100 * p.accuracy, p.passes) for p in r["fxpress"]
                if p.ok and p.accuracy is not None]
         accs += [y for _, y, _ in pts]
-        for x, y, labs in _group_points(pts, log_y=False):
+        for k, (x, y, labs) in enumerate(_group_points(pts, log_y=False)):
             ax1.scatter([x], [y], s=60, alpha=0.8)
-            ax1.annotate(labs, (x, y), fontsize=7, xytext=(6, -4), textcoords="offset points", va="top")
+            up = k % 2 == 1  # alternate above / below so neighbours' labels do not overlap
+            ax1.annotate(labs, (x, y), fontsize=7, xytext=(6, 5 if up else -5), textcoords="offset points",
+                         va="bottom" if up else "top")
     if accs:
         ax1.set_ylim(min(accs) - 3, min(100.5, max(accs) + 1.5))
     ax1.set_xlabel("weights (KiB)")

@@ -435,18 +435,51 @@ def cpu_kernel(func: tirx.PrimFunc, target) -> tirx.PrimFunc:
     return out.with_attrs({SCHEDULE_ATTR: SCHEDULE_TAG, ARGS_ATTR: func.attrs[ARGS_ATTR]})
 
 
+def schedule_cuda(func: tirx.PrimFunc, threads: int = 128) -> tirx.PrimFunc:
+    """CUDA: padding inlined; every other block gets one thread per output element, its reduction
+    (if any) serial in a register. Simple and always valid; dlight's matmul rules do not take the
+    multi-block kernels here (SplitQuant's epilogue reads three accumulators)."""
+    sch = s_tir.Schedule(func)
+    root = sch.get_sblock("root")
+    for b in list(sch.get_child_blocks(root)):
+        if sch.get(b).name_hint == "q_pad":
+            try:
+                sch.compute_inline(b)
+            except Exception:  # noqa: BLE001 - keep it as its own kernel
+                pass
+    for b in list(sch.get_child_blocks(root)):
+        iters = sch.get(b).iter_vars
+        loops = sch.get_loops(b)
+        spatial = [lp for lp, iv in zip(loops, iters) if iv.iter_type != tirx.IterVar.CommReduce]
+        reduce_ = [lp for lp, iv in zip(loops, iters) if iv.iter_type == tirx.IterVar.CommReduce]
+        local = sch.cache_write(b, 0, "local") if reduce_ else None
+        fused = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
+        n = int(sch.get(fused).extent)
+        t = min(threads, 1 << max(0, (n - 1).bit_length()))
+        bx, tx = sch.split(fused, [None, t])
+        sch.bind(bx, "blockIdx.x")
+        sch.bind(tx, "threadIdx.x")
+        if local is not None:
+            sch.reverse_compute_at(local, tx)
+            sch.decompose_reduction(b, reduce_[0])
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
 def apply_default_schedules(mod: tvm.IRModule, target) -> tvm.IRModule:
-    """Give every quantize kernel in ``mod`` its CPU kernel (llvm); other targets are left to dlight."""
+    """Give every quantize kernel in ``mod`` its hand schedule: the CPU kernel on llvm (AVX2 form when
+    the CPU has it), one thread per output on CUDA."""
     from fxpress.codegen.targets import resolve_target
 
     target = resolve_target(target)
-    if target.kind.name != "llvm":
-        return mod
+    kind = target.kind.name
     out = mod.clone()
     for gv, func in mod.functions_items():
         if not isinstance(func, tirx.PrimFunc) or func.attrs is None:
             continue
         if str(func.attrs.get(SCHEDULE_ATTR, "")) != SCHEDULE_TAG or func.attrs.get("tirx.is_scheduled", False):
             continue
-        out.update_func(gv, cpu_kernel(func, target))
+        if kind == "llvm":
+            out.update_func(gv, cpu_kernel(func, target))
+        elif kind == "cuda":
+            out.update_func(gv, schedule_cuda(func))
     return out

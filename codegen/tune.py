@@ -184,20 +184,93 @@ def _no_tensor_intrin_import():
             del sys.modules[name]
 
 
+_BUILT: dict[str, object] = {}  # in-process builder → in-process runner hand-off
+
+
+def in_process_builder(export: bool = False):
+    """A MetaSchedule Builder that compiles in this process (``fast_build``, no worker pool).
+
+    MetaSchedule's LocalBuilder starts a fresh pool of worker processes for every batch; each
+    imports TVM. Measured here under load: 13-26 s of pool start-up per batch against 0.14 s to
+    compile one candidate in-process. ``export=True`` writes each module to a tar (what RPC
+    runners upload); otherwise the module is handed to ``in_process_runner`` in memory.
+    """
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
+    from tvm.s_tir.meta_schedule.builder.local_builder import default_export
+
+    @derived_object
+    class _InProcessBuilder(PyBuilder):
+        def build(self, build_inputs):
+            results = []
+            for inp in build_inputs:
+                try:
+                    rt_mod = fast_build(inp.mod, inp.target)
+                    if export:
+                        results.append(BuilderResult(default_export(rt_mod), None))
+                    else:
+                        token = f"fxpress-inprocess:{id(rt_mod)}:{len(_BUILT)}:{time.perf_counter_ns()}"
+                        _BUILT[token] = rt_mod
+                        results.append(BuilderResult(token, None))
+                except Exception as err:  # noqa: BLE001 - a failed candidate is a result, not a crash
+                    results.append(BuilderResult(None, f"fxpress in-process build: {err}"))
+            return results
+
+    return _InProcessBuilder()
+
+
+def in_process_runner(number: int = 3, repeat: int = 3, min_repeat_ms: int = 10):
+    """A MetaSchedule Runner that times ``in_process_builder`` modules in this process.
+
+    Reports the minimum over ``repeat`` rounds (each ``number`` calls, at least
+    ``min_repeat_ms``): on a shared machine the minimum is the least disturbed measurement.
+    """
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.runner import PyRunner, PyRunnerFuture, RunnerResult
+    from tvm.s_tir.meta_schedule.runner.utils import alloc_argument_common
+
+    @derived_object
+    class _Done(PyRunnerFuture):
+        def __init__(self, result):
+            super().__init__()
+            self._result = result
+
+        def done(self):
+            return True
+
+        def result(self):
+            return self._result
+
+    @derived_object
+    class _InProcessRunner(PyRunner):
+        def run(self, runner_inputs):
+            futures = []
+            fill = tvm.get_global_func("tvm.contrib.random.random_fill_for_measure", True)
+            for inp in runner_inputs:
+                rt_mod = _BUILT.pop(str(inp.artifact_path), None)
+                try:
+                    if rt_mod is None:
+                        raise RuntimeError(f"no in-process module for {inp.artifact_path}")
+                    dev = tvm.device(str(inp.device_type), 0)
+                    args = alloc_argument_common(fill, dev, [a.as_json() for a in inp.args_info], 1)[0]
+                    evaluator = rt_mod.time_evaluator(rt_mod.entry_name, dev, number=number,
+                                                      repeat=repeat, min_repeat_ms=min_repeat_ms)
+                    dev.sync()
+                    costs = [float(c) for c in evaluator(*args).results]
+                    futures.append(_Done(RunnerResult([min(costs)], None)))
+                except Exception as err:  # noqa: BLE001 - a failing candidate is a result
+                    futures.append(_Done(RunnerResult(None, f"fxpress in-process run: {err}")))
+            return futures
+
+    return _InProcessRunner()
+
+
 def local_builder(max_workers: int | None = None, timeout_sec: float = 60.0):
+    """MetaSchedule's LocalBuilder (worker processes, timeout per build) with ``fast_build``."""
     from tvm.s_tir.meta_schedule.builder import LocalBuilder
 
     return LocalBuilder(f_build=fast_build, max_workers=max_workers or os.cpu_count() or 1,
                         timeout_sec=timeout_sec)
-
-
-def local_runner(timeout_sec: float = 30.0, number: int = 3, repeat: int = 1, min_repeat_ms: int = 50):
-    from tvm.s_tir.meta_schedule.runner import EvaluatorConfig, LocalRunner
-
-    return LocalRunner(timeout_sec=timeout_sec,
-                       evaluator_config=EvaluatorConfig(number=number, repeat=repeat,
-                                                        min_repeat_ms=min_repeat_ms,
-                                                        enable_cpu_cache_flush=False))
 
 
 def _space(target: tvm.target.Target):
@@ -308,6 +381,11 @@ def _run_tuning(tasks, target, trials, database, runner, builder, progress, tria
     from tvm.s_tir.meta_schedule.utils import fork_seed
 
     cores = os.cpu_count() or 1
+    in_process = builder is None and runner is None
+    if builder is None:
+        builder = in_process_builder(export=runner is not None)
+    if runner is None:
+        runner = in_process_runner()
     per_iter = trials_per_iter or max(1, min(trials, 32))
     with tempfile.TemporaryDirectory(prefix="fxpress-tune-") as work_dir:
         loggers = get_loggers_from_work_dir(work_dir, [t.name for t in tasks])
@@ -324,12 +402,15 @@ def _run_tuning(tasks, target, trials, database, runner, builder, progress, tria
 
             bar = tqdm(total=trials * len(tasks), desc=f"tuning {len(tasks)} kernels", unit="trial",
                        file=sys.stderr, leave=True)
-        callbacks = ms.MeasureCallback.create("default") + [_progress_callback(bar, tasks, measured, best)]
+        callbacks = [ms.measure_callback.AddToDatabase()]
+        if not in_process:  # artifacts on disk (tar files for RPC): delete them once measured
+            callbacks.append(ms.measure_callback.RemoveBuildArtifact())
+        callbacks += [ms.measure_callback.UpdateCostModel(), _progress_callback(bar, tasks, measured, best)]
         try:
             ms.tune_tasks(tasks=contexts, task_weights=[float(t.weight) for t in tasks],
                                work_dir=work_dir, max_trials_global=trials * len(tasks),
                                max_trials_per_task=trials, num_trials_per_iter=per_iter,
-                               builder=builder or local_builder(), runner=runner or local_runner(),
+                               builder=builder, runner=runner,
                                database=database, cost_model=_cost_model(cores),
                                measure_callbacks=callbacks, task_scheduler="gradient")
         finally:

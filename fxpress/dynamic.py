@@ -302,22 +302,28 @@ class DynamicCompiledModel:
         return arrays
 
     def run_with_trace(self, *inputs):
-        """(outputs, Trace): the outputs and the decisions the host program took."""
-        arrays = self._arrays(inputs)
+        """(outputs, Trace): the outputs and the decisions the host program took (None with lowering='native',
+        whose decisions happen inside one graph)."""
         if self.native is not None:
             return self.native(*inputs), None
+        trace = Trace()
+        out = self._run(inputs, trace)
+        self.last_trace = trace
+        return out, trace
+
+    def __call__(self, *inputs):
+        if self.native is not None:
+            return self.native(*inputs)
+        return self._run(inputs, None)
+
+    def _run(self, inputs, trace: Trace | None):
+        arrays = self._arrays(inputs)
         if self._interp is None:
             raise TargetUnavailableError(
                 f"this model was compiled for target={self.target!r}, which this machine cannot run (no CUDA GPU). "
                 "Export it with cm.export(dir) and load it on a GPU machine, or compile with target='llvm'.")
-        trace = Trace()
         outs = self._interp.run(arrays, trace)
-        self.last_trace = trace
-        tensors = [torch.from_numpy(np.array(o)) for o in outs]
-        return pytree.tree_unflatten(tensors, self._out_spec), trace
-
-    def __call__(self, *inputs):
-        return self.run_with_trace(*inputs)[0]
+        return pytree.tree_unflatten([torch.from_numpy(np.array(o)) for o in outs], self._out_spec)
 
     def _host_record(self, seconds: float) -> StageRecord:
         record = StageRecord(name=f"host:{self.target}", kind="lowering", status="ok", seconds=seconds,

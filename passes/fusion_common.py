@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .base import PassResult
+from .graph import eliminate_dead_code, finalize, has_inplace, is_inplace  # noqa: F401 - re-exported for fusion modules
 from .graph import is_module as _is_module
 from .graph import module_of
 from .stats import shape_of
@@ -42,9 +43,6 @@ SHAPE_FUNCTIONS = {torch.reshape, torch.flatten, torch.transpose, torch.permute,
 SHAPE_MODULES = (nn.Flatten, nn.Unflatten)
 
 FUNCTIONAL_BN = {F.batch_norm, torch.batch_norm}
-_INPLACE_FLAG_FUNCTIONS = {F.relu, F.relu6, F.elu, F.hardtanh, F.leaky_relu, F.silu, F.hardswish, F.mish, F.selu,
-                           F.celu, F.rrelu, F.threshold}
-
 
 def is_module(gm: fx.GraphModule, node: Any, types) -> bool:
     """graph.is_module that also accepts non-node arguments (constants, lists)."""
@@ -106,44 +104,6 @@ def kind_of(gm: fx.GraphModule, node: fx.Node) -> str:
     if node.op in ("call_function", "call_method"):
         return getattr(node.target, "__name__", str(node.target))
     return node.op
-
-
-def is_inplace(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """Whether ``node`` writes into one of its inputs (x.relu_(), F.relu(x, inplace=True), aten.add_ …)."""
-    if node.kwargs.get("inplace") is True:
-        return True
-    if node.op == "call_method":
-        return node.target.endswith("_") and not node.target.startswith("__")
-    if node.op == "call_module":
-        return getattr(module_of(gm, node), "inplace", False) is True
-    if node.op == "call_function":
-        if isinstance(node.target, torch._ops.OpOverload):
-            return node.target._schema.is_mutable
-        name = getattr(node.target, "__name__", "")
-        if name.endswith("_") and not name.startswith("__"):
-            return True
-        # F.relu(x, True), F.leaky_relu(x, 0.1, True) …: the last positional flag is ``inplace``.
-        return node.target in _INPLACE_FLAG_FUNCTIONS and len(node.args) > 1 and node.args[-1] is True
-    return False
-
-
-def has_inplace(gm: fx.GraphModule) -> bool:
-    return any(is_inplace(gm, n) for n in gm.graph.nodes)
-
-
-def eliminate_dead_code(gm: fx.GraphModule) -> None:
-    """Graph DCE that keeps in-place writes: fx treats every call_method as pure, so a bare
-    ``h.relu_()`` whose result is unused would otherwise be deleted."""
-    gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or is_inplace(gm, n))
-
-
-def finalize(gm: fx.GraphModule) -> fx.GraphModule:
-    """``fxpress.passes.graph.finalize`` with the in-place-aware DCE above."""
-    eliminate_dead_code(gm)
-    gm.delete_all_unused_submodules()
-    gm.graph.lint()
-    gm.recompile()
-    return gm
 
 
 def rank(node: fx.Node) -> int | None:

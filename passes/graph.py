@@ -5,6 +5,7 @@ from typing import Iterable
 
 import networkx as nx
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 
@@ -75,9 +76,42 @@ def replace_node_with_module(gm: fx.GraphModule, node: fx.Node, module: nn.Modul
     return new
 
 
+_INPLACE_FLAG_FUNCTIONS = {F.relu, F.relu6, F.elu, F.hardtanh, F.leaky_relu, F.silu, F.hardswish, F.mish, F.selu,
+                           F.celu, F.rrelu, F.threshold}
+
+
+def is_inplace(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether ``node`` writes into one of its inputs (x.relu_(), F.relu(x, inplace=True), aten.add_ …)."""
+    if node.kwargs.get("inplace") is True:
+        return True
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.startswith("__")
+    if node.op == "call_module":
+        return getattr(module_of(gm, node), "inplace", False) is True
+    if node.op == "call_function":
+        if isinstance(node.target, torch._ops.OpOverload):
+            return node.target._schema.is_mutable
+        name = getattr(node.target, "__name__", "")
+        if name.endswith("_") and not name.startswith("__"):
+            return True
+        # F.relu(x, True), F.leaky_relu(x, 0.1, True) …: the last positional flag is ``inplace``.
+        return node.target in _INPLACE_FLAG_FUNCTIONS and len(node.args) > 1 and node.args[-1] is True
+    return False
+
+
+def has_inplace(gm: fx.GraphModule) -> bool:
+    return any(is_inplace(gm, n) for n in gm.graph.nodes)
+
+
+def eliminate_dead_code(gm: fx.GraphModule) -> None:
+    """Graph DCE that keeps in-place writes: fx treats every call_method as pure, so a bare
+    ``h.relu_()`` whose result is unused would otherwise be deleted."""
+    gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or is_inplace(gm, n))
+
+
 def finalize(gm: fx.GraphModule) -> fx.GraphModule:
-    """Drop dead code and unused submodules, lint, recompile: call at the end of every pass."""
-    gm.graph.eliminate_dead_code()
+    """Drop dead code (keeping in-place writes) and unused submodules, lint, recompile: call at the end of every pass."""
+    eliminate_dead_code(gm)
     gm.delete_all_unused_submodules()
     gm.graph.lint()
     gm.recompile()

@@ -6,6 +6,7 @@ Options (``compile(options={"low_rank": {...}})`` or ``get_pass("low_rank", **op
 method         "svd" | "activation_aware" | "fisher"                               (default "svd")
 whitening      activation_aware only: "cholesky" (SVD-LLM) | "scale" (ASVD)        (default "cholesky")
 damping        ridge added to the activation second moment, × its mean diagonal    (default 1e-2)
+shrinkage      Ledoit–Wolf shrinkage of the second moment towards μI (few rows)   (default True)
 alpha          exponent of the ASVD activation scaling                             (default 0.5)
 loss_fn        fisher: ``loss_fn(output, inputs)`` (or ``(output, inputs, labels)`` with ``labels``)
 labels         fisher: one label tensor per calibration batch (cross-entropy when no loss_fn)
@@ -134,7 +135,8 @@ class LowRankPass(Pass):
         for L in layers:
             try:
                 L.fact = factorize(self._weight_matrix(L), L.stats, opt["method"], whitening=opt["whitening"],
-                                   damping=opt["damping"], alpha=opt["alpha"], fisher_floor=opt["fisher_floor"])
+                                   damping=opt["damping"], alpha=opt["alpha"], fisher_floor=opt["fisher_floor"],
+                                   shrink=opt["shrinkage"])
             except (ValueError, torch.linalg.LinAlgError) as e:
                 raise PassError(f"low_rank: cannot factor layer '{L.key}' with method {opt['method']!r}: {e}") from e
             for n in L.fact.notes:
@@ -185,7 +187,7 @@ class LowRankPass(Pass):
             raise PassError(f"low_rank: unknown method {method!r}; choose one of {', '.join(METHODS)}")
         opt = dict(
             method=method, whitening=o("whitening", "cholesky"), damping=float(o("damping", 1e-2)),
-            alpha=float(o("alpha", 0.5)), loss_fn=o("loss_fn"), labels=o("labels"),
+            alpha=float(o("alpha", 0.5)), shrinkage=bool(o("shrinkage", True)), loss_fn=o("loss_fn"), labels=o("labels"),
             fisher_samples=int(o("fisher_samples", 256)), fisher_floor=float(o("fisher_floor", 1e-2)), rank=o("rank"), budget=o("budget"),
             budget_scope=o("budget_scope", "layers"), budget_on=o("budget_on", "params"),
             target_error=o("target_error"), energy=o("energy"),

@@ -35,6 +35,7 @@ class LayerStats:
     n: int = 0
     xtx: torch.Tensor | None = None  # Σ x xᵀ over calibration rows, float64 [d, d]
     abs_sum: torch.Tensor | None = None  # Σ |x| per input feature, float64 [d]
+    norm4_sum: float = 0.0  # Σ ‖x‖⁴ over rows (for the Ledoit–Wolf shrinkage of the second moment)
     grad_sq: torch.Tensor | None = None  # Σ (∂loss/∂W)² over samples, float64 [out, d]
 
     def add(self, rows: torch.Tensor) -> None:
@@ -44,11 +45,32 @@ class LayerStats:
             self.abs_sum = torch.zeros(self.d, dtype=torch.float64)
         self.xtx += rows.T @ rows
         self.abs_sum += rows.abs().sum(0)
+        self.norm4_sum += float(rows.square().sum(1).square().sum())
         self.n += rows.shape[0]
 
     @property
     def second_moment(self) -> torch.Tensor | None:
         return self.xtx / self.n if self.n else None
+
+    def shrinkage(self) -> float:
+        """Ledoit–Wolf weight α of the target μI in (1 − α)·C + α·μI (0: C is well estimated).
+
+        α = min(1, E‖x xᵀ − C‖²_F / n  /  ‖C − μI‖²_F), with μ = tr(C)/d; the numerator needs only
+        Σ‖x‖⁴, since Σ‖x xᵀ − C‖² = Σ‖x‖⁴ − n‖C‖². Few rows for many features (a pooler that sees one
+        token per sequence) give α near 1, and the whitening falls back towards plain SVD.
+        """
+        if not self.n:
+            return 1.0
+        C = self.second_moment
+        mu = float(torch.diagonal(C).mean())
+        c2 = float(C.square().sum())
+        num = max(self.norm4_sum / self.n - c2, 0.0) / self.n
+        den = c2 - 2 * mu * float(torch.diagonal(C).sum()) + mu * mu * self.d  # ‖C − μI‖²
+        lw = 1.0 if den <= 0 else min(1.0, num / den)
+        # Ledoit–Wolf assumes spread-out samples; rows that are all near one vector (the [CLS]
+        # position: the same position embedding every time) fool it. With fewer than 2 rows per
+        # feature, at least d / 2n of the identity goes in regardless.
+        return max(lw, min(1.0, self.d / (2.0 * self.n)))
 
 
 @dataclass
@@ -114,7 +136,7 @@ def _cholesky(c: torch.Tensor, damping: float, notes: list[str]) -> torch.Tensor
 
 def factorize(weight: torch.Tensor, stats: LayerStats | None, method: str = "svd", *,
               whitening: str = "cholesky", damping: float = 1e-2, alpha: float = 0.5,
-              fisher_floor: float = 1e-2) -> Factorization:
+              fisher_floor: float = 1e-2, shrink: bool = True) -> Factorization:
     """Decompose ``weight`` ([out, d]) with ``method``; errors are measured with ``stats``' inputs.
 
     With no input statistics the error metric falls back to the weight error (C = I).
@@ -130,7 +152,13 @@ def factorize(weight: torch.Tensor, stats: LayerStats | None, method: str = "svd
         if C is None:
             raise ValueError("activation_aware needs calibration inputs")
         if whitening == "cholesky":
-            right = _cholesky(C, damping, notes)
+            alpha_lw = stats.shrinkage() if shrink else 0.0
+            if alpha_lw > 0:
+                mu = float(torch.diagonal(C).mean())
+                C_w = (1 - alpha_lw) * C + alpha_lw * mu * torch.eye(d, dtype=C.dtype)
+            else:
+                C_w = C
+            right = _cholesky(C_w, damping, notes)
         elif whitening == "scale":
             s = (stats.abs_sum / stats.n).clamp_min(1e-12) ** alpha
             right = s / s.mean()

@@ -228,14 +228,16 @@ class Quantize(Pass):
         masks = cluster_masks(w) if opts["splitquant"] else [None]
         plan["clusters"] = len(masks)
         qs, scales, ratios = [], [], []
+        one_sided = len(masks) > 1  # SplitQuant: outer clusters use every code on their side
         for m in masks:
             if opts["per_channel"]:
-                clip = weight_clip(w, qmax, opts["weight_clip"], m)
+                clip = weight_clip(w, qmax, opts["weight_clip"], m, one_sided=one_sided)
             else:
                 flat = w.reshape(1, -1)
-                clip = weight_clip(flat, qmax, opts["weight_clip"], m.reshape(1, -1) if m is not None else None)
+                clip = weight_clip(flat, qmax, opts["weight_clip"], m.reshape(1, -1) if m is not None else None,
+                                   one_sided=one_sided)
                 clip = clip.expand(w.shape[0]).clone()
-            q, sc = quantize_weight(w, clip, qmax, m)
+            q, sc = quantize_weight(w, clip, qmax, m, one_sided=one_sided)
             amax = (w.abs() if m is None else torch.where(m, w.abs(), torch.zeros_like(w))).reshape(w.shape[0], -1).amax(1)
             ratios.append(float((clip[amax > 0] / amax[amax > 0]).mean()) if (amax > 0).any() else 1.0)
             qs.append(q)
@@ -257,7 +259,7 @@ class Quantize(Pass):
             sel = mult[pick, torch.arange(w.shape[0])].double()
             bq[pick, torch.arange(w.shape[0])] = torch.round(bias.double() / sel)
             k = math.prod(w.shape[1:])
-            bound = k * 255 * qmax + float(bq.abs().max())
+            bound = k * 255 * int(wq.abs().max()) + float(bq.abs().max())
             if bound > INT32_MAX:
                 return f"int32 accumulator could overflow (bound {bound:.3g} > 2^31); kept in fp32"
             plan["bias_q"] = bq.to(torch.int32)

@@ -130,12 +130,37 @@ def _qerr(x: torch.Tensor, lo: float, hi: float, qmin: int, qmax: int) -> float:
 
 # ----------------------------------------------------------------------------- weights
 
+def code_range(w: torch.Tensor, qmax: int, mask: torch.Tensor | None = None,
+               one_sided: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-output-channel integer code range (lo, hi) and the number of steps the clip spans (levels).
+
+    Symmetric: ``[-qmax, qmax]``, levels = qmax. With ``one_sided`` (SplitQuant's outer clusters), a
+    channel whose selected weights all have one sign uses every code on that side instead:
+    ``[0, 2·qmax+1]`` or ``[-(2·qmax+1), 0]`` (capped at 127, the int8 container) — a 4-bit code
+    then has 15 steps over the cluster instead of 7, and 0 (the masked weights) stays exact.
+    """
+    flat = w.detach().reshape(w.shape[0], -1)
+    n = w.shape[0]
+    lo = torch.full((n,), -qmax, dtype=torch.float32)
+    hi = torch.full((n,), qmax, dtype=torch.float32)
+    levels = torch.full((n,), qmax, dtype=torch.float32)
+    if one_sided:
+        m = mask.reshape(n, -1) if mask is not None else torch.ones_like(flat, dtype=torch.bool)
+        wide = float(min(2 * qmax + 1, 127))
+        pos = (torch.where(m, flat, torch.zeros_like(flat)) >= 0).all(1)
+        neg = (torch.where(m, flat, torch.zeros_like(flat)) <= 0).all(1) & ~pos
+        lo = torch.where(pos, torch.zeros_like(lo), torch.where(neg, torch.full_like(lo, -wide), lo))
+        hi = torch.where(neg, torch.zeros_like(hi), torch.where(pos, torch.full_like(hi, wide), hi))
+        levels = torch.where(pos | neg, torch.full_like(levels, wide), levels)
+    return lo, hi, levels
+
+
 def weight_clip(w: torch.Tensor, qmax: int, method: str = "minmax", mask: torch.Tensor | None = None,
-                grid: int = 40) -> torch.Tensor:
-    """Per-output-channel clipping magnitude (dim 0 is the output channel) for symmetric quantization.
+                grid: int = 40, one_sided: bool = False) -> torch.Tensor:
+    """Per-output-channel clipping magnitude (dim 0 is the output channel).
 
     ``mask`` (same shape as w, bool) restricts the statistics to the weights it selects (a SplitQuant
-    cluster); channels with no selected weight get 0.
+    cluster); channels with no selected weight get 0. ``one_sided``: see ``code_range``.
     """
     if method not in WEIGHT_CLIPS:
         raise ValueError(f"unknown weight clipping {method!r}; choose one of {', '.join(WEIGHT_CLIPS)}")
@@ -145,31 +170,37 @@ def weight_clip(w: torch.Tensor, qmax: int, method: str = "minmax", mask: torch.
     amax = a.max(dim=1).values
     if method == "minmax":
         return amax
+    lo, hi, levels = code_range(w, qmax, mask, one_sided)
     # MSE: per channel, try clip = r * amax on a grid and keep the r with the least squared error.
     best = amax.clone()
-    best_err = _wqerr(flat, m, amax, qmax)
+    best_err = _wqerr(flat, m, amax, lo, hi, levels)
     lo_ratio = 0.2 if qmax <= 7 else 0.5
     for r in torch.linspace(lo_ratio, 1.0, grid)[:-1].tolist():
         clip = amax * r
-        err = _wqerr(flat, m, clip, qmax)
+        err = _wqerr(flat, m, clip, lo, hi, levels)
         better = err < best_err
         best = torch.where(better, clip, best)
         best_err = torch.where(better, err, best_err)
     return best
 
 
-def _wqerr(flat: torch.Tensor, mask: torch.Tensor, clip: torch.Tensor, qmax: int) -> torch.Tensor:
-    scale = torch.where(clip > 0, clip / qmax, torch.ones_like(clip))[:, None]
-    q = torch.clamp(torch.round(flat / scale), -qmax, qmax) * scale
+def _wqerr(flat, mask, clip, lo, hi, levels) -> torch.Tensor:
+    scale = torch.where(clip > 0, clip / levels, torch.ones_like(clip))[:, None]
+    q = torch.maximum(torch.minimum(torch.round(flat / scale), hi[:, None]), lo[:, None]) * scale
     return (((q - flat) ** 2) * mask).sum(1)
 
 
-def quantize_weight(w: torch.Tensor, clip: torch.Tensor, qmax: int,
-                    mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int8 values in [-qmax, qmax], float32 scale per output channel); zero where ``mask`` is False."""
-    scale = torch.where(clip > 0, clip / qmax, torch.ones_like(clip)).float()
+def quantize_weight(w: torch.Tensor, clip: torch.Tensor, qmax: int, mask: torch.Tensor | None = None,
+                    one_sided: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 codes, float32 scale per output channel); zero where ``mask`` is False.
+
+    Codes lie in ``[-qmax, qmax]``, or on one side up to ``2·qmax+1`` for ``one_sided`` clusters.
+    """
+    lo, hi, levels = code_range(w, qmax, mask, one_sided)
+    scale = torch.where(clip > 0, clip / levels, torch.ones_like(clip)).float()
     shape = [-1] + [1] * (w.dim() - 1)
-    q = torch.clamp(torch.round(w.detach().float() / scale.reshape(shape)), -qmax, qmax)
+    q = torch.round(w.detach().float() / scale.reshape(shape))
+    q = torch.maximum(torch.minimum(q, hi.reshape(shape)), lo.reshape(shape))
     if mask is not None:
         q = torch.where(mask, q, torch.zeros_like(q))
     return q.to(torch.int8), scale

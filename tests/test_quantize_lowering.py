@@ -241,3 +241,13 @@ def test_dynamic_and_weight_only_on_llvm(digits):
     for opts in ({"mode": "dynamic"}, {"mode": "weight_only", "bits": 4}):
         cm = fxpress.compile(model, x, passes=["quantize"], target="llvm", options={"quantize": opts})
         assert rel_err(cm(*x), cm.gm(*x)) < 1e-5, opts
+
+
+@pytest.mark.gpu
+def test_cuda_matches_reference(digits):
+    model, calib, xte, _ = digits
+    x = (xte[:8],)
+    for opts in ({}, {"splitquant": True, "bits": 4}, {"mode": "dynamic"}):
+        cm = fxpress.compile(model, x, passes=["quantize"], target="cuda", calibration=calib,
+                             options={"quantize": opts})
+        assert rel_err(cm(*x), cm.gm(*x)) < 1e-5, opts

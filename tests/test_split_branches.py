@@ -16,7 +16,6 @@ from fxpress.dynamic import DynamicCompiledModel
 from fxpress.errors import InputError, TraceError
 from fxpress.models.registry import dynamic_names, get_dynamic, names
 from fxpress.passes import get_pass
-from fxpress.passes.split_branches import split_model
 from fxpress.passes.split_branches_ir import HostProgram
 from fxpress.runtime.host_program import HostInterpreter, HostProgramError
 
@@ -31,12 +30,18 @@ EXPECTED = {
 }
 
 
-def compile_torch(name, **opts):
-    spec = get_dynamic(name)
-    model = spec.build()
-    cm = fxpress.compile(model, spec.example_inputs(), passes=["split_branches"], target="torch",
-                         options={"split_branches": {**spec.options, **opts}})
-    return spec, model, cm
+_COMPILED: dict = {}
+
+
+def compile_torch(name):
+    """Each reference model compiled once per session for target="torch"."""
+    if name not in _COMPILED:
+        spec = get_dynamic(name)
+        model = spec.build()
+        cm = fxpress.compile(model, spec.example_inputs(), passes=["split_branches"], target="torch",
+                             options={"split_branches": dict(spec.options)})
+        _COMPILED[name] = (spec, model, cm)
+    return _COMPILED[name]
 
 
 def test_registry_keeps_static_models_apart():
@@ -48,8 +53,7 @@ def test_registry_keeps_static_models_apart():
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_split_structure(name):
-    spec = get_dynamic(name)
-    split = split_model(spec.build(), spec.example_inputs())
+    split = compile_torch(name)[2].split
     regions, counts = EXPECTED[name]
     assert len(split.regions) == regions, split.text()
     summary = split.host.summary()
@@ -62,8 +66,7 @@ def test_split_structure(name):
 
 
 def test_host_program_is_plain_json():
-    spec = get_dynamic("early_exit")
-    split = split_model(spec.build(), spec.example_inputs())
+    split = compile_torch("early_exit")[2].split
     text = json.dumps(split.host.to_json())  # no pickles, no Python objects
     again = HostProgram.from_json(json.loads(text))
     assert again.to_json() == split.host.to_json()
@@ -121,11 +124,10 @@ def test_regions_calibrate_on_what_reaches_them():
     from fxpress.dynamic import _region_calibration
     from fxpress.lower import _TorchExecutor
 
-    spec = get_dynamic("gated_skip")
-    model = spec.build()
+    spec, model, cm = compile_torch("gated_skip")
     calibration = [spec.sample(s) for s in range(8)]
-    cm = fxpress.compile(model, spec.example_inputs(), passes=["split_branches", "fuse"], target="torch",
-                         calibration=calibration)
+    fxpress.compile(model, spec.example_inputs(), passes=["split_branches", "fuse"], target="torch",
+                    calibration=calibration)  # runs with per-region calibration
     interp = HostInterpreter(cm.split.host.to_json(), {n: _TorchExecutor(r.gm) for n, r in cm.regions.items()})
     calib = _region_calibration(interp, calibration, False, cm.split)
     assert len(calib["r0"]) == 8 and len(calib["r4"]) == 8  # every input reaches stem and head
