@@ -27,7 +27,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")  # see benchmarks/run_all.py:
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BUDGETS = [1.0, 0.8, 0.6, 0.5, 0.4, 0.3]
-METHODS = ["svd", "activation_aware", "fisher"]
+METHODS = ["svd", "activation_aware", "fisher", "activation_aware:model"]  # method[:sensitivity]
 
 
 def _time(fn, runs: int) -> float:
@@ -128,8 +128,9 @@ def run_sweep(args) -> list[dict]:
             for budget in args.budgets:
                 if budget >= 1.0:
                     continue
-                opts = {"method": method, "budget": budget}
-                if method == "fisher" and m["labels"] is not None:
+                meth, _, sens = method.partition(":")
+                opts = {"method": meth, "budget": budget, "sensitivity": sens or "layer"}
+                if meth == "fisher" and m["labels"] is not None:
                     opts["labels"] = m["labels"]
                 t0 = time.perf_counter()
                 cm = fxpress.compile(model, x, passes=["low_rank"], target="torch" if args.no_latency else "llvm",

@@ -275,9 +275,11 @@ def bench_compiled(quick: bool) -> list[dict]:
         spec = models.get(name)
         model, x = spec.build(), spec.example_inputs()
         cms = {"dense": fxpress.compile(model, x, passes="none", target="llvm"),
-               "shift int (auto)": fxpress.compile(model, x, passes=["shift_add"], target="llvm"),
+               "shift auto": fxpress.compile(model, x, passes=["shift_add"], target="llvm"),
                "shift float": fxpress.compile(model, x, passes=["shift_add"], target="llvm",
-                                              options={"shift_add": {"mode": "float"}})}
+                                              options={"shift_add": {"mode": "float"}}),
+               "shift int": fxpress.compile(model, x, passes=["shift_add"], target="llvm",
+                                            options={"shift_add": {"mode": "int"}})}
         res = _interleaved({k: (lambda cm=cm: cm(*x)) for k, cm in cms.items()}, rounds=7, inner=5)
         for k, t in res.items():
             rows.append(dict(model=name, build=k, **t))

@@ -251,7 +251,8 @@ def in_process_runner(number: int = 3, repeat: int = 3, min_repeat_ms: int = 10)
                 try:
                     if rt_mod is None:
                         raise RuntimeError(f"no in-process module for {inp.artifact_path}")
-                    dev = tvm.device(str(inp.device_type), 0)
+                    kind = str(inp.device_type)
+                    dev = tvm.cuda(0) if kind == "cuda" else tvm.cpu(0) if kind in ("llvm", "cpu") else tvm.device(kind, 0)
                     args = alloc_argument_common(fill, dev, [a.as_json() for a in inp.args_info], 1)[0]
                     evaluator = rt_mod.time_evaluator(rt_mod.entry_name, dev, number=number,
                                                       repeat=repeat, min_repeat_ms=min_repeat_ms)
@@ -282,15 +283,33 @@ def _space(target: tvm.target.Target):
                                              mutator_probs=ms.Mutator.create(kind))
 
 
-def _cost_model(num_cores: int):
+def _cost_model(num_cores: int, total_trials: int):
+    """XGBoost when the per-task budget is big enough for it to learn anything, else random.
+
+    MetaSchedule's XGB model predicts at random until it has 100 measurements anyway, yet
+    retrains after every batch; measured here it cost ~20 s per batch on 2 loaded cores.
+    """
     from tvm.s_tir import meta_schedule as ms
 
+    if total_trials < 64:
+        return ms.CostModel.create("random")
     try:
         import xgboost  # noqa: F401
     except ImportError:
         log.warning("xgboost is not installed: tuning with a random cost model (slower to converge)")
         return ms.CostModel.create("random")
     return ms.CostModel.create("xgb", num_tuning_cores=num_cores)
+
+
+def _strategy(per_iter: int):
+    """Evolutionary search sized to the batch: the stock population of 512 candidates took
+    ~60 s of search per batch on 2 loaded cores, longer than measuring the batch."""
+    from tvm.s_tir import meta_schedule as ms
+
+    population = int(min(512, max(64, 4 * per_iter)))
+    return ms.search_strategy.EvolutionarySearch(population_size=population,
+                                                 init_min_unmeasured=min(50, population // 2),
+                                                 genetic_num_iters=3 if population < 512 else 4)
 
 
 def _progress_callback(bar, tasks: list[Task], measured: list[int], best: dict[str, float]):
@@ -314,6 +333,41 @@ def _progress_callback(bar, tasks: list[Task], measured: list[int], best: dict[s
                 bar.set_postfix_str(f"{task.name[:28]} best {shown:.3f} ms" if shown else task.name[:28])
 
     return _Progress()
+
+
+def time_function(func: tirx.PrimFunc, target: tvm.target.Target, number: int = 3, repeat: int = 3,
+                  min_repeat_ms: int = 10) -> float:
+    """Seconds per call of one PrimFunc on random inputs (min over rounds, like the runner)."""
+    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+    from tvm.s_tir.meta_schedule.runner.utils import alloc_argument_common
+
+    rt_mod = fast_build(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target)
+    dev = tvm.cuda(0) if target.kind.name == "cuda" else tvm.cpu(0)
+    fill = tvm.get_global_func("tvm.contrib.random.random_fill_for_measure", True)
+    args = alloc_argument_common(fill, dev, [a.as_json() for a in ArgInfo.from_prim_func(func)], 1)[0]
+    evaluator = rt_mod.time_evaluator(rt_mod.entry_name, dev, number=number, repeat=repeat,
+                                      min_repeat_ms=min_repeat_ms)
+    return min(float(c) for c in evaluator(*args).results)
+
+
+def default_schedule(task: Task, target: tvm.target.Target) -> tirx.PrimFunc:
+    """What build() would run for this task without tuning records."""
+    from .build import apply_kernel_schedules
+    from .schedule import schedule_cpu, schedule_gpu
+
+    mod = tvm.IRModule({"main": task.mod["main"]})
+    mod = apply_kernel_schedules(mod, target)
+    mod = (schedule_gpu if target_kind(target) == "cuda" else schedule_cpu)(mod, target)
+    return mod["main"]
+
+
+def _time_default(task: Task, target: tvm.target.Target) -> float | None:
+    try:
+        return time_function(default_schedule(task, target), target)
+    except Exception as err:  # noqa: BLE001 - no baseline: the tuned record is used as it is
+        log.warning("tuning: could not time the default schedule of %s (%s)", task.name,
+                    str(err).splitlines()[0] if str(err) else type(err).__name__)
+        return None
 
 
 # ----------------------------------------------------------------------------- tune
@@ -360,9 +414,11 @@ def tune(mod: tvm.IRModule, target: str | tvm.target.Target, trials: int, *,
     if todo:
         _run_tuning(todo, target, trials, ms_db, runner, builder, progress, trials_per_iter,
                     seed, measured, best)
+        can_time = target_kind(target) == "llvm" or _device_exists(target)
         for task, n in zip(todo, measured):
             key, wl_json = keys[task.name]
-            db.commit(wl_json, [], trials=n, name=task.name)
+            default_secs = _time_default(task, target) if can_time and runner is None else None
+            db.commit(wl_json, [], trials=n, name=task.name, default_secs=default_secs)
         ms_db = db.ms_database()  # reload: records written by other processes meanwhile too
     seconds = time.perf_counter() - start
     with ms_db:
@@ -374,10 +430,16 @@ def tune(mod: tvm.IRModule, target: str | tvm.target.Target, trials: int, *,
     return built
 
 
+def _device_exists(target) -> bool:
+    try:
+        return bool((tvm.cuda(0) if target.kind.name == "cuda" else tvm.cpu(0)).exist)
+    except Exception:  # noqa: BLE001
+        return False
+
+
 def _run_tuning(tasks, target, trials, database, runner, builder, progress, trials_per_iter,
                 seed, measured, best) -> None:
     from tvm.s_tir import meta_schedule as ms
-    from tvm.s_tir.meta_schedule.logging import get_loggers_from_work_dir
     from tvm.s_tir.meta_schedule.utils import fork_seed
 
     cores = os.cpu_count() or 1
@@ -388,12 +450,12 @@ def _run_tuning(tasks, target, trials, database, runner, builder, progress, tria
         runner = in_process_runner()
     per_iter = trials_per_iter or max(1, min(trials, 32))
     with tempfile.TemporaryDirectory(prefix="fxpress-tune-") as work_dir:
-        loggers = get_loggers_from_work_dir(work_dir, [t.name for t in tasks])
-        for lg in loggers:  # MetaSchedule logs every batch at INFO; keep the console for the bar
-            lg.setLevel(logging.WARNING)
+        # MetaSchedule's own get_loggers_from_work_dir rewrites the global logging config (and
+        # fails under pytest's log capture); plain child loggers of ours, WARNING and up.
+        loggers = [logging.getLogger(f"fxpress.codegen.tuning.task{i}") for i in range(len(tasks))]
         with _no_tensor_intrin_import():
             contexts = [ms.TuneContext(mod=t.mod, target=target, space_generator=_space(target),
-                                       search_strategy="evolutionary", task_name=t.name,
+                                       search_strategy=_strategy(per_iter), task_name=t.name,
                                        logger=lg, rand_state=rs, num_threads=cores).clone()
                         for t, lg, rs in zip(tasks, loggers, fork_seed(seed, n=len(tasks)))]
         bar = None
@@ -411,7 +473,7 @@ def _run_tuning(tasks, target, trials, database, runner, builder, progress, tria
                                work_dir=work_dir, max_trials_global=trials * len(tasks),
                                max_trials_per_task=trials, num_trials_per_iter=per_iter,
                                builder=builder, runner=runner,
-                               database=database, cost_model=_cost_model(cores),
+                               database=database, cost_model=_cost_model(cores, trials),
                                measure_callbacks=callbacks, task_scheduler="gradient")
         finally:
             if bar is not None:

@@ -168,12 +168,16 @@ class TuningDatabase:
         entry = self.entries().get(workload_key(workload))
         return int(entry.get("trials", 0)) if entry else 0
 
-    def commit(self, workload_json, records_json: list, trials: int = 0, name: str = "") -> dict:
-        """Merge records (``TuningRecord.as_json()``) and a trial count into the workload's file."""
+    def commit(self, workload_json, records_json: list, trials: int = 0, name: str = "",
+               default_secs: float | None = None) -> dict:
+        """Merge records (``TuningRecord.as_json()``), a trial count and the default schedule's
+        run time (same runner; records slower than it are not applied) into the workload's file."""
         key = workload_key(workload_json)
         path = self._path(key)
         new = {"format": FORMAT, "workload": workload_json, "records": list(records_json),
                "trials": int(trials), "names": [name] if name else [], "updated": time.time()}
+        if default_secs is not None:
+            new["default_secs"] = float(default_secs)
         with _locked(path):
             old = _read_json(path)
             merged = _merge(old, new) if isinstance(old, dict) and "workload" in old else _merge(None, new)
@@ -202,10 +206,21 @@ def _merge(old: dict | None, new: dict) -> dict:
             by_trace[key] = rec
     records = sorted(by_trace.values(), key=lambda r: _mean(_run_secs_of(r)))[:KEEP]
     names = list(dict.fromkeys((old or {}).get("names", []) + new.get("names", [])))
-    return {"format": FORMAT, "workload": (old or new)["workload"], "records": records,
-            "trials": int((old or {}).get("trials", 0)) + int(new.get("trials", 0)),
-            "names": names[:16], "updated": max(float((old or {}).get("updated", 0)),
-                                                float(new.get("updated", 0)))}
+    merged = {"format": FORMAT, "workload": (old or new)["workload"], "records": records,
+              "trials": int((old or {}).get("trials", 0)) + int(new.get("trials", 0)),
+              "names": names[:16], "updated": max(float((old or {}).get("updated", 0)),
+                                                  float(new.get("updated", 0)))}
+    default = new.get("default_secs", (old or {}).get("default_secs"))
+    if default is not None:
+        merged["default_secs"] = float(default)
+    return merged
+
+
+def prefers_default(entry: dict) -> bool:
+    """True when the default schedule measured faster than every record of this workload."""
+    default = entry.get("default_secs")
+    best = min((_mean(_run_secs_of(r)) for r in entry.get("records", [])), default=float("inf"))
+    return default is not None and default <= best
 
 
 def _make_ms_database(db: TuningDatabase):
@@ -214,6 +229,8 @@ def _make_ms_database(db: TuningDatabase):
 
     memory = MemoryDatabase(module_equality="structural")
     for key, entry in db.entries().items():
+        if prefers_default(entry):
+            continue  # keep the default schedule: no record here beat it
         try:
             workload = memory.commit_workload(Workload.from_json(entry["workload"]).mod)
             for rec in entry.get("records", []):

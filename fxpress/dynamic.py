@@ -61,7 +61,7 @@ def maybe_compile_dynamic(model: nn.Module, example_inputs: tuple, pass_list, **
     when the forward has no data-dependent control flow (then the ordinary path compiles it whole and
     the split_branches pass leaves the traced graph unchanged)."""
     opts = _split_options(pass_list, kwargs.get("options"))
-    analysis = analyze(model.eval(), opts)
+    analysis = analyze(model.eval(), opts, len(example_inputs))
     if not analysis.has_dynamic:
         try:  # what tracing reports: nothing to split must mean the model traces whole
             trace(model, example_inputs)

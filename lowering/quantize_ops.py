@@ -11,7 +11,7 @@ ONNX (checked with ORT's optimized-model dump in tests/test_quantize_lowering.py
 * ``quantize`` → QuantizeLinear (uint8), ``dequantize`` → DequantizeLinear.
 * ``qlinear`` → the QDQ pattern ``DQ(x) · DQ(w, per channel) + DQ(int32 bias, x_scale·w_scale)``, which
   ORT fuses into one **QGemm** (int8 GEMM, float output). Weights are exported as uint8 with zero
-  point 128 unless they fit in 7 bits (int4/int2, or |w| ≤ 64): ORT's AVX2 u8×s8 kernel sums
+  point 128 unless the op's ``w_max`` says they fit in 7 bits (int4/int2): ORT's AVX2 u8×s8 kernel sums
   product pairs in int16 (``vpmaddubsw``) and saturates for full-range int8 weights; the u8×u8 kernel
   does not, so the result is exact and equals the FX reference bit for bit.
 * ``qconv2d`` → ``ConvInteger`` (uint8 × uint8, padding with the zero point) + int32 bias add + Cast +
@@ -212,24 +212,15 @@ def _static_shape(t, what: str) -> list[int]:
     return dims
 
 
-def _fits_7bit(w) -> bool:
-    """True when the weight initializer is known and every |value| <= 64 (exact on ORT's u8×s8 kernel)."""
-    try:
-        v = w.const_value
-        arr = v.numpy() if v is not None else None
-    except Exception:  # noqa: BLE001 - no constant value available at translation time
-        arr = None
-    return arr is not None and arr.size > 0 and int(np.abs(arr.astype(np.int16)).max()) <= 64
-
-
 def _weight_for_ort(w2d, fits7: bool, n_cols: int, axis: int):
-    """(weights, zero point) for DequantizeLinear/ConvInteger: int8 as is when exact on ORT, else uint8 + 128."""
+    """(weights, zero point) for DequantizeLinear / MatMulInteger: the int8 codes as they are when ORT's
+    u8×s8 kernel is exact for them (``fits7``), else uint8 codes + 128 with zero point 128."""
     onnx, op = _onnx()
     if fits7:
-        return w2d, None
+        return w2d, _const(np.zeros(n_cols, np.int8))  # ORT's QDQ fusion wants an explicit zero point
     wu8 = op.Cast(op.Add(op.Cast(w2d, to=onnx.TensorProto.INT16), _const(np.array(128, np.int16))),
                   to=onnx.TensorProto.UINT8)
-    return wu8, _const(np.full(n_cols, 128, np.uint8)) if n_cols else _const(np.array(128, np.uint8))
+    return wu8, _const(np.full(n_cols, 128, np.uint8))
 
 
 def _sum_clusters(y, C: int, axis: int):
@@ -262,16 +253,16 @@ def _dequantize_onnx(q, scale: float, zero_point: int):
 
 
 @register_onnx_translation(_QL)
-def _qlinear_onnx(xq, x_scale: float, x_zp: int, w, w_scale, bias_q):
+def _qlinear_onnx(xq, x_scale: float, x_zp: int, w, w_scale, bias_q, w_max: int = 127):
     _, op = _onnx()
     C, N, K = _static_shape(w, "weight")
-    fits7 = _fits_7bit(w)
+    fits7 = w_max <= 64
     w_t = op.Transpose(op.Reshape(w, _const(np.array([C * N, K], np.int64))), perm=[1, 0])  # [K, C*N]
     wq, wzp = _weight_for_ort(w_t, fits7, C * N, 1)
     ws = op.Reshape(w_scale, _const(np.array([C * N], np.int64)))
     xs = _const(np.array(x_scale, np.float32))
     xd = op.DequantizeLinear(xq, xs, _zp(x_zp, 0))
-    wd = op.DequantizeLinear(wq, ws, wzp, axis=1) if wzp is not None else op.DequantizeLinear(wq, ws, axis=1)
+    wd = op.DequantizeLinear(wq, ws, wzp, axis=1)
     bd = op.DequantizeLinear(op.Reshape(bias_q, _const(np.array([C * N], np.int64))), op.Mul(ws, xs), axis=0)
     y = op.Add(op.MatMul(xd, wd), bd)
     return _sum_clusters(y, C, -1)
@@ -302,13 +293,13 @@ def _qmatmul_onnx(aq, a_scale: float, a_zp: int, bq, b_scale: float, b_zp: int):
 
 
 @register_onnx_translation(_QLD)
-def _qlinear_dynamic_onnx(x, w, w_scale, bias):
+def _qlinear_dynamic_onnx(x, w, w_scale, bias, w_max: int = 127):
     onnx, op = _onnx()
     C, N, K = _static_shape(w, "weight")
     w_t = op.Transpose(op.Reshape(w, _const(np.array([C * N, K], np.int64))), perm=[1, 0])
-    wq, wzp = _weight_for_ort(w_t, _fits_7bit(w), C * N, 1)
+    wq, wzp = _weight_for_ort(w_t, w_max <= 64, C * N, 1)
     xq, xs, xzp = op.DynamicQuantizeLinear(x)
-    acc = op.MatMulInteger(xq, wq, xzp, wzp) if wzp is not None else op.MatMulInteger(xq, wq, xzp)
+    acc = op.MatMulInteger(xq, wq, xzp, wzp)
     ws = op.Reshape(w_scale, _const(np.array([C * N], np.int64)))
     y = op.Mul(op.Cast(acc, to=onnx.TensorProto.FLOAT), op.Mul(xs, ws))
     return op.Add(_sum_clusters(y, C, -1), bias)

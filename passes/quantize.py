@@ -244,7 +244,7 @@ class Quantize(Pass):
             scales.append(sc)
         wq = torch.stack(qs)
         ws = torch.stack(scales).float()
-        plan.update(w=wq, w_scale=ws, clip_ratio=sum(ratios) / len(ratios), qmax=qmax)
+        plan.update(w=wq, w_scale=ws, clip_ratio=sum(ratios) / len(ratios), qmax=qmax, w_max=int(wq.abs().max()))
         bias = s.bias.detach().float() if s.bias is not None else torch.zeros(w.shape[0])
         if mode == "static":
             xs = plan["act"][0]["scale"]
@@ -452,7 +452,7 @@ def _apply(gm: fx.GraphModule, sites: list[Site], opts: dict) -> fx.GraphModule:
     last_placeholder = [n for n in g.graph.nodes if n.op == "placeholder"][-1]
 
     def quantized(a: dict, site: Site) -> fx.Node:
-        src = nodes[a["src"]]
+        src = nodes[a["src"]]  # (a quantized layer's output is its replacement node by now)
         if a["src"] not in qnodes:
             anchor = last_placeholder if src.op == "placeholder" else src
             if src.op == "get_attr":
@@ -481,12 +481,14 @@ def _apply(gm: fx.GraphModule, sites: list[Site], opts: dict) -> fx.GraphModule:
                     a = p["act"][0]
                     xq = quantized(a, s)
                     bq = g.graph.get_attr(_param(g, f"{base}_qbias", p["bias_q"]))
-                    op = OPS.qlinear.default if s.kind == "linear" else OPS.qconv2d.default
-                    new = g.graph.call_function(op, (xq, a["scale"], a["zp"], w, ws, bq, *conv))
+                    if s.kind == "linear":
+                        new = g.graph.call_function(OPS.qlinear.default, (xq, a["scale"], a["zp"], w, ws, bq, p["w_max"]))
+                    else:
+                        new = g.graph.call_function(OPS.qconv2d.default, (xq, a["scale"], a["zp"], w, ws, bq, *conv))
                 else:
                     b = g.graph.get_attr(_param(g, f"{base}_bias", p["bias"]))
                     if opts["mode"] == "dynamic":
-                        new = g.graph.call_function(OPS.qlinear_dynamic.default, (x, w, ws, b))
+                        new = g.graph.call_function(OPS.qlinear_dynamic.default, (x, w, ws, b, p["w_max"]))
                     else:
                         op = OPS.wlinear.default if s.kind == "linear" else OPS.wconv2d.default
                         new = g.graph.call_function(op, (x, w, ws, b, *conv))
@@ -498,6 +500,7 @@ def _apply(gm: fx.GraphModule, sites: list[Site], opts: dict) -> fx.GraphModule:
                 new.meta[k] = node.meta[k]
         node.replace_all_uses_with(new)
         g.graph.erase_node(node)
+        nodes[s.name] = new  # later layers that read this one's output
     g.graph.eliminate_dead_code()
     g.delete_all_unused_submodules()
     g.recompile()

@@ -12,7 +12,7 @@ QuantizeLinear / ORT's MLAS do it, so every backend produces the same integers.
 
 Integer layers (static: the activation scale was calibrated; ``xq`` comes from ``fxpress::quantize``)::
 
-    fxpress::qlinear(xq, x_scale, x_zp, w, w_scale, bias_q)                          -> y float32 [..., N]
+    fxpress::qlinear(xq, x_scale, x_zp, w, w_scale, bias_q, w_max=127)               -> y float32 [..., N]
     fxpress::qconv2d(xq, x_scale, x_zp, w, w_scale, bias_q, stride, padding, dilation, groups) -> y NCHW
     fxpress::qmatmul(aq, a_scale, a_zp, bq, b_scale, b_zp)                            -> y float32 (act x act)
 
@@ -33,7 +33,9 @@ Dynamic and weight-only variants take float activations::
     fxpress::wlinear(x, w, w_scale, bias)           weight-only: y = x @ (sum_c w[c] * w_scale[c])^T + bias
     fxpress::wconv2d(x, w, w_scale, bias, stride, padding, dilation, groups)
 
-Weights of any bit width (8, 4, 2) are stored as int8 values in ``[-qmax, qmax]``.
+Weights of any bit width (8, 4, 2) are stored as int8 codes. ``w_max`` (linear ops) is an upper bound
+of ``|w|``: it does not change the result; exporters use it to pick a kernel (ONNX: int8 weights
+when ``w_max <= 64``, which ORT's u8×s8 kernel computes without int16 saturation).
 """
 from __future__ import annotations
 
@@ -126,7 +128,7 @@ def _exact_dtype(reduce_len: int) -> torch.dtype:
 
 @torch.library.custom_op("fxpress::qlinear", mutates_args=())
 def qlinear(xq: torch.Tensor, x_scale: float, x_zp: int, w: torch.Tensor, w_scale: torch.Tensor,
-            bias_q: torch.Tensor) -> torch.Tensor:
+            bias_q: torch.Tensor, w_max: int = 127) -> torch.Tensor:
     dt = _exact_dtype(w.shape[2])
     x = xq.to(dt) - x_zp
     accs = [torch.matmul(x, w[c].to(dt).t()).double() for c in range(w.shape[0])]
@@ -134,7 +136,7 @@ def qlinear(xq: torch.Tensor, x_scale: float, x_zp: int, w: torch.Tensor, w_scal
 
 
 @qlinear.register_fake
-def _qlinear_fake(xq, x_scale, x_zp, w, w_scale, bias_q):
+def _qlinear_fake(xq, x_scale, x_zp, w, w_scale, bias_q, w_max=127):
     torch._check(xq.shape[-1] == w.shape[2], lambda: f"qlinear: x has {xq.shape[-1]} features, w expects {w.shape[2]}")
     return xq.new_empty((*xq.shape[:-1], w.shape[1]), dtype=torch.float32)
 
@@ -188,7 +190,8 @@ def dynamic_qparams(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.library.custom_op("fxpress::qlinear_dynamic", mutates_args=())
-def qlinear_dynamic(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def qlinear_dynamic(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor,
+                    w_max: int = 127) -> torch.Tensor:
     scale, zp = dynamic_qparams(x)
     xq = torch.clamp(torch.round(x.float() / scale) + zp, 0, 255)
     xi = xq.to(torch.float64) - zp.to(torch.float64)
@@ -201,7 +204,7 @@ def qlinear_dynamic(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bia
 
 
 @qlinear_dynamic.register_fake
-def _qlinear_dynamic_fake(x, w, w_scale, bias):
+def _qlinear_dynamic_fake(x, w, w_scale, bias, w_max=127):
     return x.new_empty((*x.shape[:-1], w.shape[1]), dtype=torch.float32)
 
 

@@ -14,8 +14,9 @@ Options (``compile(options={"shift_add": {...}})`` or ``get_pass("shift_add", **
 =================  =========================================================================
 terms              1 (default: 5-bit codes) or 2 (sum of two powers of two, 10 bits)
 exp_bits           exponent field width, <= 4 (default 4: e in [0, 14])
-mode               "auto" (default: "int" on llvm, where it measured fastest; "float" elsewhere),
-                   "int" (fixed-point activations, integer shifts), "float" (exponent add on floats)
+mode               "auto" (default: on llvm, per layer, the variant measured fastest there: "int" for
+                   matmuls with >= 16 rows, "float" for conv and few-row matmuls; "float" on other
+                   targets), "int" (fixed-point activations, integer shifts), "float" (exponent add)
 layers             names / fnmatch patterns of layers to convert (module paths, e.g. "layers.*.ffn.*");
                    listed layers are converted even when first or last
 exclude            names / patterns to keep dense
@@ -56,6 +57,7 @@ SHIFT_CONV2D = torch.ops.fxpress.shift_conv2d.default
 
 _F_LINEAR = {F.linear, torch.ops.aten.linear.default}
 _F_CONV2D = {F.conv2d, torch.ops.aten.conv2d.default}
+AUTO_INT_MIN_ROWS = 16  # mode "auto" on llvm: integer shifts for matmuls with at least this many rows
 SAFETY = 0.9  # selection aims at 0.9 × budget so the manager's guard does not roll the pass back
 
 
@@ -73,6 +75,9 @@ class _Layer:
     weight_error: float = 0.0
     sensitivity: float | None = None
     frac_bits: int = -1
+    mode: str = "float"
+    functional: bool = False      # F.linear / F.conv2d on get_attr weights (not a module)
+    attrs: tuple[str, ...] = ()   # functional layers: the weight / bias attributes read
 
     @property
     def reduce_len(self) -> int:
@@ -135,8 +140,8 @@ class ShiftAddPass(Pass):
             raise PassError(f"shift_add: option exp_bits={opt['exp_bits']!r}; use 1..{ops.EXP_BITS}")
         if opt["mode"] not in ("auto", "int", "float"):
             raise PassError(f"shift_add: option mode={opt['mode']!r}; use 'auto', 'int' or 'float'")
-        if opt["mode"] == "auto":
-            opt["mode"] = "int" if ctx.target == "llvm" else "float"
+        if opt["mode"] == "auto" and ctx.target != "llvm":
+            opt["mode"] = "float"  # measured only on llvm; elsewhere the exact float path
         if isinstance(opt["layers"], str):
             opt["layers"] = [opt["layers"]]
         if opt["tolerance"] is not None and not float(opt["tolerance"]) > 0:
@@ -151,8 +156,11 @@ class ShiftAddPass(Pass):
         macs_before, mults_before = graph_costs(gm)
         layers = self._find_layers(gm, result)
         selected = self._choose(gm, layers, ctx, opt, result)
-        if opt["mode"] == "int" and selected:
-            self._calibrate(gm, selected, ctx, opt)
+        for L in selected:
+            L.mode = self._layer_mode(L, opt["mode"])
+        int_layers = [L for L in selected if L.mode == "int"]
+        if int_layers:
+            self._calibrate(gm, int_layers, ctx, opt)
         for L in selected:
             self._rewrite(gm, L, opt, result)
         gm.recompile()  # the attention step runs the graph as rewritten so far
@@ -160,6 +168,7 @@ class ShiftAddPass(Pass):
         if opt["attention"]:
             att_error = self._attention(gm, ctx, opt, result)
         finalize(gm)
+        _drop_unused_weights(gm, [L for L in selected if L.functional])
 
         params_after, bytes_after = count_params(gm)
         macs_after, mults_after = graph_costs(gm)
@@ -167,7 +176,8 @@ class ShiftAddPass(Pass):
         conv_weights = sum(L.weight.numel() for L in selected)
         m = result.metrics
         m.update(
-            mode=opt["mode"], terms=opt["terms"], layers_converted=len(selected), layers_found=len(layers),
+            mode=opt["mode"], int_layers=len(int_layers), terms=opt["terms"], layers_converted=len(selected),
+            layers_found=len(layers),
             weights_converted=conv_weights, bits_per_weight=nominal, stored_bits_per_weight=8 * opt["terms"],
             converted_bytes_before=sum(r["bytes_before"] for r in result.layers),
             converted_bytes_after=sum(r["bytes_after"] for r in result.layers),
@@ -237,8 +247,10 @@ class ShiftAddPass(Pass):
         if w.dtype != torch.float32:
             return None
         setter = _attr_setter(gm, w_node.target)
+        attrs = (w_node.target,) + ((b_node.target,) if b_node is not None else ())
         if node.target in _F_LINEAR:
-            return _Layer(w_node.target, "linear", [node], w.detach(), _detach(b), setter=setter)
+            return _Layer(w_node.target, "linear", [node], w.detach(), _detach(b), setter=setter, functional=True,
+                          attrs=attrs)
         kernel = tuple(w.shape[2:])
         stride = _pair(node.kwargs.get("stride", args[3] if args[3] is not None else 1))
         dilation = _pair(node.kwargs.get("dilation", args[5] if args[5] is not None else 1))
@@ -248,7 +260,8 @@ class ShiftAddPass(Pass):
             result.skip(node, "conv padding/shape not supported; stays dense")
             return None
         return _Layer(w_node.target, "conv2d", [node], w.detach(), _detach(b),
-                      dict(stride=stride, padding=pad, dilation=dilation, groups=groups), setter=setter)
+                      dict(stride=stride, padding=pad, dilation=dilation, groups=groups), setter=setter,
+                      functional=True, attrs=attrs)
 
     # ------------------------------------------------------------------ selection
     def _choose(self, gm, layers: list[_Layer], ctx: PassContext, opt: dict, result: PassResult) -> list[_Layer]:
@@ -318,6 +331,21 @@ class ShiftAddPass(Pass):
         order = {id(L): i for i, L in enumerate(picked)}
         return sorted(chosen, key=lambda L: order[id(L)])
 
+    @staticmethod
+    def _layer_mode(L: _Layer, mode: str) -> str:
+        """"auto" (llvm): the kernel variant measured fastest for the layer's shape on this CPU.
+
+        benchmarks/results/shift_add_cpu_t1.md: the integer shift won on compute-bound matmuls
+        (1.3-1.4x over the float exponent add at 64-128 rows); the float path won on conv2d (1.3x)
+        and on GEMV-like matmuls with few rows (1.5x), where the integer path's quantize pass costs more.
+        """
+        if mode != "auto":
+            return mode
+        if L.kind != "linear":
+            return "float"
+        rows = min(math.prod(shape_of(n) or (0,)) // L.weight.shape[0] for n in L.nodes)
+        return "int" if rows >= AUTO_INT_MIN_ROWS else "float"
+
     # ------------------------------------------------------------------ integer path calibration
     def _calibrate(self, gm, layers: list[_Layer], ctx: PassContext, opt: dict) -> None:
         """max |x| entering each layer over the calibration batches → fraction bits."""
@@ -353,7 +381,7 @@ class ShiftAddPass(Pass):
             name = unique_name(gm, f"{base}_{suffix}")
             gm.register_parameter(name, nn.Parameter(t.detach().clone().contiguous(), requires_grad=False))
             names.append(name)
-        frac = L.frac_bits if opt["mode"] == "int" else -1
+        frac = L.frac_bits if L.mode == "int" else -1
         dense_mults = after_mults = 0
         produced = []
         for node in L.nodes:
@@ -377,7 +405,7 @@ class ShiftAddPass(Pass):
         packed_bytes = (L.codes.numel() * (1 + opt["exp_bits"]) + 7) // 8  # ops.pack_bitstream's size
         row = dict(
             layer=L.key, op=L.kind, weight_shape=list(L.weight.shape), terms=opt["terms"],
-            bits_per_weight=(1 + opt["exp_bits"]) * opt["terms"], mode=opt["mode"], frac_bits=frac,
+            bits_per_weight=(1 + opt["exp_bits"]) * opt["terms"], mode=L.mode, frac_bits=frac,
             weight_rel_error=round(L.weight_error, 6),
             sensitivity=None if L.sensitivity is None else float(L.sensitivity),
             bytes_before=L.weight.numel() * L.weight.element_size(),
@@ -427,6 +455,16 @@ class ShiftAddPass(Pass):
         result.notes.append(f"binarized additive attention on {len(matches)} block(s): output error "
                             f"{err_before:.3g} -> {err_after:.3g}, cosine {cos:.4f} (changes the function)")
         return err_after - err_before
+
+
+def _drop_unused_weights(gm: fx.GraphModule, layers: list[_Layer]) -> None:
+    """Delete the float weights (and biases) of converted functional layers nothing reads any more."""
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for target in {t for L in layers for t in L.attrs} - used:
+        *path, last = target.split(".")
+        owner = gm.get_submodule(".".join(path)) if path else gm
+        if hasattr(owner, last):
+            delattr(owner, last)
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -84,6 +84,7 @@ class SplitProgram:
     analysis: Analysis
     notes: list[str] = field(default_factory=list)
     duplications: int = 0
+    cfg: Any = None  # networkx.DiGraph of the host program (vertices carry kind/uses/defs), from liveness
 
     @property
     def markers(self) -> set[str]:
@@ -108,7 +109,7 @@ def split_model(model: nn.Module, example_inputs: Sequence[torch.Tensor], option
     """Cut ``model``'s forward into branch-free regions and a host program (see module docstring).
     ``analysis``: the front end's result when the caller already has it (``analyze(model, options)``)."""
     options = dict(options or {})
-    analysis = analysis if analysis is not None else analyze(model, options)
+    analysis = analysis if analysis is not None else analyze(model, options, len(example_inputs))
     if len(analysis.params) != len(example_inputs):
         raise TraceError(f"split_branches: {analysis.root_fn.qualname} takes {len(analysis.params)} input(s) "
                          f"({', '.join(analysis.params)}), got {len(example_inputs)} example input(s)")
@@ -144,7 +145,9 @@ def split_model(model: nn.Module, example_inputs: Sequence[torch.Tensor], option
     else:
         raise TraceError(f"split_branches: shapes still differ after {MAX_DUPLICATION_ROUNDS} rounds of duplicating "
                          "code after branches; make the two sides of each branch produce the same shapes")
-    return _finalize(model, body, regions, explorer, analysis, notes, duplications, batch)
+    split = _finalize(model, body, regions, explorer, analysis, notes, duplications, batch)
+    split.cfg = live.graph
+    return split
 
 
 def _assign_liveness(body: list, regions: dict[str, RegionDef], params: list[str]):

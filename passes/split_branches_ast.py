@@ -428,9 +428,10 @@ class _Frame:
 
 
 class Lowerer:
-    def __init__(self, root: nn.Module, options: dict[str, Any] | None = None):
+    def __init__(self, root: nn.Module, options: dict[str, Any] | None = None, n_inputs: int | None = None):
         self.root = root
         self.options = options or {}
+        self.n_inputs = n_inputs
         self.bindings: dict[str, Any] = {"self": root}
         self.data: set[str] = set()
         self.varying: set[str] = set()
@@ -461,6 +462,16 @@ class Lowerer:
         self_name = a.args[0].arg if a.args else "self"
         if self_name != "self":
             fdef = rename(fdef, {self_name: "self"})
+        if self.n_inputs is not None and self.n_inputs < len(params):
+            # trailing parameters the example inputs do not give keep their defaults: constants
+            sig = inspect.signature(fn.fn)
+            for name in params[self.n_inputs:]:
+                default = sig.parameters[name].default
+                if default is inspect.Parameter.empty:
+                    raise TraceError(f"split_branches: {fn.loc(fdef)}: forward parameter `{name}` has no default and "
+                                     f"no example input (got {self.n_inputs} of {len(params)}); pass one")
+                self.bindings[name] = default
+            params = params[:self.n_inputs]
         taint = analyze_taint(fdef, set(params))
         self.data |= taint.data
         self.varying |= taint.varying
@@ -469,10 +480,6 @@ class Lowerer:
         self._stack.append(fn.fn.__code__)
         program = self.lower_block(fdef.body, frame)
         self._stack.pop()
-        defaults = a.defaults
-        if defaults:
-            raise TraceError(f"split_branches: {fn.loc(fdef)}: forward parameters with defaults are not supported "
-                             "(every parameter is a tensor input); bake optional arguments into the module")
         return Analysis(program=program, root_fn=fn, params=params, bindings=self.bindings, data=self.data,
                         varying=self.varying, def_sites=_program_def_sites(program, params),
                         code_objects=self.code_objects, dynamic_sites=self.dynamic_sites, inlined=self.inlined,
@@ -954,6 +961,7 @@ def _program_def_sites(program: list, params: list[str]) -> dict[str, int]:
     return counts
 
 
-def analyze(model: nn.Module, options: dict[str, Any] | None = None) -> Analysis:
-    """Read ``model.forward`` (and the dynamic callees it reaches) into a structured program."""
-    return Lowerer(model, options).run()
+def analyze(model: nn.Module, options: dict[str, Any] | None = None, n_inputs: int | None = None) -> Analysis:
+    """Read ``model.forward`` (and the dynamic callees it reaches) into a structured program. With
+    ``n_inputs``, forward parameters past the first ``n_inputs`` keep their default values."""
+    return Lowerer(model, options, n_inputs).run()

@@ -169,17 +169,22 @@ def test_candidate_ranks_snap_and_save():
     assert state["b"] <= (state["a"] or 99)  # the insensitive layer is cut deeper
 
 
-@pytest.mark.parametrize("name,budget", [("bert_small", 0.5), ("digits_cnn", 0.6)])
-def test_budget_is_respected(name, budget):
+@pytest.mark.parametrize("name,budget,on", [("bert_small", 0.5, "params"), ("digits_cnn", 0.6, "params"),
+                                            ("digits_cnn", 0.5, "macs")])
+def test_budget_is_respected(name, budget, on):
     spec = get(name)
     model, x = spec.build(), spec.example_inputs()
-    gm, res = _run_pass(model, x, method="activation_aware", budget=budget)
+    gm, res = _run_pass(model, x, method="activation_aware", budget=budget, budget_on=on)
     m = res.metrics
     assert res.changed and m["budget_reached"]
-    assert m["eligible_weight_params_after"] <= budget * m["eligible_weight_params_before"]
+    key = "eligible_weight_params" if on == "params" else "eligible_macs"
+    assert m[f"{key}_after"] <= budget * m[f"{key}_before"]
     # The reported totals are the graph's real parameter count.
     assert count_params(gm)[0] == m["params_after"] < m["params_before"]
     assert m["macs_after"] < m["macs_before"]
+    if on == "macs":  # the MAC budget goes after the conv, where digits_cnn's MACs are
+        assert any(row["op"] == "conv2d" for row in res.layers)
+        assert m["macs_after"] <= m["macs_before"] - (1 - budget) * m["eligible_macs_before"]
     for row in res.layers:
         assert row["rank"] % 8 == 0 and row["params_after"] < row["params_before"]
         assert row["macs_after"] < row["macs_before"] and 0 <= row["output_error"] < 1

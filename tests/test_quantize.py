@@ -283,3 +283,25 @@ def test_skip_option_and_no_layers():
     cm = _compile(NoLayers(), (torch.randn(3, 4),))
     assert _qstage(cm).status == "unchanged"
     assert math.isclose(_qstage(cm).max_rel_error, 0.0)
+
+
+def test_layers_reading_quantized_layers_directly():
+    class Chain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(16, 32), nn.Linear(32, 16), nn.Linear(16, 16)
+
+        def forward(self, x):
+            h = self.b(self.a(x))                # linear → linear
+            s = torch.matmul(h.t(), self.c(h))   # matmul of a linear output: [16, 16]
+            return self.a(s)[:8, :16] + h        # a module called twice
+
+    torch.manual_seed(0)
+    model = Chain().eval()
+    x = torch.randn(8, 16)
+    cm = _compile(model, (x,), [(x,)])
+    res = _qstage(cm).result
+    assert res.metrics["quantized_layers"] == 5  # a (twice), b, c and the matmul
+    assert rel_err(cm.gm(x), model(x)) < 0.05
+    ops = [n.target for n in cm.gm.graph.nodes]
+    assert ops.count(OPS.qlinear.default) == 4 and ops.count(OPS.qmatmul.default) == 1

@@ -117,28 +117,36 @@ def test_onnx_dynamic_and_weight_only(digits, mode, tmp_path):
         assert ops.count("DequantizeLinear") >= 4  # int weights in the file, dequantized by ORT
 
 
-def test_ort_qgemm_matches_reference_bit_for_bit(tmp_path):
-    """The op's definition is ORT's QGemm arithmetic (u8 weights: no int16 saturation on AVX2)."""
+@pytest.mark.parametrize("w_max", [127, 7])
+def test_ort_qgemm_matches_reference_bit_for_bit(tmp_path, w_max):
+    """The op's definition is ORT's QGemm arithmetic: int8 codes go out as uint8 (+128) — ORT's AVX2
+    u8×s8 kernel saturates int16 pair sums — and as int8 when ``w_max`` rules saturation out (int4)."""
     g = torch.Generator().manual_seed(0)
 
     class M(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.w = torch.nn.Parameter(torch.randint(-127, 128, (1, 48, 96), dtype=torch.int8, generator=g),
-                                        requires_grad=False)
-            self.w[0, :, :4] = 127  # worst case for pairwise int16 sums
+            w = torch.randint(-w_max, w_max + 1, (1, 48, 96), dtype=torch.int8, generator=g)
+            w[0, :, :4] = w_max  # worst case for pairwise int16 sums
+            self.w = torch.nn.Parameter(w, requires_grad=False)
             self.ws = torch.nn.Parameter(torch.rand(1, 48, generator=g) * 0.01, requires_grad=False)
             self.bq = torch.nn.Parameter(torch.randint(-9999, 9999, (1, 48), dtype=torch.int32, generator=g),
                                          requires_grad=False)
 
         def forward(self, x):
             xq = OPS.quantize(x, 0.02, 3, 0, 255)
-            return OPS.qlinear(xq, 0.02, 3, self.w, self.ws, self.bq)
+            return OPS.qlinear(xq, 0.02, 3, self.w, self.ws, self.bq, w_max)
 
     m = M().eval()
     x = torch.rand(32, 96, generator=g) * 5  # saturates to 255 often
-    _, y = _ort_ops(m, (x,), tmp_path)
+    ops, y = _ort_ops(m, (x,), tmp_path)
+    assert "QGemm" in ops
     assert torch.equal(y, m(x))
+    import onnx
+
+    wtypes = {onnx.TensorProto.DataType.Name(i.data_type) for i in onnx.load(str(tmp_path / "optimized.onnx")).graph.initializer
+              if len(i.dims) == 2}
+    assert ("INT8" if w_max <= 64 else "UINT8") in wtypes
 
 
 # ----------------------------------------------------------------------------- TVM

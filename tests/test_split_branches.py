@@ -96,9 +96,14 @@ def test_shape_branch_duplicates_the_join():
     assert any("different shapes" in n for n in split.notes)
     shapes = {tuple(r.example_inputs[0].shape) for r in split.regions.values() if r.name != "r0"}
     assert shapes == {(1, 8, 8, 8)}  # both sides start from the stem output
-    out_shapes = {tuple(cm.regions[n].gm.graph.find_nodes(op="placeholder")[0].meta["tensor_meta"].shape)
-                  for n in cm.regions}
-    assert len(out_shapes) >= 1
+
+    def node_shapes(gm):
+        return {tuple(n.meta["tensor_meta"].shape) for n in gm.graph.nodes
+                if hasattr(n.meta.get("tensor_meta"), "shape")}
+
+    # the join (flatten → stats → head) was traced once per side, each with its own shapes
+    assert (1, 256) in node_shapes(cm.regions["r1"].gm)  # coarse: 16x4x4
+    assert (1, 512) in node_shapes(cm.regions["r2"].gm)  # fine: 8x8x8
 
 
 def test_report_graph_and_pass_registry():
@@ -214,6 +219,25 @@ def test_loop_bound_exceeded_raises_or_stops():
     torch.testing.assert_close(cm(torch.tensor([[100.0, 0.0]])), torch.tensor([[100.0 / 16, 0.0]]))
 
 
+class OptionalMask(nn.Module):
+    """A forward parameter the example inputs do not give keeps its default (a constant)."""
+
+    def forward(self, x, mask=None, scale=2.0):
+        if mask is not None:
+            x = x * mask
+        if x.sum() > 0:
+            x = x * scale
+        return x
+
+
+def test_forward_defaults_are_constants():
+    model = OptionalMask()
+    cm = fxpress.compile(model, (torch.randn(1, 3),), passes=["split_branches"], target="torch")
+    for seed in range(6):
+        x = torch.randn(1, 3, generator=torch.Generator().manual_seed(seed))
+        torch.testing.assert_close(cm(x), model(x))
+
+
 class CountedLoop(nn.Module):
     """A for loop whose trip count is data (DyCL could not compile these)."""
 
@@ -233,6 +257,56 @@ def test_input_dependent_for_loop():
         y, trace = cm.run_with_trace(x, nk)
         torch.testing.assert_close(y, model(x, nk))
         assert trace.markers == cm.eager_trace(model, x, nk)[1]
+
+
+class BreakContinue(nn.Module):
+    """A static loop with data-dependent break and continue (kept as an unrolled loop, not spliced)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList([nn.Linear(4, 4) for _ in range(4)])
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            if x.abs().max() > 6:
+                break
+            if x.sum() < 0:
+                x = x * -1.5
+                continue
+            x = layer(x) * 2
+        return x
+
+
+class WhileContinue(nn.Module):
+    """A bounded while whose body has a continue (the loop test is then not rotated into the body)."""
+
+    def forward(self, x):
+        n = torch.zeros((), dtype=torch.int64)
+        while fxpress.bound(n < 6, max_iter=6):
+            n = n + 1
+            if x.sum() > n:
+                continue
+            x = x + 1
+        return x, n
+
+
+@pytest.mark.parametrize("cls", [BreakContinue, WhileContinue])
+def test_break_and_continue(cls):
+    model = cls().eval()
+    cm = fxpress.compile(model, (torch.randn(1, 4),), passes=["split_branches"], target="torch")
+    ops = cm.split.host.summary()
+    assert ops.get("break", 0) + ops.get("continue", 0) >= 1
+    paths = set()
+    for seed in range(30):
+        x = torch.randn(1, 4, generator=torch.Generator().manual_seed(seed)) * 3
+        y, trace = cm.run_with_trace(x)
+        y_ref, markers = cm.eager_trace(model, x)
+        for a, b in zip(torch.utils._pytree.tree_leaves(y), torch.utils._pytree.tree_leaves(y_ref)):
+            torch.testing.assert_close(a, b)
+        assert trace.markers == markers
+        paths.add(trace.key())
+    assert len(paths) >= 3
 
 
 # ----------------------------------------------------------------------------- errors
