@@ -27,35 +27,43 @@ os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")  # see benchmarks/run_all.py:
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BUDGETS = [1.0, 0.8, 0.6, 0.5, 0.4, 0.3]
-METHODS = ["svd", "activation_aware", "fisher", "activation_aware:model"]  # method[:sensitivity]
+# method[:sensitivity[:budget_on]]
+METHODS = ["svd", "activation_aware", "fisher", "activation_aware:model", "activation_aware:layer:macs"]
+
+
+CPU_TIME = False  # --cpu-time: one thread everywhere, the calling thread's CPU time, min of runs
 
 
 def _time(fn, runs: int) -> float:
-    """Median milliseconds of ``runs`` calls after two warm-ups."""
+    """Milliseconds per call after two warm-ups: the median wall time of ``runs`` calls, or with
+    --cpu-time the minimum CPU time of the (single) compute thread, which a loaded machine's
+    preemption does not inflate."""
     import numpy as np
 
     fn()
     fn()
+    clock = time.thread_time if CPU_TIME else time.perf_counter
     ts = []
     for _ in range(runs):
-        t = time.perf_counter()
+        t = clock()
         fn()
-        ts.append(time.perf_counter() - t)
-    return float(np.median(ts) * 1e3)
+        ts.append(clock() - t)
+    return float((np.min(ts) if CPU_TIME else np.median(ts)) * 1e3)
 
 
-def fused_llvm_runner(gm, x):
-    """Build ``gm`` for llvm with every lowrank_linear as the fused kernel; returns a callable."""
+def llvm_runner(gm, x, impl: str):
+    """Build ``gm`` for llvm with every lowrank_linear lowered as ``impl`` ("fused" kernel or two
+    "matmul"s) through codegen.build; returns a callable that runs the VM on prepared tensors (no
+    numpy/torch conversion in the timed call, unlike CompiledModel.__call__)."""
     import numpy as np
     import tvm
     from tvm import relax
 
     from fxpress.codegen import build
-    from fxpress.codegen.low_rank_kernels import apply_default_schedules
     from fxpress.lowering import to_relax
 
     old = os.environ.get("FXPRESS_LOWRANK_IMPL")
-    os.environ["FXPRESS_LOWRANK_IMPL"] = "fused"
+    os.environ["FXPRESS_LOWRANK_IMPL"] = impl
     try:
         rm = to_relax(gm, x)
     finally:
@@ -63,7 +71,7 @@ def fused_llvm_runner(gm, x):
             os.environ.pop("FXPRESS_LOWRANK_IMPL")
         else:
             os.environ["FXPRESS_LOWRANK_IMPL"] = old
-    bm = build(apply_default_schedules(rm.mod, "llvm"), "llvm")
+    bm = build(rm.mod, "llvm")
     vm = relax.VirtualMachine(bm.executable, tvm.cpu())
     params = [tvm.runtime.tensor(np.ascontiguousarray(p)) for p in rm.params]
     main = vm["main"]
@@ -117,35 +125,42 @@ def run_sweep(args) -> list[dict]:
         model = m["spec"].build()
         x = m["spec"].example_inputs()
         base = m["evaluate"](model)  # also primes the BERT reference
-        base_cm = fxpress.compile(model, x, passes="none", target="torch" if args.no_latency else "llvm")
-        base_lat = None if args.no_latency else _time(lambda: base_cm(*x), args.runs)
+        base_cm = fxpress.compile(model, x, passes="none", target="torch")
+        base_lat = None if args.no_latency else _time(llvm_runner(base_cm.gm, x, "matmul"), args.runs)
         tr = base_cm.report["trace"]
         rows.append(dict(model=name, method="dense", budget=1.0, params=tr.params, macs=tr.macs, layers=0,
-                         llvm_ms=base_lat, llvm_fused_ms=base_lat, torch_ms=_time(lambda: model(*x), args.runs),
+                         llvm_ms=base_lat, llvm_fused_ms=base_lat,
+                         torch_ms=None if args.no_latency else _time(lambda: model(*x), args.runs),
                          **base))
         print(rows[-1], flush=True)
         for method in args.methods:
             for budget in args.budgets:
                 if budget >= 1.0:
                     continue
-                meth, _, sens = method.partition(":")
-                opts = {"method": meth, "budget": budget, "sensitivity": sens or "layer"}
+                meth, sens, on = (method.split(":") + ["", ""])[:3]
+                opts = {"method": meth, "budget": budget, "sensitivity": sens or "layer", "budget_on": on or "params"}
                 if meth == "fisher" and m["labels"] is not None:
                     opts["labels"] = m["labels"]
                 t0 = time.perf_counter()
                 cm = fxpress.compile(model, x, passes=["low_rank"], target="torch" if args.no_latency else "llvm",
                                      calibration=m["calibration"], options={"low_rank": opts})
+                if not args.no_latency:  # compiled for llvm: it must agree with the pass's own graph
+                    with torch.no_grad():
+                        y_fx = cm.gm(*x)
+                    assert float((cm(*x) - y_fx).abs().max() / y_fx.abs().max()) < 1e-4
                 compile_s = time.perf_counter() - t0
                 rec = cm.report["low_rank"]
                 with torch.no_grad():
                     quality = m["evaluate"](cm.gm)
-                lat = fused_ms = None
+                lat = fused_ms = call_ms = None
                 if not args.no_latency:
-                    lat = _time(lambda: cm(*x), args.runs)
-                    fused_ms = _time(fused_llvm_runner(cm.gm, x), args.runs)
+                    lat = _time(llvm_runner(cm.gm, x, "matmul"), args.runs)
+                    fused_ms = _time(llvm_runner(cm.gm, x, "fused"), args.runs)
+                    call_ms = _time(lambda: cm(*x), args.runs)
                 row = dict(model=name, method=method, budget=budget, params=rec.params, macs=rec.macs,
                            layers=len(rec.result.layers), llvm_ms=lat, llvm_fused_ms=fused_ms,
-                           torch_ms=_time(lambda: cm.gm(*x), args.runs), compile_s=compile_s,
+                           torch_ms=None if args.no_latency else _time(lambda: cm.gm(*x), args.runs), compile_s=compile_s,
+                           compiled_call_ms=call_ms,
                            ranks={r["layer"]: r["rank"] for r in rec.result.layers},
                            layer_rows=rec.result.layers, **quality)
                 rows.append(row)
@@ -183,8 +198,9 @@ def run_kernels(args) -> list[dict]:
             bb.emit_func_output(out)
         return bb.get()
 
-    shapes = [(1, 384, 64, 384), (8, 512, 24, 64), (32, 64, 16, 64), (32, 64, 16, 128), (128, 384, 96, 384),
-              (128, 384, 96, 1536), (128, 1536, 96, 384)]
+    shapes = [(1, 384, 64, 384), (8, 512, 24, 64), (16, 384, 64, 384), (32, 64, 16, 64), (32, 64, 16, 128),
+              (64, 512, 24, 64), (128, 384, 32, 384), (128, 384, 96, 384), (128, 384, 96, 1536),
+              (128, 1536, 96, 384), (512, 384, 96, 384)]
     rows = []
     rng = np.random.default_rng(0)
     for M, K, R, N in shapes:
@@ -206,8 +222,9 @@ def run_kernels(args) -> list[dict]:
 def markdown(meta: dict, sweep: list[dict], kernels: list[dict]) -> str:
     lines = [f"# low_rank benchmark ({meta['date']})", "",
              f"machine: {meta['machine']}, load average at start {meta['load_start']}, at end {meta['load_end']}; "
-             f"torch {meta['torch']}, tvm {meta['tvm']}; median of {meta['runs']} runs; llvm = fxpress.compile "
-             "default lowering (two Relax matmuls per low-rank Linear); llvm fused = the fused TIR kernel.", ""]
+             f"torch {meta['torch']}, tvm {meta['tvm']}; {meta['timing']} ({meta['runs']} runs). llvm = the Relax VM "
+             "called directly, each low-rank Linear as two Relax matmuls (codegen's contraction schedule); "
+             "llvm fused = the same with the fused two-GEMM TIR kernel; torch = the pass's FX graph, eager.", ""]
     if sweep:
         lines += ["| model | method | budget | layers | params | MACs | quality | llvm ms | llvm fused ms | torch ms |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
@@ -237,15 +254,23 @@ def main() -> None:
     ap.add_argument("--kernels", action="store_true", help="only the kernel comparison")
     ap.add_argument("--no-latency", action="store_true", help="quality, params and MACs only (target torch)")
     ap.add_argument("--no-kernels", action="store_true", help="skip the kernel comparison")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="time single-threaded CPU work (thread_time, min of runs): for a shared, loaded machine")
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
+    if args.cpu_time:
+        global CPU_TIME
+        CPU_TIME = True
+        os.environ["TVM_NUM_THREADS"] = "1"  # before TVM starts its pool: kernels run on the calling thread
     args.methods = [m for m in args.methods.split(",") if m]
     args.budgets = [float(b) for b in args.budgets.split(",") if b]
 
     import torch
     import tvm
 
-    meta = dict(date=time.strftime("%Y-%m-%d %H:%M"), machine=f"{platform.machine()}, {os.cpu_count()} cores",
+    if args.cpu_time:
+        torch.set_num_threads(1)
+    meta = dict(timing="single-thread CPU time, min of runs" if args.cpu_time else "wall time, median of runs",date=time.strftime("%Y-%m-%d %H:%M"), machine=f"{platform.machine()}, {os.cpu_count()} cores",
                 load_start=os.getloadavg(), torch=torch.__version__, tvm=tvm.__version__, runs=args.runs,
                 bert_size=args.bert_size, argv=sys.argv[1:])
     sweep = [] if args.kernels else run_sweep(args)

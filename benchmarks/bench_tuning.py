@@ -106,6 +106,74 @@ def bench_cpu(args) -> dict:
     return out
 
 
+def bench_cpu_time(args) -> dict:
+    """One thread everywhere, CPU time per call (time.process_time): the work each peer does per
+    inference, which machine load does not distort the way it distorts wall clock."""
+    import numpy as np
+    import torch
+
+    import fxpress
+    from fxpress.bench import machine_info
+
+    torch.set_num_threads(1)
+    out = {"mode": "cpu-time, 1 thread", "trials": args.trials, "machine": machine_info(),
+           "threads": {"torch": 1, "TVM_NUM_THREADS": os.environ.get("TVM_NUM_THREADS"), "ORT intra-op": 1},
+           "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "models": {}}
+
+    def cpu_ms(fn, repeat):
+        with torch.no_grad():
+            for _ in range(2):
+                fn()
+            ts = []
+            for _ in range(repeat):
+                c0 = time.process_time()
+                fn()
+                ts.append((time.process_time() - c0) * 1e3)
+        return {"ok": True, "median_ms": statistics.median(ts), "min_ms": min(ts), "runs": repeat}
+
+    tune_opts = {"tune": {"database_dir": args.database_dir, "progress": False}} if args.database_dir else None
+    for name, (model, inputs, desc) in models(args.models).items():
+        rows = []
+        rows.append({"peer": "eager", **cpu_ms(lambda: model(*inputs), args.repeat)})
+        try:
+            import torch._inductor.config as cfg
+
+            torch._dynamo.reset()
+            compiled = torch.compile(model)
+            with torch.no_grad(), cfg.patch(freezing=True):
+                compiled(*inputs)
+            rows.append({"peer": "torch.compile", **cpu_ms(lambda: compiled(*inputs), args.repeat)})
+        except Exception as e:  # noqa: BLE001
+            rows.append({"peer": "torch.compile", "ok": False, "error": str(e)[:300]})
+        try:
+            import tempfile
+
+            from fxpress.lowering import to_onnx
+            from fxpress.runtime.backends import ORTExecutor
+
+            with tempfile.TemporaryDirectory() as tmp:
+                to_onnx(model, inputs, os.path.join(tmp, "m.onnx"))
+                ex = ORTExecutor(open(os.path.join(tmp, "m.onnx"), "rb").read(), threads=1)
+            np_in = [x.numpy() for x in inputs]
+            rows.append({"peer": "onnxruntime", **cpu_ms(lambda: ex.run(np_in), args.repeat)})
+        except Exception as e:  # noqa: BLE001
+            rows.append({"peer": "onnxruntime", "ok": False, "error": str(e)[:300]})
+        for label, trials in (("fxpress default", 0), ("fxpress tuned", args.trials)):
+            try:
+                cm = fxpress.compile(model, inputs, passes="none", target="llvm", tune=trials, options=tune_opts)
+                rows.append({"peer": label, **cpu_ms(lambda: cm(*inputs), args.repeat)})
+            except Exception as e:  # noqa: BLE001
+                rows.append({"peer": label, "ok": False, "error": str(e)[:300]})
+        peers_ok = [r for r in rows if r.get("ok") and not r["peer"].startswith("fxpress")]
+        best = min(peers_ok, key=lambda r: r["median_ms"]) if peers_ok else None
+        for r in rows:
+            if best and r.get("ok"):
+                r["ratio_to_best_peer"] = round(r["median_ms"] / best["median_ms"], 2)
+            print(f"   {name} {r['peer']:16s} {r.get('median_ms')} {r.get('error', '')[:120]}", flush=True)
+        out["models"][name] = {"description": desc, "best_peer": best and best["peer"], "rows": rows}
+    return out
+
+
 def bench_gpu(args) -> dict:
     """fxpress target="cuda" (tuned) vs torch.compile and ORT's CUDA provider, timed with syncs."""
     import numpy as np
@@ -234,6 +302,12 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _early_threads() -> None:
+    # TVM sizes its pool when it first starts; --cpu-time must pin it before fxpress imports tvm.
+    if "--cpu-time" in sys.argv:
+        os.environ["TVM_NUM_THREADS"] = "1"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="resnet18,bert_small")
@@ -242,12 +316,18 @@ def main(argv=None) -> int:
     ap.add_argument("--database-dir", default=None)
     ap.add_argument("--passes", action="store_true", help="also tune with the default pass pipeline")
     ap.add_argument("--gpu", action="store_true", help="CUDA mode (needs a GPU)")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="1 thread everywhere, CPU time per call (robust to machine load)")
     ap.add_argument("--out", default=None, help="output path without extension")
     args = ap.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     sys.path.insert(0, ROOT)
-    result = bench_gpu(args) if args.gpu else bench_cpu(args)
-    out = args.out or os.path.join(HERE, "results", "tuning_gpu" if args.gpu else "tuning_cpu")
+    if args.cpu_time:
+        result = bench_cpu_time(args)
+    else:
+        result = bench_gpu(args) if args.gpu else bench_cpu(args)
+    default_name = "tuning_gpu" if args.gpu else "tuning_cpu_time" if args.cpu_time else "tuning_cpu"
+    out = args.out or os.path.join(HERE, "results", default_name)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out + ".json", "w") as f:
         json.dump(result, f, indent=1, default=str)
@@ -258,4 +338,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    _early_threads()
     sys.exit(main())

@@ -233,8 +233,8 @@ def schedule_injective(func: tirx.PrimFunc, target: tvm.target.Target) -> tirx.P
         total *= e
     lanes = vector_lanes(target, tvm.DataType(stmt.writes[0].source.dtype).bits)
     ivars = [iv.var for iv in stmt.iter_vars]
-    if len(ivars) != len(loops):
-        return None
+    if len(ivars) != len(loops) or not stmt.writes or not stmt.writes[0].region:
+        return None  # 0-d outputs (e.g. a branch condition) stay unscheduled
     write_last = collect_vars_used_in_prim_expr(stmt.writes[0].region[-1].min)
     transposed = None
     for r in stmt.reads:

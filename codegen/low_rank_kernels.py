@@ -15,7 +15,8 @@ for a tile of ``tm`` rows into a local buffer (R·tm floats, in cache), then the
 It is written in TE, scheduled by hand here, and marked ``tirx.is_scheduled`` so dlight leaves it
 alone; codegen.build marks every hand-written PrimFunc opaque, so FuseOps does not merge it with
 its neighbours either. Whether the converter uses it is decided by ``preferred_impl`` from the
-measurements in docs/passes/low_rank.md (bench: ``benchmarks/bench_low_rank.py --kernels``).
+measurements in docs/passes/low_rank.md (bench: ``benchmarks/bench_low_rank.py --kernels``):
+up to 32 rows it beats the two separately scheduled matmuls, beyond that it does not.
 """
 from __future__ import annotations
 
@@ -154,30 +155,27 @@ def apply_default_schedules(mod: tvm.IRModule, target: tvm.target.Target | str) 
 # ----------------------------------------------------------------------------- choosing and emitting
 
 def build_schedules_kernels() -> bool:
-    """Whether codegen's build gives tagged family kernels their hand schedule before dlight
-    (by calling ``apply_default_schedules``). The fused kernel is only worth emitting then: unscheduled
-    it is as slow as two matmuls on llvm, and dlight's GPU rules cannot bind it on cuda."""
-    import inspect
+    """Whether codegen.build gives this family's kernels their hand schedule (it runs
+    ``apply_default_schedules`` of every module in ``build.KERNEL_FAMILIES`` before dlight). Without
+    that the fused kernel would stay unscheduled: slow on llvm, and unbindable by dlight on cuda."""
+    from . import build as build_module
 
-    from . import build as build_module, schedule as schedule_module
+    return "low_rank_kernels" in getattr(build_module, "KERNEL_FAMILIES", ())
 
-    for m in (build_module, schedule_module):
-        try:
-            if "apply_default_schedules" in inspect.getsource(m):
-                return True
-        except (OSError, TypeError):
-            pass
-    return False
+
+FUSED_MAX_ROWS = 32
 
 
 def preferred_impl(rows: int | None, in_features: int, rank: int, out_features: int, dtype: str) -> str:
     """'fused' or 'matmul' for one lowrank_linear call.
 
-    Measured on llvm with codegen.build (docs/passes/low_rank.md): the scheduled fused kernel beat
-    the two legalized matmuls at every shape tried (18× to 200×, 1 to 128 rows, rank 16 to 96), so
-    on static float32 shapes it is preferred whenever the build schedules it.
+    Measured on llvm through codegen.build, single-thread CPU time (docs/passes/low_rank.md,
+    ``bench_low_rank.py --kernels``): against the two matmuls with codegen's register-blocked
+    contraction schedule, the fused kernel took 0.73-1.03x the time at 1-32 rows (one launch, the
+    rank-r intermediate stays in cache) and 1.00-1.13x at 64-512 rows. So: fused up to
+    ``FUSED_MAX_ROWS`` rows of float32 with static shapes, when the build schedules the kernel.
     """
-    if dtype != "float32" or not rows:
+    if dtype != "float32" or not rows or rows > FUSED_MAX_ROWS:
         return "matmul"
     return "fused" if build_schedules_kernels() else "matmul"
 

@@ -24,7 +24,6 @@ output columns of one GEMM, summed per channel in the epilogue.
 from __future__ import annotations
 
 import json
-import math
 
 import tvm
 from tvm import s_tir, te, tirx
@@ -178,17 +177,11 @@ def qlinear_dynamic_func(M: int, K: int, C: int, N: int) -> tirx.PrimFunc:
     s0, s1 = te.reduce_axis((0, M), "s0"), te.reduce_axis((0, K), "s1")
     hi = te.compute((1,), lambda _: te.max(x[s0, s1], axis=[s0, s1]), name="q_max")
 
-    def scale_of():
-        lo_ = tirx.min(lo[0], _f32(0.0))
-        hi_ = tirx.max(hi[0], _f32(0.0))
-        s = (hi_ - lo_) / _f32(255.0)
-        return tirx.Select(s == _f32(0.0), _f32(1.0), s), lo_
+    def qscale(_):
+        s = (tirx.max(hi[0], _f32(0.0)) - tirx.min(lo[0], _f32(0.0))) / _f32(255.0)
+        return tirx.Select(s == _f32(0.0), _f32(1.0), s)
 
-    def qp(_):
-        s, lo_ = scale_of()
-        return s
-
-    scale = te.compute((1,), qp, name="q_scale")
+    scale = te.compute((1,), qscale, name="q_scale")
     zp = te.compute((1,), lambda _: tirx.max(tirx.min(tirx.nearbyint((_f32(0.0) - tirx.min(lo[0], _f32(0.0)))
                                                                       / scale[0]), _f32(255.0)), _f32(0.0)),
                     name="q_zp")
@@ -210,11 +203,11 @@ def qlinear_dynamic_func(M: int, K: int, C: int, N: int) -> tirx.PrimFunc:
 
 # ----------------------------------------------------------------------------- AVX2 tensor intrinsic
 
-def _dot_intrin(a_dtype: str):
+def _dot_intrin(a_dtype: str, b_dtype: str = "int8"):
     ext = "int16x2"
 
     @T.prim_func(s_tir=True)
-    def desc(A: T.Buffer((2,), a_dtype, offset_factor=1), B: T.Buffer((8, 2), "int8", offset_factor=1),
+    def desc(A: T.Buffer((2,), a_dtype, offset_factor=1), B: T.Buffer((8, 2), b_dtype, offset_factor=1),
              C: T.Buffer((8,), "int32", offset_factor=1, scope="local")) -> None:
         with T.sblock("root"):
             T.reads(C[0:8], A[0:2], B[0:8, 0:2])
@@ -226,32 +219,34 @@ def _dot_intrin(a_dtype: str):
                         C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
 
     @T.prim_func(s_tir=True)
-    def impl(A: T.Buffer((2,), a_dtype, offset_factor=1), B: T.Buffer((8, 2), "int8", offset_factor=1),
+    def impl(A: T.Buffer((2,), a_dtype, offset_factor=1), B: T.Buffer((8, 2), b_dtype, offset_factor=1),
              C: T.Buffer((8,), "int32", offset_factor=1, scope="local")) -> None:
         with T.sblock("root"):
             T.reads(C[0:8], A[0:2], B[0:8, 0:2])
             T.writes(C[0:8])
             a16 = T.cast(A.vload([0], a_dtype + "x2"), ext)
             a = T.reinterpret(T.broadcast(T.reinterpret(a16, dtype="int32"), 8), dtype="int16x16")
-            b = T.cast(B.vload([0, 0], dtype="int8x16"), "int16x16")
+            b = T.cast(B.vload([0, 0], dtype=b_dtype + "x16"), "int16x16")  # sign- or zero-extends
             C[T.ramp(T.int32(0), 1, 8)] = C.vload([0], dtype="int32x8") + T.call_llvm_pure_intrin(
                 "int32x8", T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), a, b)
 
     return desc, impl
 
 
-_INTRINS: dict[str, str] = {}
+_INTRINS: dict[tuple[str, str], str] = {}
 
 
-def _intrin_name(a_dtype: str) -> str:
-    if a_dtype not in _INTRINS:
-        name = f"fxpress_dot_8x2_{'u8' if a_dtype == 'uint8' else 's8'}i8i32_avx2"
+def _intrin_name(a_dtype: str, b_dtype: str = "int8") -> str:
+    key = (a_dtype, b_dtype)
+    if key not in _INTRINS:
+        short = {"uint8": "u8", "int8": "i8"}
+        name = f"fxpress_dot_8x2_{short[a_dtype]}{short[b_dtype]}i32_avx2"
         try:
-            s_tir.TensorIntrin.register(name, *_dot_intrin(a_dtype))
+            s_tir.TensorIntrin.register(name, *_dot_intrin(a_dtype, b_dtype))
         except Exception:  # noqa: BLE001 - already registered by an earlier import of this module
             pass
-        _INTRINS[a_dtype] = name
-    return _INTRINS[a_dtype]
+        _INTRINS[key] = name
+    return _INTRINS[key]
 
 
 def has_avx2(target) -> bool:
@@ -272,19 +267,20 @@ def _gemm_core(x_at, Mp: int, Kp: int, wpack, Np: int, name: str = "q_acc"):
         x_at(m, k).astype("int32") * wpack[j // 8, k // 2, j % 8, k % 2].astype("int32"), axis=k), name=name)
 
 
-def _schedule_gemm(sch: s_tir.Schedule, a_dtype: str, block_name: str = "q_acc") -> None:
+def _schedule_gemm(sch: s_tir.Schedule, a_dtype: str, block_name: str = "q_acc", b_dtype: str = "int8") -> None:
+    """[batch,] M × N tiles of MB × (NV·8), parallel over tiles, the 8 × 2 inner product tensorized."""
     b = sch.get_sblock(block_name)
-    i, j, kk = sch.get_loops(b)
+    *batch, i, j, kk = sch.get_loops(b)
     io, ii = sch.split(i, [None, MB])
     jo, jv, ji = sch.split(j, [None, NV, 8])
     ko, ki = sch.split(kk, [None, 2])
-    sch.reorder(io, jo, ko, ii, jv, ji, ki)
-    outer = sch.fuse(io, jo)
+    sch.reorder(*batch, io, jo, ko, ii, jv, ji, ki)
+    outer = sch.fuse(*batch, io, jo)
     sch.parallel(outer)
     cb = sch.cache_write(b, 0, "local")
     sch.reverse_compute_at(cb, outer)
     init = sch.decompose_reduction(b, ko)
-    sch.tensorize(sch.blockize(ji), _intrin_name(a_dtype))
+    sch.tensorize(sch.blockize(ji), _intrin_name(a_dtype, b_dtype))
     sch.unroll(ii)
     sch.unroll(jv)
     sch.vectorize(sch.get_loops(init)[-1])
@@ -373,7 +369,7 @@ def qconv2d_avx2_func(x_shape, w_shape, x_scale: float, x_zp: int, stride, paddi
         inside = tirx.all(m < M, k < K, h >= 0, h < H, ww >= 0, ww < W)
         return tirx.if_then_else(inside, x[tirx.min(b, B - 1), tirx.min(ci, Cin - 1), tirx.max(tirx.min(h, H - 1), 0),
                                            tirx.max(tirx.min(ww, W - 1), 0)],
-                                 tirx.const(x_zp if x_dtype == "uint8" else x_zp, x_dtype))
+                                 tirx.const(x_zp, x_dtype))
 
     col = te.compute((Mp, Kp), col_value, name="q_xpad")
     wp = _pack_weights(lambda j, k: w[j // O, j % O, k // (KH * KW), (k % (KH * KW)) // KW, k % KW], C * O, K, Np, Kp)
@@ -388,6 +384,35 @@ def qconv2d_avx2_func(x_shape, w_shape, x_scale: float, x_zp: int, stride, paddi
     _schedule_gemm(sch, x_dtype)
     for name in ("q_wpack", "q_xpad", "q_wsum", "q_out"):
         _schedule_simple(sch, name)
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+def qmatmul_avx2_func(G: int, M: int, K: int, N: int, a_scale: float, a_zp: int, b_scale: float, b_zp: int,
+                      a_dtype: str = "uint8", b_dtype: str = "uint8") -> tirx.PrimFunc:
+    """``qmatmul_func`` with the tensorized GEMM (u8 × u8 products are exact in vpmaddwd too); zero
+    points come out of the sum: Σ(a−za)(b−zb) = Σab − za·Σb − zb·Σa + K·za·zb."""
+    a = te.placeholder((G, M, K), a_dtype, name="aq")
+    b = te.placeholder((G, K, N), b_dtype, name="bq")
+    Mp, Kp, Np = _round_up(M, MB), _round_up(K, 2), _round_up(N, 8 * NV)
+    bp = te.compute((G, Np // 8, Kp // 2, 8, 2), lambda g, no, ko, ni, ki: tirx.if_then_else(
+        tirx.all(no * 8 + ni < N, ko * 2 + ki < K), b[g, tirx.min(ko * 2 + ki, K - 1), tirx.min(no * 8 + ni, N - 1)],
+        tirx.const(0, b_dtype)), name="q_wpack")
+    ap = te.compute((G, Mp, Kp), lambda g, m, k: tirx.if_then_else(
+        tirx.all(m < M, k < K), a[g, tirx.min(m, M - 1), tirx.min(k, K - 1)], tirx.const(0, a_dtype)), name="q_xpad")
+    k = te.reduce_axis((0, Kp), name="k")
+    acc = te.compute((G, Mp, Np), lambda g, m, j: te.sum(
+        ap[g, m, k].astype("int32") * bp[g, j // 8, k // 2, j % 8, k % 2].astype("int32"), axis=k), name="q_acc")
+    ka, kb = te.reduce_axis((0, K), name="ka"), te.reduce_axis((0, K), name="kb")
+    asum = te.compute((G, M), lambda g, m: te.sum(a[g, m, ka].astype("int32"), axis=ka), name="q_asum")
+    bsum = te.compute((G, N), lambda g, n: te.sum(b[g, kb, n].astype("int32"), axis=kb), name="q_wsum")
+    y = te.compute((G, M, N), lambda g, m, n: (acc[g, m, n] - _i32(a_zp) * bsum[g, n] - _i32(b_zp) * asum[g, m]
+                                               + _i32(K * a_zp * b_zp)).astype("float32")
+                   * (_f32(a_scale) * _f32(b_scale)), name="q_out")
+    sch = s_tir.Schedule(te.create_prim_func([a, b, y]))
+    _schedule_gemm(sch, a_dtype, b_dtype=b_dtype)
+    for name in ("q_wpack", "q_xpad", "q_asum", "q_wsum"):
+        _schedule_simple(sch, name)
+    _schedule_simple(sch, "q_out", vec=True)
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
 
@@ -426,6 +451,8 @@ def cpu_kernel(func: tirx.PrimFunc, target) -> tirx.PrimFunc:
         out = qlinear_avx2_func(**args)
     elif kind == "qconv2d" and avx2 and args["groups"] == 1:
         out = qconv2d_avx2_func(**args)
+    elif kind == "qmatmul" and avx2:
+        out = qmatmul_avx2_func(**args)
     else:
         out = _schedule_generic_cpu(func)
     if "global_symbol" in out.attrs:

@@ -389,6 +389,14 @@ def tune(mod: tvm.IRModule, target: str | tvm.target.Target, trials: int, *,
         raise ValueError(f"trials must be >= 0, got {trials}")
     start = time.perf_counter()
     target = resolve_target(target)
+    if trials and runner is None and target_kind(target) == "cuda" and not _device_exists(target):
+        from ..errors import TargetUnavailableError
+
+        raise TargetUnavailableError(
+            "tuning for cuda measures every candidate on a GPU and this machine has none: tune on a "
+            "GPU machine, pass runner=fxpress.codegen.rpc.rpc_runner(...) for a tracker with GPU "
+            "servers, or compile with tune=0 (dlight default schedules, plus any records already "
+            "in the tuning database)")
     db = TuningDatabase(target, database_dir)
     tasks = extract_tasks(mod, target, ops=ops)
     entries = db.entries()

@@ -281,13 +281,37 @@ def _make_ms_database(db: TuningDatabase):
 
 
 def apply_database(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
-    """Replace every PrimFunc that has a record in the current MetaSchedule database
-    (``with database:``) by its tuned schedule (marked ``tirx.is_scheduled``, so default
-    schedules leave it alone). A no-op when no database is in scope."""
+    """Replace every PrimFunc that has a record by its tuned schedule (marked
+    ``tirx.is_scheduled``, so default schedules leave it alone).
+
+    The database is the MetaSchedule database in scope (``with database:``, what ``tune()``
+    does); without one, the default on-disk database of ``target`` (the user's cache and the
+    shipped records), so a plain ``build()`` also reuses earlier tuning. ``FXPRESS_TUNING_CACHE=0``
+    turns that off.
+    """
     from tvm import relax
     from tvm.s_tir.meta_schedule.database import Database
 
-    if Database.current() is None:
+    if Database.current() is not None:
+        with target:
+            return relax.transform.MetaScheduleApplyDatabase()(mod)
+    if os.environ.get("FXPRESS_TUNING_CACHE", "1") == "0" or not _has_records(target):
         return mod
-    with target:
+    try:
+        database = TuningDatabase(target).ms_database()
+    except OSError as err:  # unwritable cache dir: build without records
+        log.warning("tuning database unavailable (%s); default schedules only", err)
+        return mod
+    with target, database:
         return relax.transform.MetaScheduleApplyDatabase()(mod)
+
+
+def _has_records(target: tvm.target.Target) -> bool:
+    key = target_key(target)
+    for directory in (os.path.join(default_root(), key), os.path.join(RECORDS_DIR, key)):
+        try:
+            if any(n.endswith(".json") and n != "target.json" for n in os.listdir(directory)):
+                return True
+        except OSError:
+            continue
+    return False

@@ -19,7 +19,7 @@ import os
 import shutil
 import tempfile
 import time
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
 import numpy as np
 import torch

@@ -27,6 +27,7 @@ quantize node per quantized tensor, shared by all its consumers. See docs/passes
 """
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import operator
@@ -43,9 +44,8 @@ from fxpress.errors import PassError
 from .base import Pass, PassContext, PassResult, register_pass
 from .graph import finalize, flatten_outputs, unique_name
 from .quantize_observers import ACT_OBSERVERS, WEIGHT_CLIPS, Observer, quantize_weight, weight_clip
-from .quantize_ops import f32, qmax_for_bits
+from .quantize_ops import qmax_for_bits
 from .quantize_splitquant import cluster_masks
-from .trace import copy_graph_module
 
 log = logging.getLogger("fxpress.passes.quantize")
 
@@ -122,7 +122,7 @@ class Quantize(Pass):
                 s.plan["status"] = "fp32 (sensitivity)"
                 result.skip(s.name, f"kept in fp32: quantizing it alone gives output error {sensitivity[s.name]:.3g}, "
                                     f"the largest left, and the model was at {err:.3g} > tolerance {tolerance:g}")
-                qgm = _apply(gm, chosen, opts) if chosen else copy_graph_module(gm)
+                qgm = _apply(gm, chosen, opts) if chosen else _fresh(gm)
                 err = _output_error(qgm, ctx.example_inputs, reference)
 
         self._report(gm, sites, chosen, sensitivity, opts, err, result)
@@ -133,7 +133,13 @@ class Quantize(Pass):
         return finalize(qgm), result
 
     # ------------------------------------------------------------------ options
+    OPTIONS = ("mode", "bits", "observer", "weight_clip", "percentile", "per_channel", "splitquant", "matmul", "conv",
+               "fold_bn", "skip", "max_calibration_batches", "progress", "tolerance")
+
     def _options(self, ctx: PassContext) -> dict[str, Any]:
+        unknown = sorted((set(self.options) | set(ctx.options_for(self.name))) - set(self.OPTIONS))
+        if unknown:
+            raise PassError(f"quantize: unknown option(s) {unknown}; known: {', '.join(self.OPTIONS)}")
         mode = self.option(ctx, "mode", "static")
         if mode not in MODES:
             raise PassError(f"quantize: unknown mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -443,9 +449,22 @@ def _param(gm: fx.GraphModule, base: str, t: torch.Tensor) -> str:
     return name
 
 
+def _fresh(gm: fx.GraphModule) -> fx.GraphModule:
+    """A new GraphModule over a copy of ``gm``'s graph that shares its modules and parameters (cheap:
+    the sensitivity search builds one per layer; nothing shared is modified)."""
+    graph = fx.Graph()
+    graph._codegen = copy.deepcopy(gm.graph._codegen)  # keeps a torch.export graph's pytree in/out spec
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    g = fx.GraphModule(gm, graph, type(gm).__name__)
+    for a, b in zip(gm.graph.nodes, g.graph.nodes):
+        b.meta.update({k: v for k, v in a.meta.items() if k not in b.meta})
+    return g
+
+
 def _apply(gm: fx.GraphModule, sites: list[Site], opts: dict) -> fx.GraphModule:
-    """A copy of ``gm`` with ``sites`` replaced by their quantized form."""
-    g = copy_graph_module(gm)
+    """``gm`` with ``sites`` replaced by their quantized form (a new module; ``gm`` is not modified)."""
+    g = _fresh(gm)
     nodes = {n.name: n for n in g.graph.nodes}
     order = {n.name: i for i, n in enumerate(g.graph.nodes)}
     qnodes: dict[str, fx.Node] = {}

@@ -89,8 +89,9 @@ def find_attention(gm: fx.GraphModule) -> list[AttentionMatch]:
             continue
         chain = [n, user]
         scores = src
-        if (scores.op in ("call_function", "call_method") and (scores.target in _SCALE or scores.target in ("mul", "div"))
-                and len(scores.users) == 1 and isinstance(scores.args[1], (int, float))):
+        is_scale = scores.op in ("call_function", "call_method") and (
+            scores.target in _SCALE or scores.target in ("mul", "div"))
+        if is_scale and len(scores.users) == 1 and isinstance(scores.args[1], (int, float)):
             chain.append(scores)
             scores = scores.args[0]
         if not _is_matmul(scores) or len(scores.users) != 1:

@@ -46,7 +46,8 @@ from torch import fx
 from .stats import numel, register_cost, shape_of
 
 __all__ = [
-    "EXP_BITS", "ZERO_EXP", "pack_codes", "unpack_codes", "encode_pow2", "encode_with_scale", "decode_pow2", "int_clamp_limit",
+    "EXP_BITS", "ZERO_EXP", "pack_codes", "unpack_codes", "encode_pow2", "encode_with_scale", "decode_pow2",
+    "int_clamp_limit",
     "frac_bits_for", "linear_codes", "conv_codes", "linear_weight", "conv_weight", "pack_bitstream",
     "unpack_bitstream", "shift_linear", "shift_conv2d", "binary_attention",
 ]

@@ -18,15 +18,12 @@ See docs/passes/split_branches.md.
 """
 from __future__ import annotations
 
-import ast
-import itertools
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
 from torch import fx, nn
-from torch.utils import _pytree as pytree
 
 from fxpress.errors import TraceError
 
@@ -34,7 +31,7 @@ from . import split_branches_ir as ir
 from .base import Pass, PassContext, PassResult, register_pass
 from .graph import finalize
 from .split_branches_ast import Analysis, Taint, analyze
-from .split_branches_regions import (HELPERS, PREFIX, Builder, Explorer, RegionDef, RegionModule,
+from .split_branches_regions import (HELPERS, Builder, Explorer, RegionDef, RegionModule,
                                      flat_input_names, flat_output_names, hoist_regions, liveness, merge_adjacent,
                                      region_module, tail_duplicate, uses_defs)
 

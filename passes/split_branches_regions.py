@@ -35,7 +35,7 @@ from fxpress.errors import TraceError
 
 from . import split_branches_ir as ir
 from .split_branches_ast import (Analysis, FnInfo, SBreak, SContinue, SFor, SIf, SReturn, SStmt, SUnrolled,
-                                 SWhile, Taint, loaded_names, sp_walk, stored_names)
+                                 SWhile, Taint, loaded_names, stored_names)
 
 PREFIX = "_sb_"
 

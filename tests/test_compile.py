@@ -92,3 +92,15 @@ def test_export_fallback_traces_what_symbolic_trace_cannot():
     cm = fxpress.compile(ShapeDependent(), (x,), passes="none", target="torch")
     assert cm.trace_method == "torch.export"
     assert rel_err(cm(x), x * 3) == 0
+
+
+def test_zero_dim_output_on_llvm():
+    """A 0-d output (a branch condition of split_branches) builds: CPU schedules skip 0-d kernels."""
+
+    class Condition(torch.nn.Module):
+        def forward(self, x):
+            return torch.softmax(x, 1).max(1).values.min() > 0.5
+
+    x = torch.randn(1, 10)
+    cm = fxpress.compile(Condition(), (x,), passes="none", target="llvm")
+    assert cm(x).shape == () and bool(cm(x)) == bool(Condition()(x))

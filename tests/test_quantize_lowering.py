@@ -1,6 +1,4 @@
 """Quantized graphs lowered to ONNX Runtime and TVM: int8 kernels run, and match the FX reference."""
-import os
-
 import numpy as np
 import pytest
 import torch
@@ -217,6 +215,29 @@ def test_qlinear_kernels_against_op(shape):
         lib(*args, out)
         # exact integers; only the float summation of clusters may contract into an FMA
         np.testing.assert_allclose(out.numpy(), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_qmatmul_kernels_against_op():
+    import tvm
+
+    from fxpress.codegen import quantize_kernels as qk
+    from fxpress.codegen import resolve_target
+
+    target = resolve_target("llvm")
+    g = torch.Generator().manual_seed(3)
+    G, M, K, N = 3, 7, 5, 9
+    a = torch.randint(0, 256, (G, M, K), dtype=torch.uint8, generator=g)
+    b = torch.randint(0, 256, (G, K, N), dtype=torch.uint8, generator=g)
+    ref = OPS.qmatmul(a, 0.01, 3, b, 0.02, 130).numpy()
+    funcs = [qk.qmatmul_func(G, M, K, N, 0.01, 3, 0.02, 130)]
+    if qk.has_avx2(target):
+        funcs.append(qk.qmatmul_avx2_func(G, M, K, N, 0.01, 3, 0.02, 130))
+    for f in funcs:
+        lib = tvm.compile(tvm.IRModule({"main": f}), target=target)
+        dev = tvm.cpu()
+        out = tvm.runtime.tensor(np.zeros((G, M, N), np.float32), dev)
+        lib(tvm.runtime.tensor(a.numpy(), dev), tvm.runtime.tensor(b.numpy(), dev), out)
+        np.testing.assert_array_equal(out.numpy(), ref)
 
 
 def test_qconv2d_avx2_kernel_strided_dilated():
