@@ -250,7 +250,7 @@ def main() -> None:
     ap.add_argument("--bert-size", default="small", choices=["small", "full"])
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--budgets", default=",".join(map(str, BUDGETS)))
-    ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--runs", type=int, default=50)
     ap.add_argument("--kernels", action="store_true", help="only the kernel comparison")
     ap.add_argument("--no-latency", action="store_true", help="quality, params and MACs only (target torch)")
     ap.add_argument("--no-kernels", action="store_true", help="skip the kernel comparison")

@@ -165,7 +165,8 @@ def _tvm_runner(gm, x):
     return (lambda: ex.run(arrays)), time.perf_counter() - t
 
 
-def bench_bert(size: str, runs: int, workdir: str, log, skip_tvm_fp32: bool, latency_only: bool = False) -> dict:
+def bench_bert(size: str, runs: int, workdir: str, log, skip_tvm_fp32: bool, only: list[str] | None = None,
+               latency: bool = True) -> dict:
     import torch
 
     from fxpress import models
@@ -186,12 +187,18 @@ def bench_bert(size: str, runs: int, workdir: str, log, skip_tvm_fp32: bool, lat
         "static int8 +SplitQuant": {"splitquant": True},
         "static int4 (weights)": {"bits": 4},
         "static int4 (weights) +SplitQuant": {"bits": 4, "splitquant": True},
+        "static int2 (weights)": {"bits": 2},
+        "static int2 (weights) +SplitQuant": {"bits": 2, "splitquant": True},
         "dynamic int8": {"mode": "dynamic"},
         "weight-only int8": {"mode": "weight_only"},
         "weight-only int4": {"mode": "weight_only", "bits": 4},
     }
-    if latency_only:
-        configs = {k: v for k, v in configs.items() if k in ("static int8", "static int8 +SplitQuant", "dynamic int8")}
+    timed = ("static int8", "static int8 +SplitQuant", "dynamic int8")
+    if only:
+        unknown = set(only) - set(configs)
+        if unknown:
+            raise SystemExit(f"unknown BERT config(s) {sorted(unknown)}; known: {list(configs)}")
+        configs = {k: v for k, v in configs.items() if k in only or (latency and k in timed)}
     graphs = {}
     for name, opts in configs.items():
         t = time.perf_counter()
@@ -200,6 +207,8 @@ def bench_bert(size: str, runs: int, workdir: str, log, skip_tvm_fp32: bool, lat
         fid = _fidelity(lambda b: cm.gm(b), model, held_out)
         out[name] = {"options": opts, **fid, **_weights(cm), "pass_seconds": cm.report["quantize"].seconds}
         log(f"bert {name}: cosine {fid['cosine']:.5f} rel {fid['rel_error']:.4f} ({time.perf_counter() - t:.1f}s)")
+    if not latency:
+        return out
     fp32_gm = _compile(model, x, quantize=False).gm
 
     lat: dict = {}
@@ -300,7 +309,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tag", default="")
     ap.add_argument("--skip", default="", help="comma list of sections to skip: digits,bert,kernels")
     ap.add_argument("--skip-tvm-fp32", action="store_true", help="TVM's untuned fp32 BERT is slow to run")
-    ap.add_argument("--latency-only", action="store_true", help="BERT: only the configs timed (int8, SplitQuant, dynamic)")
+    ap.add_argument("--bert-configs", default="", help="comma list: only these BERT configs (plus the timed ones)")
+    ap.add_argument("--no-latency", action="store_true", help="BERT: fidelity only")
     args = ap.parse_args(argv)
     sys.path.insert(0, os.path.dirname(HERE))
     import tempfile
@@ -323,7 +333,8 @@ def main(argv=None) -> int:
         res["digits"] = bench_digits(log)
     if "bert" not in skip:
         with tempfile.TemporaryDirectory(prefix="fxpress-bench-q-") as wd:
-            res["bert"] = bench_bert(args.bert_size, args.runs, wd, log, args.skip_tvm_fp32, args.latency_only)
+            only = [c.strip() for c in args.bert_configs.split(",") if c.strip()] or None
+            res["bert"] = bench_bert(args.bert_size, args.runs, wd, log, args.skip_tvm_fp32, only, not args.no_latency)
     if "kernels" not in skip:
         res["kernels"] = bench_kernels(args.runs, log)
     meta["load_end"] = os.getloadavg()[0]
