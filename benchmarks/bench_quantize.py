@@ -142,7 +142,7 @@ def _ort_session(gm, x, workdir, name):
 
     path = to_onnx(gm, x, os.path.join(workdir, f"{name}.onnx")).path
     so = ort.SessionOptions()
-    so.intra_op_num_threads = 2
+    so.intra_op_num_threads = int(os.environ.get("TVM_NUM_THREADS", "2"))
     so.log_severity_level = 3
     so.optimized_model_filepath = os.path.join(workdir, f"{name}.opt.onnx")
     sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
@@ -225,13 +225,18 @@ def bench_bert(size: str, runs: int, workdir: str, log, skip_tvm_fp32: bool, onl
     for k, v in timed.items():
         lat[f"ORT {k}"].update(v)
         log(f"ORT {k}: {v['median_ms']:.2f} ms (min {v['min_ms']:.2f})  ops {lat[f'ORT {k}']['ops']}")
+    runners = {}
     for name, gm in (("fp32", fp32_gm), ("static int8", graphs["static int8"]),
                      ("static int8 +SplitQuant", graphs["static int8 +SplitQuant"])):
         if name == "fp32" and skip_tvm_fp32:
             continue
         run, build_s = _tvm_runner(gm, x)
-        lat[f"TVM llvm {name}"] = {**_time(run, max(3, runs // (4 if name == "fp32" else 1))), "build_seconds": build_s}
-        log(f"TVM llvm {name}: {lat[f'TVM llvm {name}']['median_ms']:.2f} ms (build {build_s:.1f}s)")
+        runners[name] = run
+        lat[f"TVM llvm {name}"] = {"build_seconds": build_s}
+    timed = _time_interleaved(runners, max(3, runs // 4))
+    for k, v in timed.items():
+        lat[f"TVM llvm {k}"].update(v)
+        log(f"TVM llvm {k}: {v['median_ms']:.2f} ms (min {v['min_ms']:.2f})")
     out["latency"] = lat
     return out
 
@@ -271,7 +276,7 @@ def bench_kernels(runs: int, log) -> dict:
 
 def _md(meta: dict, res: dict) -> str:
     lines = [f"# quantize benchmark ({meta['date']})", "",
-             f"machine: {meta['machine']}; load average {meta['load_start']} → {meta['load_end']}; "
+             f"machine: {meta['machine']}, {meta.get('threads', 2)} thread(s); load average {meta['load_start']} → {meta['load_end']}; "
              f"torch {meta['torch']}, tvm {meta['tvm']}, onnxruntime {meta['onnxruntime']}", ""]
     if "digits" in res:
         d = res["digits"]
@@ -309,21 +314,23 @@ def main(argv=None) -> int:
     ap.add_argument("--tag", default="")
     ap.add_argument("--skip", default="", help="comma list of sections to skip: digits,bert,kernels")
     ap.add_argument("--skip-tvm-fp32", action="store_true", help="TVM's untuned fp32 BERT is slow to run")
+    ap.add_argument("--threads", type=int, default=2, help="threads for ORT, TVM and torch (TVM_NUM_THREADS)")
     ap.add_argument("--bert-configs", default="", help="comma list: only these BERT configs (plus the timed ones)")
     ap.add_argument("--no-latency", action="store_true", help="BERT: fidelity only")
     args = ap.parse_args(argv)
     sys.path.insert(0, os.path.dirname(HERE))
+    os.environ["TVM_NUM_THREADS"] = str(args.threads)  # before TVM starts its thread pool
     import tempfile
 
     import onnxruntime
     import torch
     import tvm
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     skip = set(filter(None, args.skip.split(",")))
     meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.processor() or platform.machine()}, "
             f"{os.cpu_count()} cores", "load_start": os.getloadavg()[0], "torch": torch.__version__,
-            "tvm": tvm.__version__, "onnxruntime": onnxruntime.__version__}
+            "tvm": tvm.__version__, "onnxruntime": onnxruntime.__version__, "threads": args.threads}
 
     def log(msg):
         print(msg, flush=True)

@@ -309,11 +309,28 @@ def _schedule_simple(sch: s_tir.Schedule, name: str, vec: bool = False) -> None:
         sch.parallel(spatial[0])
 
 
-def _pack_weights(w_at, CN: int, K: int, Np: int, Kp: int):
-    """int8 [Np/8, Kp/2, 8, 2] tiles of the [C·N, K] weight matrix, zero-padded."""
-    return te.compute((Np // 8, Kp // 2, 8, 2), lambda no, ko, ni, ki: tirx.if_then_else(
-        tirx.all(no * 8 + ni < CN, ko * 2 + ki < K), w_at(no * 8 + ni, ko * 2 + ki), tirx.const(0, "int8")),
-        name="q_wpack")
+def _pack_weights(w_at, C: int, N: int, K: int, Np1: int, Kp: int, dtype: str = "int8"):
+    """[C·Np1/8, Kp/2, 8, 2] tiles of the C weight matrices [N, K] (each padded to Np1 rows, zeros).
+
+    Tile row ``jo`` is cluster ``jo // (Np1/8)``: index arithmetic depends on the outer loop only, and
+    the bounds test is left out when nothing is padded."""
+    t1 = Np1 // 8
+
+    def value(jo, ko, ni, ki):
+        c, n, k = jo // t1, (jo % t1) * 8 + ni, ko * 2 + ki
+        if N % 8 == 0 and K % 2 == 0:
+            return w_at(c, n, k)
+        return tirx.if_then_else(tirx.all(n < N, k < K), w_at(c, tirx.min(n, N - 1), tirx.min(k, K - 1)),
+                                 tirx.const(0, dtype))
+
+    return te.compute((C * t1, Kp // 2, 8, 2), value, name="q_wpack")
+
+
+def _schedule_pack(sch: s_tir.Schedule, name: str = "q_wpack") -> None:
+    b = sch.get_sblock(name)
+    loops = sch.get_loops(b)
+    sch.parallel(sch.fuse(*loops[:-3]) if len(loops) > 4 else loops[0])
+    sch.unroll(loops[-1])
 
 
 def _round_up(v: int, m: int) -> int:
@@ -326,18 +343,23 @@ def qlinear_avx2_func(M: int, K: int, C: int, N: int, x_scale: float, x_zp: int,
     w = te.placeholder((C, N, K), "int8", name="w")
     ws = te.placeholder((C, N), "float32", name="w_scale")
     bq = te.placeholder((C, N), "int32", name="bias_q")
-    Mp, Kp, Np = _round_up(M, MB), _round_up(K, 2), _round_up(C * N, 8 * NV)
-    wp = _pack_weights(lambda j, k: w[j // N, j % N, k], C * N, K, Np, Kp)
-    xp = te.compute((Mp, Kp), lambda m, k: tirx.if_then_else(tirx.all(m < M, k < K), x[tirx.min(m, M - 1), tirx.min(k, K - 1)],
-                                                             tirx.const(0, x_dtype)), name="q_xpad")
-    acc = _gemm_core(lambda m, k: xp[m, k], Mp, Kp, wp, Np)
+    Mp, Kp, Np1 = _round_up(M, MB), _round_up(K, 2), _round_up(N, 8 * NV)
+    wp = _pack_weights(lambda c, n, k: w[c, n, k], C, N, K, Np1, Kp)
+    if Mp == M and Kp == K:
+        x_at = lambda m, k: x[m, k]  # noqa: E731 - nothing to pad: read the input directly
+    else:
+        xp = te.compute((Mp, Kp), lambda m, k: tirx.if_then_else(
+            tirx.all(m < M, k < K), x[tirx.min(m, M - 1), tirx.min(k, K - 1)], tirx.const(0, x_dtype)), name="q_xpad")
+        x_at = lambda m, k: xp[m, k]  # noqa: E731
+    acc = _gemm_core(x_at, Mp, Kp, wp, C * Np1)
     kk = te.reduce_axis((0, K), name="kk")
     wsum = te.compute((C, N), lambda c, n: te.sum(w[c, n, kk].astype("int32"), axis=kk), name="q_wsum")
-    y = te.compute((M, N), lambda m, n: _epilogue(lambda c: acc[m, c * N + n], wsum, ws, bq, C, x_scale, x_zp)(None, n),
+    y = te.compute((M, N), lambda m, n: _epilogue(lambda c: acc[m, c * Np1 + n], wsum, ws, bq, C, x_scale, x_zp)(None, n),
                    name="q_out")
     sch = s_tir.Schedule(te.create_prim_func([x, w, ws, bq, y]))
     _schedule_gemm(sch, x_dtype)
-    for name in ("q_wpack", "q_xpad", "q_wsum"):
+    _schedule_pack(sch)
+    for name in ("q_xpad", "q_wsum"):
         _schedule_simple(sch, name)
     _schedule_simple(sch, "q_out", vec=True)
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
@@ -352,7 +374,7 @@ def qconv2d_avx2_func(x_shape, w_shape, x_scale: float, x_zp: int, stride, paddi
     OH, OW = _conv_out(H, W, KH, KW, stride, padding, dilation)
     K = Ig * KH * KW
     M = B * OH * OW
-    Mp, Kp, Np = _round_up(M, MB), _round_up(K, 2), _round_up(C * O, 8 * NV)
+    Mp, Kp, Np1 = _round_up(M, MB), _round_up(K, 2), _round_up(O, 8 * NV)
     x = te.placeholder(tuple(x_shape), x_dtype, name="xq")
     w = te.placeholder(tuple(w_shape), "int8", name="w")
     ws = te.placeholder((C, O), "float32", name="w_scale")
@@ -372,17 +394,18 @@ def qconv2d_avx2_func(x_shape, w_shape, x_scale: float, x_zp: int, stride, paddi
                                  tirx.const(x_zp, x_dtype))
 
     col = te.compute((Mp, Kp), col_value, name="q_xpad")
-    wp = _pack_weights(lambda j, k: w[j // O, j % O, k // (KH * KW), (k % (KH * KW)) // KW, k % KW], C * O, K, Np, Kp)
-    acc = _gemm_core(lambda m, k: col[m, k], Mp, Kp, wp, Np)
+    wp = _pack_weights(lambda c, o, k: w[c, o, k // (KH * KW), (k % (KH * KW)) // KW, k % KW], C, O, K, Np1, Kp)
+    acc = _gemm_core(lambda m, k: col[m, k], Mp, Kp, wp, C * Np1)
     si, sh, sw = te.reduce_axis((0, Ig), "si"), te.reduce_axis((0, KH), "sh"), te.reduce_axis((0, KW), "sw")
     wsum = te.compute((C, O), lambda c, o: te.sum(w[c, o, si, sh, sw].astype("int32"), axis=[si, sh, sw]),
                       name="q_wsum")
     # padded k (>= K) multiplies zero weights, so its (zero-point) input adds nothing
     y = te.compute((B, O, OH, OW), lambda b, o, i, j: _epilogue(
-        lambda c: acc[b * OH * OW + i * OW + j, c * O + o], wsum, ws, bq, C, x_scale, x_zp)(None, o), name="q_out")
+        lambda c: acc[b * OH * OW + i * OW + j, c * Np1 + o], wsum, ws, bq, C, x_scale, x_zp)(None, o), name="q_out")
     sch = s_tir.Schedule(te.create_prim_func([x, w, ws, bq, y]))
     _schedule_gemm(sch, x_dtype)
-    for name in ("q_wpack", "q_xpad", "q_wsum", "q_out"):
+    _schedule_pack(sch)
+    for name in ("q_xpad", "q_wsum", "q_out"):
         _schedule_simple(sch, name)
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
@@ -410,7 +433,8 @@ def qmatmul_avx2_func(G: int, M: int, K: int, N: int, a_scale: float, a_zp: int,
                    * (_f32(a_scale) * _f32(b_scale)), name="q_out")
     sch = s_tir.Schedule(te.create_prim_func([a, b, y]))
     _schedule_gemm(sch, a_dtype, b_dtype=b_dtype)
-    for name in ("q_wpack", "q_xpad", "q_asum", "q_wsum"):
+    _schedule_pack(sch)
+    for name in ("q_xpad", "q_asum", "q_wsum"):
         _schedule_simple(sch, name)
     _schedule_simple(sch, "q_out", vec=True)
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)

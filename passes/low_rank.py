@@ -553,20 +553,22 @@ class _Trial:
         return self._cache[k]
 
     def outputs(self, state: State, inputs: tuple) -> list[torch.Tensor]:
-        handles = []
-        for key, r in state.items():
-            if r is None:
-                continue
-            L = self.layers[key]
-            A, B, bias = self._get(L, r)
-            handles.append(L.module.register_forward_hook(
-                lambda _m, args, _out, L=L, A=A, B=B, bias=bias: _lowrank_apply(L, args[0], A, B, bias)))
+        # Shadow each truncated module's forward with the op (an instance attribute wins over the
+        # class method), so the dense layer is not computed as well; deleted again afterwards.
+        swapped = []
         try:
+            for key, r in state.items():
+                if r is None:
+                    continue
+                L = self.layers[key]
+                A, B, bias = self._get(L, r)
+                L.module.forward = lambda x, L=L, A=A, B=B, bias=bias: _lowrank_apply(L, x, A, B, bias)
+                swapped.append(L.module)
             with torch.no_grad():
                 return [t.detach() for t in flatten_outputs(self.gm(*inputs))]
         finally:
-            for h in handles:
-                h.remove()
+            for mod in swapped:
+                del mod.forward
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
