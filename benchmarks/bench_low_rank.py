@@ -23,7 +23,6 @@ import platform
 import sys
 import time
 
-os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")  # see benchmarks/run_all.py: busy-wait threads on a shared box
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BUDGETS = [1.0, 0.8, 0.6, 0.5, 0.4, 0.3]

@@ -29,7 +29,6 @@ import platform
 import sys
 import time
 
-os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")  # see benchmarks/run_all.py: busy-wait threads on a shared box
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

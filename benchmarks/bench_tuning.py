@@ -33,7 +33,6 @@ import statistics
 import sys
 import time
 
-os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")  # see benchmarks/run_all.py: spin like ORT/TVM
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -86,8 +85,18 @@ def bench_cpu(args) -> dict:
         if args.passes:
             variants.append(("fxpress tuned+passes", args.trials, "default"))
         for label, trials, passes in variants:
-            res = bench_fxpress(model, inputs, target="llvm", passes=passes, repeat=args.repeat,
-                                tune=trials, options=tune_opts, reference=reference, keep=True)
+            # the default row must not pick up records of earlier runs (user cache, shipped records)
+            saved = os.environ.get("FXPRESS_TUNING_CACHE")
+            if trials == 0:
+                os.environ["FXPRESS_TUNING_CACHE"] = "0"
+            try:
+                res = bench_fxpress(model, inputs, target="llvm", passes=passes, repeat=args.repeat,
+                                    tune=trials, options=tune_opts, reference=reference, keep=True)
+            finally:
+                if saved is None:
+                    os.environ.pop("FXPRESS_TUNING_CACHE", None)
+                else:
+                    os.environ["FXPRESS_TUNING_CACHE"] = saved
             r = row(res, label)
             built = getattr(getattr(getattr(res.compiled, "_lowered", None), "built", None), "tuning", None) \
                 if res.compiled is not None else None

@@ -3,7 +3,10 @@
 The pipeline, with the text of the module after each stage kept in ``BuiltModule.ir_after``:
 
   relax.decomposed  DispatchSampling/DispatchSortScan (target-specific sort, scan, sampling),
-                    DecomposeOpsForInference (batch_norm, layer_norm... → arithmetic)
+                    DecomposeOpsForInference (batch_norm, layer_norm... → arithmetic),
+                    FastErf (fp32 GELU/erf → vectorizable topi.fast_erf; relax_prep.py)
+  relax.lifted      weight-only work moved to main_transform_params, run once at compile time
+                    (BuiltModule.transform_params; only when main has num_input; relax_prep.py)
   relax.legalized   LegalizeOps: every remaining Relax op becomes a TIR PrimFunc behind call_tir
   relax.fused       AnnotateTIROpPattern, FoldConstant, FuseOps, FuseTIR (what the "zero"
                     pipeline does, run pass by pass so each stage can be kept)
@@ -38,6 +41,7 @@ from tvm import relax, tirx
 
 from ..errors import BuildError
 from . import cuda
+from .relax_prep import TRANSFORM_FUNC, FastErf, lift_param_transforms
 from .schedule import schedule_cpu, schedule_gpu
 from .targets import resolve_target, target_kind
 
@@ -56,6 +60,19 @@ class BuiltModule:
     pass_timings: str | None = None  # PassTimingInstrument report, when build(instrument=True)
     # cuda without a driver: serialized source module → the same module holding a fatbin
     _device_payloads: dict[bytes, bytes] = field(default_factory=dict, repr=False)
+    # main_transform_params (relax_prep.lift_param_transforms), built for the CPU; None: params as they are
+    param_transform: relax.VMExecutable | None = None
+
+    def transform_params(self, params: list) -> list:
+        """The parameters ``main`` of this build takes, from the model's original ones (numpy in, numpy out)."""
+        if self.param_transform is None:
+            return list(params)
+        import numpy as np
+
+        dev = tvm.cpu(0)
+        vm = relax.VirtualMachine(self.param_transform, dev)
+        out = vm[TRANSFORM_FUNC]([tvm.runtime.tensor(np.ascontiguousarray(p), dev) for p in params])
+        return [t.numpy() for t in out]
 
     def export_library(self, path: str | os.PathLike) -> None:
         """Write a shared library that ``tvm.runtime.load_module`` loads (host compiler: g++)."""
@@ -89,16 +106,11 @@ def build(mod: tvm.IRModule, target: str | tvm.target.Target, *, instrument: boo
         return mod
 
     context = tvm.transform.PassContext(instruments=[timing]) if timing else contextlib.nullcontext()
+    lifted: dict = {}
     with context, target:
-        mod = stage("relax.decomposed", [relax.backend.DispatchSampling(),
-                                         relax.backend.DispatchSortScan(),
-                                         relax.transform.DecomposeOpsForInference()],
-                    _mark_kernels(mod))
-        mod = stage("relax.legalized", [relax.transform.LegalizeOps()], mod)
-        mod = stage("relax.fused", [relax.transform.AnnotateTIROpPattern(),
-                                    relax.transform.FoldConstant(),
-                                    relax.transform.FuseOps(),
-                                    relax.transform.FuseTIR()], mod)
+        mod = _mark_kernels(mod)
+        for name, passes in front_stages(lifted):
+            mod = stage(name, passes, mod)
         # fxpress's own kernels get their hand schedules first; dlight then skips them.
         mod = stage("tir.kernels", [lambda m: apply_kernel_schedules(m, target)], mod)
         if on_gpu:
@@ -110,12 +122,33 @@ def build(mod: tvm.IRModule, target: str | tvm.target.Target, *, instrument: boo
                                      relax_pipeline=relax.get_pipeline("default_build"))
             payloads = cuda.compile_placeholders(executable, target) if on_gpu else {}
         timings = timing.render() if timing else None
+        param_transform = None
+        if lifted.get("transform") is not None:
+            with _blame("relax.transform_params", lifted["transform"], target):
+                # weight-only work runs once, at compile time, on this machine's CPU
+                param_transform = tvm.compile(lifted["transform"], target=resolve_target("llvm"))
     if on_gpu:
         ir_after["cuda.source"] = "\n".join(m.inspect_source("cuda")
                                              for m in cuda.device_modules(executable))
     return BuiltModule(executable=executable, target=target, ir_after=ir_after,
                        seconds=time.perf_counter() - start, pass_timings=timings,
-                       _device_payloads=payloads)
+                       _device_payloads=payloads, param_transform=param_transform)
+
+
+def front_stages(lifted: dict) -> list[tuple[str, list]]:
+    """The Relax stages before scheduling, in order; shared with tune.py's task extraction so a
+    tuned kernel is looked up under the same key build() produces. The lifting stage leaves the
+    weight-transform module in ``lifted["transform"]`` (None when nothing was lifted)."""
+    def lift(m):
+        m, lifted["transform"] = lift_param_transforms(m)
+        return m
+
+    return [("relax.decomposed", [relax.backend.DispatchSampling(), relax.backend.DispatchSortScan(),
+                                  relax.transform.DecomposeOpsForInference(), FastErf()]),
+            ("relax.lifted", [lift]),
+            ("relax.legalized", [relax.transform.LegalizeOps()]),
+            ("relax.fused", [relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
+                             relax.transform.FuseOps(), relax.transform.FuseTIR()])]
 
 
 # Pass families with hand-written TIR kernels; each module has apply_default_schedules(mod, target).

@@ -37,7 +37,7 @@ import tvm
 import tvm_ffi
 from tvm import relax, tirx
 
-from .build import BuiltModule, _mark_kernels, build
+from .build import BuiltModule, _mark_kernels, build, front_stages
 from .schedule import is_contraction
 from .targets import resolve_target, target_kind
 from .tuning_db import TuningDatabase, apply_database
@@ -75,11 +75,9 @@ def _front_half(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     """The module build() hands to its scheduling stage (same passes, same order as build.py)."""
     with target:
         mod = _mark_kernels(mod)
-        for p in (relax.backend.DispatchSampling(), relax.backend.DispatchSortScan(),
-                  relax.transform.DecomposeOpsForInference(), relax.transform.LegalizeOps(),
-                  relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
-                  relax.transform.FuseOps(), relax.transform.FuseTIR()):
-            mod = p(mod)
+        for _name, passes in front_stages({}):
+            for p in passes:
+                mod = p(mod)
     return mod
 
 

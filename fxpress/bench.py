@@ -24,10 +24,10 @@ says which one a result used). Model size is the weights' bytes (the ONNX file's
 ONNX Runtime peer); params and MACs come from fxpress's graph statistics; output error is
 relative to eager on the same inputs (max |y − ref| / max |ref|); accuracy when labels are given.
 
-Noise: on a loaded machine PyTorch's OpenMP threads, which sleep between ops by default, wait a
-scheduler slice to wake (measured: 300 ms per call instead of 0.5 ms with load 8 on 2 cores), while
-ONNX Runtime's and TVM's pools spin. ``benchmarks/run_all.py`` sets ``OMP_WAIT_POLICY=ACTIVE``
-before importing torch; each row records the load average when its timing started.
+Threads: every peer uses its own default pool (2 threads here). Do not set ``OMP_WAIT_POLICY=ACTIVE``
+for a run that times PyTorch and TVM/ONNX Runtime in one process: PyTorch's OpenMP threads then spin
+forever after each op and take the cores the later peers need (measured: fxpress's default BERT
+25 ms alone, 600 ms after eager had run). Each row records the load average when its timing started.
 """
 from __future__ import annotations
 

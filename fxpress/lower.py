@@ -28,12 +28,17 @@ def build_tvm(gm: fx.GraphModule, example_inputs: tuple, target: str, tune: int 
     from fxpress.lowering import to_relax
 
     relax_mod = to_relax(gm, example_inputs)
+    # num_input lets the build lift weight-only work (transposes, BN scales) out of every call
+    relax_mod.mod["main"] = relax_mod.mod["main"].with_attr("num_input", relax_mod.num_inputs)
     if tune:
         from fxpress.codegen import tune as tune_module
 
         built = tune_module(relax_mod.mod, target, trials=tune, **(tune_options or {}))
     else:
         built = build(relax_mod.mod, target)
+    if built.param_transform is not None:
+        relax_mod.params = built.transform_params(relax_mod.params)
+        relax_mod.param_names = [f"transformed_{i}" for i in range(len(relax_mod.params))]
     return TVMBuild(relax=relax_mod, built=built, target=target)
 
 

@@ -113,6 +113,11 @@ def to_relax(gm: torch.nn.Module, example_inputs: tuple) -> RelaxModule:
     except Exception as e:  # noqa: BLE001
         raise LoweringError(f"TVM's Relax importer failed: {type(e).__name__}: {e}") from e
     mod, params = detach_params(mod)
+    # The importer marks main with num_input; fxpress.lower sets it again when it wants the build to
+    # lift weight-only work (and then applies BuiltModule.transform_params). Without it, build(mod)
+    # takes exactly these params.
+    if mod["main"].attrs is not None and "num_input" in mod["main"].attrs:
+        mod["main"] = mod["main"].without_attr("num_input")
     tensors = params.get("main", [])
     names = [p.name for p in mod["main"].params[len(example_inputs):]]
     arrays = [t.numpy() for t in tensors]
