@@ -91,7 +91,9 @@ class CompiledModel:
             raise TargetUnavailableError(
                 f"this model was compiled for target={self.target!r}, which this machine cannot run "
                 "(no CUDA GPU). Export it with cm.export(dir) and load it on a GPU machine, or compile with target='llvm'.")
-        outs = [torch.from_numpy(np.array(o)) for o in self._executor.run(arrays)]
+        # executors hand back arrays the caller owns (zero-copy views on CPU TVM); copy only read-only ones
+        outs = [torch.from_numpy(o if isinstance(o, np.ndarray) and o.flags.writeable else np.array(o))
+                for o in self._executor.run(arrays)]
         return torch.utils._pytree.tree_unflatten(outs, self._out_spec)
 
     # ------------------------------------------------------------------ inspecting
