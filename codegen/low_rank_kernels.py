@@ -23,7 +23,8 @@ from __future__ import annotations
 import tvm
 from tvm import relax, s_tir, te, tirx
 
-SCHEDULE_ATTR = "fxpress.schedule"
+from .kernel_families import SCHEDULE_ATTR, schedule_tagged
+
 SCHEDULE_TAG = "low_rank"
 
 __all__ = ["lowrank_linear_te", "lowrank_linear_func", "schedule_cpu", "emit_fused_lowrank_linear",
@@ -142,14 +143,8 @@ def apply_default_schedules(mod: tvm.IRModule, target: tvm.target.Target | str) 
     """Schedule every unscheduled low-rank kernel in ``mod`` (``fxpress.schedule == "low_rank"``)
     for ``target``; same contract as ``shift_add_kernels.apply_default_schedules``."""
     kind = target.kind.name if isinstance(target, tvm.target.Target) else str(target)
-    out = mod.clone()
-    for gv, func in mod.functions_items():
-        if not isinstance(func, tirx.PrimFunc) or func.attrs is None:
-            continue
-        if str(func.attrs.get(SCHEDULE_ATTR, "")) != SCHEDULE_TAG or func.attrs.get("tirx.is_scheduled", False):
-            continue
-        out.update_func(gv, schedule_cuda(func) if kind == "cuda" else schedule_cpu(func))
-    return out
+    return schedule_tagged(mod, SCHEDULE_TAG,
+                           lambda func, _name: schedule_cuda(func) if kind == "cuda" else schedule_cpu(func))
 
 
 # ----------------------------------------------------------------------------- choosing and emitting

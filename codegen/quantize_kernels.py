@@ -29,7 +29,8 @@ import tvm
 from tvm import s_tir, te, tirx
 from tvm.script import tirx as T
 
-SCHEDULE_ATTR = "fxpress.schedule"
+from .kernel_families import SCHEDULE_ATTR, schedule_tagged
+
 SCHEDULE_TAG = "quantize"
 ARGS_ATTR = "fxpress.quantize_args"
 
@@ -523,14 +524,12 @@ def apply_default_schedules(mod: tvm.IRModule, target) -> tvm.IRModule:
 
     target = resolve_target(target)
     kind = target.kind.name
-    out = mod.clone()
-    for gv, func in mod.functions_items():
-        if not isinstance(func, tirx.PrimFunc) or func.attrs is None:
-            continue
-        if str(func.attrs.get(SCHEDULE_ATTR, "")) != SCHEDULE_TAG or func.attrs.get("tirx.is_scheduled", False):
-            continue
+
+    def schedule(func: tirx.PrimFunc, _name: str) -> tirx.PrimFunc | None:
         if kind == "llvm":
-            out.update_func(gv, cpu_kernel(func, target))
-        elif kind == "cuda":
-            out.update_func(gv, schedule_cuda(func))
-    return out
+            return cpu_kernel(func, target)
+        if kind == "cuda":
+            return schedule_cuda(func)
+        return None  # other kinds: leave the generic kernel
+
+    return schedule_tagged(mod, SCHEDULE_TAG, schedule)

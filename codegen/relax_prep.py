@@ -95,11 +95,10 @@ def lift_param_transforms(mod: tvm.IRModule) -> tuple[tvm.IRModule, tvm.IRModule
     before, after = _param_bytes(main), _param_bytes(lifted["main"])
     if before is None or after is None or after > before:
         return mod, None
-    return _only(lifted, "main"), _only(lifted, TRANSFORM_FUNC)
+    return _without(lifted, TRANSFORM_FUNC, "main"), _without(lifted, "main", TRANSFORM_FUNC)
 
 
-def _only(mod: tvm.IRModule, keep: str) -> tvm.IRModule:
-    """``mod`` without the other Relax functions (and the PrimFuncs only they called)."""
-    out = tvm.IRModule({gv: f for gv, f in mod.functions_items()
-                        if not isinstance(f, relax.Function) or gv.name_hint == keep}, attrs=mod.attrs)
-    return relax.transform.DeadCodeElimination(entry_functions=[keep])(out)
+def _without(mod: tvm.IRModule, drop: str, entry: str) -> tvm.IRModule:
+    """``mod`` without function ``drop`` and whatever only it called (main's If branches stay)."""
+    out = tvm.IRModule({gv: f for gv, f in mod.functions_items() if gv.name_hint != drop}, attrs=mod.attrs)
+    return relax.transform.DeadCodeElimination(entry_functions=[entry])(out)

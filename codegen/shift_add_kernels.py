@@ -30,9 +30,10 @@ from tvm import s_tir, te, tirx
 
 from fxpress.passes.shift_add_ops import ZERO_EXP, EXP_BITS, int_clamp_limit
 
+from .kernel_families import SCHEDULE_ATTR, schedule_tagged
+
 log = logging.getLogger("fxpress.codegen")
 
-SCHEDULE_ATTR = "fxpress.schedule"
 SCHEDULE_TAG = "shift_add"
 ACC_BLOCK = "shift_acc"  # the main reduction block of every kernel here
 
@@ -402,19 +403,15 @@ def apply_default_schedules(mod: tvm.IRModule, target: tvm.target.Target | str) 
     ``tirx.is_scheduled``); kernels already scheduled or tuned are left as they are.
     """
     kind = target.kind.name if isinstance(target, tvm.target.Target) else str(target)
-    out = mod.clone()
-    for gv, func in mod.functions_items():
-        if not isinstance(func, tirx.PrimFunc) or func.attrs is None:
-            continue
-        if str(func.attrs.get(SCHEDULE_ATTR, "")) != SCHEDULE_TAG or func.attrs.get("tirx.is_scheduled", False):
-            continue
+
+    def schedule(func: tirx.PrimFunc, name: str) -> tirx.PrimFunc | None:
         try:
-            sched = schedule_cuda(func) if kind == "cuda" else schedule_cpu(func)
+            return schedule_cuda(func) if kind == "cuda" else schedule_cpu(func)
         except Exception as err:  # noqa: BLE001 - a schedule bug must not fail the build
             # Unscheduled is still correct: plain loops on CPU, dlight's GPU fallback binds threads.
             log.warning("shift_add: default %s schedule failed for %s (%s); left to dlight",
-                        kind, gv.name_hint, str(err).splitlines()[0] if str(err) else type(err).__name__)
-            continue
-        out.update_func(gv, sched)
-    return out
+                        kind, name, str(err).splitlines()[0] if str(err) else type(err).__name__)
+            return None
+
+    return schedule_tagged(mod, SCHEDULE_TAG, schedule)
 

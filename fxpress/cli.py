@@ -151,8 +151,10 @@ def cmd_bench(args) -> int:
     from fxpress.bench import bench_model
 
     model, example = load_model(args.model, args.size, args.input)
+    # Title a registry model by the name typed: its class may be generic (digits_cnn is a Sequential).
+    name = args.model if ":" not in args.model else None
     result = bench_model(model, example, targets=args.targets.split(","), passes=args.passes,
-                         repeat=args.repeat)
+                         repeat=args.repeat, name=name)
     print(result.table())
     return 0
 

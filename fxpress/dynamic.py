@@ -16,8 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 import time
 from typing import Any, Iterable
 
@@ -26,7 +24,7 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from fxpress.errors import ArtifactError, InputError, TargetUnavailableError, TraceError
+from fxpress.errors import InputError, TargetUnavailableError, TraceError
 from fxpress.passes import PassContext, PassManager, PassResult, StageRecord, snapshot, trace
 from fxpress.passes.manager import output_error
 from fxpress.passes.split_branches import SplitProgram, eager_decisions, split_model
@@ -398,20 +396,9 @@ class DynamicCompiledModel:
 
 
 def write_dynamic_artifact(dcm: DynamicCompiledModel, path: str, backends=("onnx", "tvm")) -> str:
-    from fxpress.runtime.manifest import write_manifest
+    from .export import _write_onnx, _write_tvm, write_artifact_dir
 
-    from .export import _swap_into_place, _versions, _write_onnx, _write_tvm
-
-    path = os.path.abspath(path)
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ArtifactError(f"{path} exists and is not a directory; choose another export path")
-    unknown = set(backends) - {"onnx", "tvm"}
-    if unknown or not backends:
-        raise ArtifactError(f"unknown export backend(s) {sorted(unknown) or '(none)'}; choose from 'onnx', 'tvm'")
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
-    try:
+    def write_files(tmp: str) -> dict[str, Any]:
         regions_entry: dict[str, Any] = {}
         for name, cm in dcm.regions.items():
             rel = f"regions/{name}"
@@ -432,23 +419,11 @@ def write_dynamic_artifact(dcm: DynamicCompiledModel, path: str, backends=("onnx
         with open(os.path.join(tmp, HOST_FILE), "w") as f:
             json.dump(dcm.split.host.to_json(), f, indent=1)
             f.write("\n")
-        with open(os.path.join(tmp, "report.json"), "w") as f:
-            f.write(dcm.report.to_json(full=True))
-        write_manifest(tmp, {
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "inputs": dcm.input_specs,
-            "outputs": dcm.output_specs,
-            "passes": [{"name": r.name, "status": r.status} for r in dcm.report if r.kind == "pass"],
-            "target": dcm.target,
-            "backends": {b: {"host_program": HOST_FILE} for b in backends},
-            "host_program": {"file": HOST_FILE, "batch": dcm.batch, "regions": regions_entry},
-            "versions": _versions(),
-        })
-        _swap_into_place(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+        return {"backends": {b: {"host_program": HOST_FILE} for b in backends},
+                "host_program": {"file": HOST_FILE, "batch": dcm.batch, "regions": regions_entry}}
+
+    # A split artifact with no backend would have nothing to run its regions with.
+    return write_artifact_dir(dcm, path, backends, write_files, require_backend=True)
 
 
 # ----------------------------------------------------------------------------- native lowering

@@ -8,7 +8,7 @@ import shutil
 import sys
 import tempfile
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -46,30 +46,47 @@ def _write_onnx(cm, root: str) -> dict[str, Any]:
 
 
 def write_artifact(cm, path: str, backends=("onnx", "tvm")) -> str:
+    def write_backends(tmp: str) -> dict[str, Any]:
+        entries: dict[str, Any] = {}
+        if "onnx" in backends:
+            entries["onnx"] = _write_onnx(cm, tmp)
+        if "tvm" in backends:
+            entries["tvm"] = _write_tvm(cm, os.path.join(tmp, "tvm"))
+        return {"backends": entries}
+
+    return write_artifact_dir(cm, path, backends, write_backends)
+
+
+def write_artifact_dir(model, path: str, backends, write_files: Callable[[str], dict[str, Any]], *,
+                       require_backend: bool = False) -> str:
+    """The steps every artifact shares (single-graph here, split dynamic models in dynamic.py).
+
+    Checks ``path`` and ``backends``, runs ``write_files(tmp)`` in a temp dir beside ``path`` (it
+    returns the manifest's model-specific fields, e.g. ``backends``), adds ``report.json`` and
+    ``manifest.json`` from ``model`` (``report``, ``input_specs``, ``output_specs``, ``target``),
+    then swaps the dir into place; on any failure the temp dir is removed and ``path`` is untouched.
+    ``require_backend`` refuses an empty ``backends``.
+    """
     path = os.path.abspath(path)
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     if os.path.exists(path) and not os.path.isdir(path):
         raise ArtifactError(f"{path} exists and is not a directory; choose another export path")
     unknown = set(backends) - {"onnx", "tvm"}
-    if unknown:
-        raise ArtifactError(f"unknown export backend(s) {sorted(unknown)}; choose from 'onnx', 'tvm'")
+    if unknown or (require_backend and not backends):
+        raise ArtifactError(f"unknown export backend(s) {sorted(unknown) or '(none)'}; choose from 'onnx', 'tvm'")
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
     try:
-        entries: dict[str, Any] = {}
-        if "onnx" in backends:
-            entries["onnx"] = _write_onnx(cm, tmp)
-        if "tvm" in backends:
-            entries["tvm"] = _write_tvm(cm, os.path.join(tmp, "tvm"))
+        fields = write_files(tmp)
         with open(os.path.join(tmp, "report.json"), "w") as f:
-            f.write(cm.report.to_json(full=True))
+            f.write(model.report.to_json(full=True))
         write_manifest(tmp, {
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "inputs": cm.input_specs,
-            "outputs": cm.output_specs,
-            "passes": [{"name": r.name, "status": r.status} for r in cm.report if r.kind == "pass"],
-            "target": cm.target,
-            "backends": entries,
+            "inputs": model.input_specs,
+            "outputs": model.output_specs,
+            "passes": [{"name": r.name, "status": r.status} for r in model.report if r.kind == "pass"],
+            "target": model.target,
+            **fields,
             "versions": _versions(),
         })
         _swap_into_place(tmp, path)

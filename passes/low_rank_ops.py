@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from .stats import numel, register_cost, shape_of
+from .stats import arg_shape, numel, register_cost
 
 __all__ = ["lowrank_linear", "lowrank_conv2d", "lowrank_linear_macs", "lowrank_conv2d_macs"]
 
@@ -68,21 +68,10 @@ def lowrank_conv2d_macs(out_pixels: int, in_channels: int, kernel: tuple[int, in
     return out_pixels * rank * (in_channels * math.prod(kernel) + out_channels)
 
 
-def _arg_shape(node: fx.Node, gm: fx.GraphModule, i: int) -> tuple[int, ...] | None:
-    a = node.args[i]
-    s = shape_of(a)
-    if s is None and isinstance(a, fx.Node) and a.op == "get_attr":
-        t = gm
-        for part in str(a.target).split("."):
-            t = getattr(t, part)
-        s = tuple(t.shape)
-    return s
-
-
 @register_cost(torch.ops.fxpress.lowrank_linear.default)
 def _lowrank_linear_cost(node: fx.Node, gm: fx.GraphModule) -> tuple[int, int]:
-    u = _arg_shape(node, gm, 1)
-    v = _arg_shape(node, gm, 2)
+    u = arg_shape(node, gm, 1)
+    v = arg_shape(node, gm, 2)
     out = numel(node)
     if not u or not v or not out:
         return 0, 0
@@ -92,8 +81,8 @@ def _lowrank_linear_cost(node: fx.Node, gm: fx.GraphModule) -> tuple[int, int]:
 
 @register_cost(torch.ops.fxpress.lowrank_conv2d.default)
 def _lowrank_conv2d_cost(node: fx.Node, gm: fx.GraphModule) -> tuple[int, int]:
-    u = _arg_shape(node, gm, 1)
-    v = _arg_shape(node, gm, 2)
+    u = arg_shape(node, gm, 1)
+    v = arg_shape(node, gm, 2)
     out = numel(node)
     if not u or not v or not out:
         return 0, 0

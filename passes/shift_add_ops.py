@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from .stats import numel, register_cost, shape_of
+from .stats import arg_shape, numel, register_cost
 
 __all__ = [
     "EXP_BITS", "ZERO_EXP", "pack_codes", "unpack_codes", "encode_pow2", "encode_with_scale", "decode_pow2",
@@ -342,21 +342,10 @@ def _binary_attention_fake(q, k, v):
 
 # ----------------------------------------------------------------------------- costs
 
-def _arg_shape(node: fx.Node, gm: fx.GraphModule, i: int) -> tuple[int, ...] | None:
-    a = node.args[i]
-    s = shape_of(a)
-    if s is None and isinstance(a, fx.Node) and a.op == "get_attr":
-        t = gm
-        for part in str(a.target).split("."):
-            t = getattr(t, part)
-        s = tuple(t.shape)
-    return s
-
-
 @register_cost(torch.ops.fxpress.shift_linear.default)
 def _shift_linear_cost(node: fx.Node, gm: fx.GraphModule) -> tuple[int, int]:
     """MACs = shift-adds (out × K × terms); multiplies = one per output (the channel scale)."""
-    c = _arg_shape(node, gm, 1)
+    c = arg_shape(node, gm, 1)
     out = numel(node)
     if not c or not out:
         return 0, 0
@@ -365,7 +354,7 @@ def _shift_linear_cost(node: fx.Node, gm: fx.GraphModule) -> tuple[int, int]:
 
 @register_cost(torch.ops.fxpress.shift_conv2d.default)
 def _shift_conv2d_cost(node: fx.Node, gm: fx.GraphModule) -> tuple[int, int]:
-    c = _arg_shape(node, gm, 1)
+    c = arg_shape(node, gm, 1)
     out = numel(node)
     if not c or not out:
         return 0, 0
@@ -375,7 +364,7 @@ def _shift_conv2d_cost(node: fx.Node, gm: fx.GraphModule) -> tuple[int, int]:
 @register_cost(torch.ops.fxpress.binary_attention.default)
 def _binary_attention_cost(node: fx.Node, gm: fx.GraphModule) -> tuple[int, int]:
     """Additions only, except one division per output element (counted as a multiply)."""
-    q, k, v = (_arg_shape(node, gm, i) for i in range(3))
+    q, k, v = (arg_shape(node, gm, i) for i in range(3))
     if not q or not v:
         return 0, 0
     batch = math.prod(q[:-2])

@@ -37,6 +37,18 @@ def shape_of(node) -> tuple[int, ...] | None:
     return tuple(tm.shape) if tm is not None and hasattr(tm, "shape") else None
 
 
+def arg_shape(node: fx.Node, gm: fx.GraphModule, i: int) -> tuple[int, ...] | None:
+    """Shape of ``node.args[i]``; for a get_attr without tensor_meta, the shape of the tensor in ``gm``."""
+    a = node.args[i]
+    s = shape_of(a)
+    if s is None and isinstance(a, fx.Node) and a.op == "get_attr":
+        t = gm
+        for part in str(a.target).split("."):
+            t = getattr(t, part)
+        s = tuple(t.shape)
+    return s
+
+
 def dtype_of(node) -> torch.dtype | None:
     tm = _meta(node)
     return tm.dtype if tm is not None and hasattr(tm, "dtype") else None

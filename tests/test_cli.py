@@ -52,3 +52,24 @@ def test_console_script_runs():
     exe = os.path.join(os.path.dirname(sys.executable), "fxpress")
     r = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "compile" in r.stdout
+
+
+def test_bench_titles_registry_model_by_its_name(tmp_path, monkeypatch, capsys):
+    import fxpress.bench as bench
+
+    real = bench.bench_model
+    # Only the eager peer and no fxpress target: the title is under test, not the timings.
+    monkeypatch.setattr(bench, "bench_model",
+                        lambda *a, **k: real(*a, **{**k, "targets": (), "peers": ("eager",)}))
+    assert main(["bench", "digits_cnn", "--repeat", "2"]) == 0
+    title = capsys.readouterr().out.splitlines()[0]
+    assert title.startswith("**digits_cnn**"), title  # not its class, Sequential
+
+    mod = tmp_path / "mynet2.py"
+    mod.write_text("import torch\n\ndef build():\n    return torch.nn.Sequential(torch.nn.Linear(6, 3))\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        assert main(["bench", "mynet2:build", "--input", "4x6", "--repeat", "2"]) == 0
+    finally:
+        sys.path.remove(str(tmp_path))
+    assert capsys.readouterr().out.splitlines()[0].startswith("**Sequential**")  # MODULE:FACTORY: class name

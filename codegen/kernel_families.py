@@ -1,0 +1,38 @@
+"""What the hand-written kernel families (``codegen/<family>_kernels.py``) share.
+
+A family tags its generic kernels ``{SCHEDULE_ATTR: <family tag>}``; its ``apply_default_schedules``
+(run by ``build.apply_kernel_schedules`` before dlight) swaps them for scheduled ones with
+``schedule_tagged``.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import tvm
+from tvm import tirx
+
+SCHEDULE_ATTR = "fxpress.schedule"
+
+__all__ = ["SCHEDULE_ATTR", "kind_name", "schedule_tagged"]
+
+
+def kind_name(target: tvm.target.Target | str) -> str:
+    """The target's kind ("llvm", "cuda", ...); a string target is taken as it is."""
+    return target.kind.name if isinstance(target, tvm.target.Target) else str(target)
+
+
+def schedule_tagged(mod: tvm.IRModule, tag: str,
+                    schedule: Callable[[tirx.PrimFunc, str], tirx.PrimFunc | None]) -> tvm.IRModule:
+    """A copy of ``mod`` in which every PrimFunc tagged ``SCHEDULE_ATTR == tag`` and not yet
+    ``tirx.is_scheduled`` is replaced by ``schedule(func, name)``. Where ``schedule`` returns None
+    the kernel is left as it is (no schedule for this target, or the family chose to skip it)."""
+    out = mod.clone()
+    for gv, func in mod.functions_items():
+        if not isinstance(func, tirx.PrimFunc) or func.attrs is None:
+            continue
+        if str(func.attrs.get(SCHEDULE_ATTR, "")) != tag or func.attrs.get("tirx.is_scheduled", False):
+            continue
+        scheduled = schedule(func, gv.name_hint)
+        if scheduled is not None:
+            out.update_func(gv, scheduled)
+    return out
