@@ -44,6 +44,11 @@ FORMAT = 1
 RECORDS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "records")
 
 
+def use_shipped() -> bool:
+    """``FXPRESS_SHIPPED_RECORDS=0`` ignores codegen/records (tests that count database entries)."""
+    return os.environ.get("FXPRESS_SHIPPED_RECORDS", "1") != "0"
+
+
 def default_root() -> str:
     base = os.environ.get("FXPRESS_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "fxpress")
     return os.path.join(base, "tuning")
@@ -135,7 +140,7 @@ class TuningDatabase:
         self.target = target
         self.root = os.fspath(root) if root is not None else default_root()
         self.dir = os.path.join(self.root, target_key(target))
-        self.shipped_dir = os.path.join(RECORDS_DIR, target_key(target)) if shipped else None
+        self.shipped_dir = os.path.join(RECORDS_DIR, target_key(target)) if shipped and use_shipped() else None
         os.makedirs(self.dir, exist_ok=True)
         meta = os.path.join(self.dir, "target.json")
         if not os.path.exists(meta):
@@ -308,7 +313,8 @@ def apply_database(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule
 
 def _has_records(target: tvm.target.Target) -> bool:
     key = target_key(target)
-    for directory in (os.path.join(default_root(), key), os.path.join(RECORDS_DIR, key)):
+    dirs = [os.path.join(default_root(), key)] + ([os.path.join(RECORDS_DIR, key)] if use_shipped() else [])
+    for directory in dirs:
         try:
             if any(n.endswith(".json") and n != "target.json" for n in os.listdir(directory)):
                 return True

@@ -153,8 +153,10 @@ def cmd_bench(args) -> int:
     model, example = load_model(args.model, args.size, args.input)
     # Title a registry model by the name typed: its class may be generic (digits_cnn is a Sequential).
     name = args.model if ":" not in args.model else None
-    result = bench_model(model, example, targets=args.targets.split(","), passes=args.passes,
-                         repeat=args.repeat, name=name)
+    passes = args.passes if args.passes in ("none", "default") else args.passes.split(",")
+    result = bench_model(model, example, targets=args.targets.split(","), passes=passes,
+                         repeat=args.repeat, name=name, tune=args.tune, tolerance=args.tolerance,
+                         options=json.loads(args.options) if args.options else None)
     print(result.table())
     return 0
 
@@ -192,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_inspect)
     sp = sub.add_parser("bench", help="latency of fxpress vs eager, torch.compile and ONNX Runtime")
     model_args(sp, out=False, html=False)
-    sp.add_argument("--targets", default="llvm,onnx", help="fxpress targets to time")
+    sp.add_argument("--targets", default="llvm,onnx", help="fxpress targets to time (--target is not used here)")
     sp.add_argument("--repeat", type=int, default=20)
     sp.set_defaults(fn=cmd_bench)
     return p

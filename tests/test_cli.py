@@ -73,3 +73,20 @@ def test_bench_titles_registry_model_by_its_name(tmp_path, monkeypatch, capsys):
     finally:
         sys.path.remove(str(tmp_path))
     assert capsys.readouterr().out.splitlines()[0].startswith("**Sequential**")  # MODULE:FACTORY: class name
+
+
+def test_bench_forwards_passes_options_tune_and_tolerance(monkeypatch, capsys):
+    import fxpress.bench as bench
+
+    seen = {}
+    real = bench.bench_model
+
+    def fake(model, example, **kw):
+        seen.update(kw)
+        return real(model, example, **{**kw, "targets": (), "peers": ("eager",)})
+
+    monkeypatch.setattr(bench, "bench_model", fake)
+    assert main(["bench", "digits_cnn", "--repeat", "2", "--passes", "fuse,low_rank", "--tune", "3",
+                 "--tolerance", "0.05", "--options", '{"low_rank": {"energy": 0.9}}']) == 0
+    assert seen["passes"] == ["fuse", "low_rank"] and seen["tune"] == 3 and seen["tolerance"] == 0.05
+    assert seen["options"] == {"low_rank": {"energy": 0.9}}
