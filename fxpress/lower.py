@@ -10,7 +10,7 @@ import torch
 from torch import fx
 
 from fxpress.passes.manager import StageRecord, output_error
-from fxpress.passes.stats import graph_costs
+from fxpress.passes.stats import count_params, graph_costs
 
 TARGETS = ("llvm", "cuda", "onnx", "torch")
 
@@ -78,10 +78,10 @@ def lower(gm: fx.GraphModule, example_inputs: tuple, target: str, reference: lis
     else:  # torch: the FX graph itself runs
         executor = None
     seconds = time.perf_counter() - t0
-    params = sum(p.numel() for p in gm.parameters()) + sum(b.numel() for b in gm.buffers())
+    params, param_bytes = count_params(gm)  # the same count as the trace and pass records
     macs, mults = graph_costs(gm)
     record = StageRecord(name=f"lower:{target}", kind="lowering", status="ok", params=params,
-                         param_bytes=sum(t.numel() * t.element_size() for t in list(gm.parameters()) + list(gm.buffers())),
+                         param_bytes=param_bytes,
                          macs=macs, multiplies=mults, nodes=len(gm.graph.nodes), seconds=seconds, note=note,
                          ir=ir, extra=extra)
     if target == "torch":

@@ -104,3 +104,12 @@ def test_zero_dim_output_on_llvm():
     x = torch.randn(1, 10)
     cm = fxpress.compile(Condition(), (x,), passes="none", target="llvm")
     assert cm(x).shape == () and bool(cm(x)) == bool(Condition()(x))
+
+
+def test_lowering_record_counts_params_like_the_trace():
+    """BatchNorm's num_batches_tracked (an int counter) is not a weight: with no pass changing the
+    model, the lowering stage reports exactly the trace's params and bytes."""
+    spec = models.get("resnet18")  # has BatchNorm
+    cm = fxpress.compile(spec.build(), spec.example_inputs(), passes="none", target="torch")
+    trace, low = cm.report["trace"], cm.report["lower:torch"]
+    assert (low.params, low.param_bytes) == (trace.params, trace.param_bytes)
