@@ -62,6 +62,16 @@ def row(res, label: str) -> dict:
     return d
 
 
+def model_result(desc: str, rows: list[dict]) -> dict:
+    """One model's entry: its rows, each successful one with its ratio to the fastest non-fxpress peer."""
+    peers_ok = [r for r in rows if r.get("ok") and not r["peer"].startswith("fxpress")]
+    best = min(peers_ok, key=lambda r: r["median_ms"]) if peers_ok else None
+    for r in rows:
+        if best and r.get("ok"):
+            r["ratio_to_best_peer"] = round(r["median_ms"] / best["median_ms"], 2)
+    return {"description": desc, "best_peer": best and best["peer"], "rows": rows}
+
+
 def bench_cpu(args) -> dict:
     import torch
 
@@ -106,12 +116,7 @@ def bench_cpu(args) -> dict:
             rows.append(r)
             print(f"   {label:16s} {res.median_ms} ms (compile {res.compile_s and round(res.compile_s, 1)} s)"
                   f" {r.get('tuning', '')} {res.error[:200] if not res.ok else ''}", flush=True)
-        peers_ok = [r for r in rows if r["ok"] and not r["peer"].startswith("fxpress")]
-        best = min(peers_ok, key=lambda r: r["median_ms"]) if peers_ok else None
-        for r in rows:
-            if best and r["ok"]:
-                r["ratio_to_best_peer"] = round(r["median_ms"] / best["median_ms"], 2)
-        out["models"][name] = {"description": desc, "best_peer": best and best["peer"], "rows": rows}
+        out["models"][name] = model_result(desc, rows)
     return out
 
 
@@ -173,13 +178,9 @@ def bench_cpu_time(args) -> dict:
                 rows.append({"peer": label, **cpu_ms(lambda: cm(*inputs), args.repeat)})
             except Exception as e:  # noqa: BLE001
                 rows.append({"peer": label, "ok": False, "error": str(e)[:300]})
-        peers_ok = [r for r in rows if r.get("ok") and not r["peer"].startswith("fxpress")]
-        best = min(peers_ok, key=lambda r: r["median_ms"]) if peers_ok else None
+        out["models"][name] = model_result(desc, rows)
         for r in rows:
-            if best and r.get("ok"):
-                r["ratio_to_best_peer"] = round(r["median_ms"] / best["median_ms"], 2)
             print(f"   {name} {r['peer']:16s} {r.get('median_ms')} {r.get('error', '')[:120]}", flush=True)
-        out["models"][name] = {"description": desc, "best_peer": best and best["peer"], "rows": rows}
     return out
 
 
@@ -265,12 +266,7 @@ def bench_gpu(args) -> dict:
                 rows.append({"peer": label, **r})
             except Exception as e:  # noqa: BLE001
                 rows.append({"peer": label, "ok": False, "error": str(e)[:500]})
-        peers_ok = [r for r in rows if r.get("ok") and not r["peer"].startswith("fxpress")]
-        best = min(peers_ok, key=lambda r: r["median_ms"]) if peers_ok else None
-        for r in rows:
-            if best and r.get("ok"):
-                r["ratio_to_best_peer"] = round(r["median_ms"] / best["median_ms"], 2)
-        out["models"][name] = {"description": desc, "best_peer": best and best["peer"], "rows": rows}
+        out["models"][name] = model_result(desc, rows)
         for r in rows:
             print(f"   {name} {r['peer']:22s} {r.get('median_ms')} {r.get('error', '')[:120]}", flush=True)
     return out
