@@ -29,19 +29,18 @@ def _te_fast_gelu(x):
     return x * (tirx.const(0.5, x.dtype) + erf * tirx.const(0.5, x.dtype))
 
 
+# Relax op → (TE replacement, PrimFunc name)
+_FAST = {"relax.nn.gelu": (_te_fast_gelu, "gelu"), "relax.erf": (topi.fast_erf, "erf")}
+
+
 @relax.expr_functor.mutator
 class _FastErfRewriter(relax.PyExprMutator):
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = super().visit_call_(call)
-        if not isinstance(call.op, tvm.ir.Op) or call.op.name not in ("relax.nn.gelu", "relax.erf"):
+        fast = _FAST.get(call.op.name) if isinstance(call.op, tvm.ir.Op) else None
+        if fast is None or getattr(call.args[0].ty, "dtype", None) != "float32":
             return call
-        if getattr(call.args[0].ty, "dtype", None) != "float32":
-            return call
-        if call.op.name == "relax.nn.gelu":
-            return self.builder_.call_te(_te_fast_gelu, call.args[0], primfunc_name_hint="gelu")
-        if call.op.name == "relax.erf":
-            return self.builder_.call_te(topi.fast_erf, call.args[0], primfunc_name_hint="erf")
-        return call
+        return self.builder_.call_te(fast[0], call.args[0], primfunc_name_hint=fast[1])
 
 
 @tvm.transform.module_pass(opt_level=0, name="FxpressFastErf")
