@@ -153,10 +153,21 @@ def test_layers_option_picks_and_rejects(bert):
 
 
 def test_tolerance_selects_by_sensitivity_and_is_not_rolled_back(digits):
+    # The digits CNN is trained at test time, so its weights (and every layer's error) differ by ISA:
+    # AVX2 and AVX-512 kernels round differently. A fixed tolerance held 4 layers on one machine and
+    # skipped one on another. Derive the budget from this machine's own numbers instead.
     model, x, _, _ = digits
-    tol = 0.05
-    cm = fxpress.compile(model, x, passes=["shift_add"], target="torch", tolerance=tol,
-                         options={"shift_add": {"terms": 2, "keep_first_last": False, "attention": True}})
+    opts = {"shift_add": {"terms": 2, "keep_first_last": False, "attention": True}}
+    # A budget every layer fits: the pass reports each layer's sensitivity and the error of all of them.
+    loose = fxpress.compile(model, x, passes=["shift_add"], target="torch", tolerance=1e3, options=opts)
+    all_rows = loose.report["shift_add"].result.layers
+    err_all = loose.report["shift_add"].max_rel_error
+    assert len(all_rows) == 4 and err_all > 0
+    least = min(row["sensitivity"] for row in all_rows)
+    # Budget = the all-layers error: 0.9 x that cannot hold all four, and must hold the least sensitive.
+    tol = err_all
+    assert least <= 0.9 * tol, f"precondition: least sensitive layer ({least:.3g}) must fit 0.9 x {tol:.3g}"
+    cm = fxpress.compile(model, x, passes=["shift_add"], target="torch", tolerance=tol, options=opts)
     r = cm.report["shift_add"]
     assert r.status == "applied" and r.max_rel_error <= tol
     rows = r.result.layers
