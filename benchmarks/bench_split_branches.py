@@ -9,7 +9,10 @@ best latency (of N runs) of
   host-only  the same host program on numpy arrays (what the torch-free runtime does), and the part of
              it spent inside the region executors (the rest is the interpreter's dispatch)
   native     lowering="native": one graph with torch.cond (relax.If / ONNX If), loops unrolled
-is measured (best of N runs: the machine is shared). Results: benchmarks/results/split_branches.{json,md}.
+  compile    torch.compile of the same model (Inductor; graph breaks at the data-dependent branches)
+is measured (median of N runs; run it under ../shared/tools/quiet-run). Per model, a summary row gives the
+share-weighted geometric mean speedup over eager and over torch.compile (DyCL reports 1.12-20.21x over
+eager), and the host program's own cost per region call. Results: benchmarks/results/split_branches.{json,md}.
 
     .venv/bin/python benchmarks/bench_split_branches.py [--models early_exit ...] [--targets llvm onnx]
 """
@@ -37,8 +40,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def best_us(fn, repeats: int, warmup: int = 5) -> float:
-    """The fastest of ``repeats`` runs, in µs. On a shared machine the median mostly measures the other
-    processes; the minimum is the run least disturbed (all numbers here are minima)."""
+    """The median of ``repeats`` runs, in µs (time it on a quiet machine: quiet-run)."""
     for _ in range(warmup):
         fn()
     times = []
@@ -46,7 +48,7 @@ def best_us(fn, repeats: int, warmup: int = 5) -> float:
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return min(times) * 1e6
+    return sorted(times)[len(times) // 2] * 1e6
 
 
 class Timed:
@@ -98,6 +100,7 @@ def bench_model(name: str, targets: list[str], samples: int, repeats: int, nativ
         pin_threads(cm, threads)
         if nat is not None:
             pin_threads(nat, threads)
+        compiled_torch = torch.compile(model)
         # one representative input per path
         by_path: dict[str, tuple] = {}
         counts: dict[str, int] = {}
@@ -112,6 +115,7 @@ def bench_model(name: str, targets: list[str], samples: int, repeats: int, nativ
             arrays = [t.numpy() for t in x]
             with torch.no_grad():
                 eager = best_us(lambda: model(*x), repeats)
+                inductor = best_us(lambda: compiled_torch(*x), repeats)
             split = best_us(lambda: cm(*x), repeats)
             host = best_us(lambda: interp.run(arrays), repeats)
             per_run = []
@@ -125,6 +129,7 @@ def bench_model(name: str, targets: list[str], samples: int, repeats: int, nativ
                    "regions_called": _calls(cm, arrays),
                    "eager_us": eager, "split_us": split, "host_us": host, "in_regions_us": in_regions,
                    "dispatch_us": host - in_regions, "speedup_split": eager / split,
+                   "torch_compile_us": inductor, "speedup_vs_compile": inductor / split,
                    "compile_s": compile_s, "regions": len(cm.regions)}
             if nat is not None:
                 row["native_us"] = best_us(lambda: nat(*x), repeats)
@@ -164,16 +169,43 @@ def write_markdown(rows: list[dict], path: str, meta: dict) -> None:
              f"{meta['samples']} random inputs per model grouped by path, {meta['repeats']} timed runs each.",
              "split = DynamicCompiledModel call (torch in/out); host = torch-free host program on numpy; "
              "regions = time inside the compiled regions; native = one torch.cond graph.", "",
-             "| model | target | path | share | regions called | eager | split | speedup | host | in regions "
-             "| native | native speedup |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "## Per model (share-weighted geometric mean over the paths)", "",
+             "| model | target | split vs eager | split vs torch.compile | native vs eager | host cost per region call (µs) |",
+             "|---|---|---|---|---|---|"]
+    for (model, target), group in _groups(rows).items():
+        lines.append(f"| {model} | {target} | {_gmean(group, 'speedup_split'):.2f}x | "
+                     f"{_gmean(group, 'speedup_vs_compile'):.2f}x | "
+                     f"{_gmean(group, 'speedup_native'):.2f}x | "
+                     f"{sum(r['dispatch_us'] / max(r['regions_called'], 1) for r in group) / len(group):.1f} |")
+    lines += ["", "## Per path (µs, median)", "",
+              "| model | target | path | share | regions called | eager | torch.compile | split | speedup | host "
+              "| in regions | native | native speedup |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         native = (f"{r['native_us']:.1f} | {r['speedup_native']:.2f}x" if "native_us" in r else "- | -")
         lines.append(f"| {r['model']} | {r['target']} | {r['path']} | {r['share']:.0%} | {r['regions_called']} | "
-                     f"{r['eager_us']:.1f} | {r['split_us']:.1f} | {r['speedup_split']:.2f}x | {r['host_us']:.1f} | "
-                     f"{r['in_regions_us']:.1f} | {native} |")
+                     f"{r['eager_us']:.1f} | {r['torch_compile_us']:.1f} | {r['split_us']:.1f} | "
+                     f"{r['speedup_split']:.2f}x | {r['host_us']:.1f} | {r['in_regions_us']:.1f} | {native} |")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def _groups(rows: list[dict]) -> dict:
+    out: dict = {}
+    for r in rows:
+        out.setdefault((r["model"], r["target"]), []).append(r)
+    return out
+
+
+def _gmean(group: list[dict], key: str) -> float:
+    """Share-weighted geometric mean of ``key`` over a model's paths (nan when absent)."""
+    import math
+
+    pairs = [(r["share"], r[key]) for r in group if key in r]
+    if not pairs:
+        return float("nan")
+    total = sum(w for w, _ in pairs)
+    return math.exp(sum(w * math.log(v) for w, v in pairs) / total)
 
 
 def main() -> None:
@@ -192,7 +224,17 @@ def main() -> None:
     rows = []
     for name in args.models:
         rows += bench_model(name, args.targets, args.samples, args.repeats, not args.no_native, args.threads)
-    meta = {"machine": f"{os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f}",
+    import platform
+    import subprocess
+
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
+               platform.processor())
+    isa = sorted({f for ln in open("/proc/cpuinfo") if ln.startswith("flags")
+                  for f in ln.split(":", 1)[1].split() if f in ("avx2", "avx512f", "avx512_vnni", "amx_tile")})
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=HERE).stdout.strip()
+    meta = {"machine": f"{cpu} ({' '.join(isa)}), {os.cpu_count()} cores, load average "
+                       f"{os.getloadavg()[0]:.1f}, commit {commit}",
             "when": time.strftime("%Y-%m-%d %H:%M"), "threads": args.threads,
             "samples": args.samples, "repeats": args.repeats}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

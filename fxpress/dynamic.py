@@ -59,7 +59,9 @@ def maybe_compile_dynamic(model: nn.Module, example_inputs: tuple, pass_list, **
     when the forward has no data-dependent control flow (then the ordinary path compiles it whole and
     the split_branches pass leaves the traced graph unchanged)."""
     opts = _split_options(pass_list, kwargs.get("options"))
-    analysis = analyze(model.eval(), opts, len(example_inputs))
+    # Per-sample programs run on batch-1 slices: that is the shape their static loops see.
+    shapes = [x[:1] for x in example_inputs] if opts.get("per_sample") else example_inputs
+    analysis = analyze(model.eval(), opts, len(example_inputs), shapes)
     if not analysis.has_dynamic:
         try:  # what tracing reports: nothing to split must mean the model traces whole
             trace(model, example_inputs)

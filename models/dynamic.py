@@ -27,6 +27,7 @@ from torch import nn
 import fxpress
 
 from ._seed import seeded
+from .dynamic_families import AttentionDecoder, CounterLoop, GreedyDecoder, RaNet, SampleGate
 
 _CAL = 256  # calibration inputs per decision
 
@@ -246,6 +247,10 @@ def _vec_sampler(seed: int) -> tuple:
     return (torch.randn(1, 16, generator=torch.Generator().manual_seed(seed)),)
 
 
+def _sampler(*shape: int) -> Callable[[int], tuple]:
+    return lambda seed: (torch.randn(*shape, generator=torch.Generator().manual_seed(seed)),)
+
+
 DYNAMIC_SPECS: dict[str, DynamicModelSpec] = {
     "early_exit": DynamicModelSpec(
         "early_exit", EarlyExitNet, lambda: _img_sampler(0), "3 conv stages, exit after each by confidence",
@@ -262,4 +267,20 @@ DYNAMIC_SPECS: dict[str, DynamicModelSpec] = {
     "shape_branch": DynamicModelSpec(
         "shape_branch", ShapeBranchNet, lambda: _img_sampler(0), "coarse 16x4x4 vs fine 8x8x8 path",
         _img_sampler, decisions="coarse or fine path"),
+    "greedy_decoder": DynamicModelSpec(
+        "greedy_decoder", GreedyDecoder, lambda: _sampler(1, 16)(0), "GRUCell greedy decoding, break at end token",
+        _sampler(1, 16), decisions="tokens decoded (1..4)"),
+    "counter_loop": DynamicModelSpec(
+        "counter_loop", CounterLoop, lambda: _sampler(1, 16)(0), "while y.norm() > tol and i < 4 (int counter)",
+        _sampler(1, 16), decisions="iterations (0..4)"),
+    "ranet": DynamicModelSpec(
+        "ranet", RaNet, lambda: _sampler(1, 3, 16, 16)(0), "RaNet: half resolution first, exit or upsample",
+        _sampler(1, 3, 16, 16), decisions="small-resolution exit or full resolution"),
+    "sample_gate": DynamicModelSpec(
+        "sample_gate", SampleGate, lambda: _sampler(2, 16)(0), "per-sample gate over batch-1 slices (batch 2)",
+        _sampler(2, 16), decisions="each sample's block run or skipped (4 paths)"),
+    "attn_decoder": DynamicModelSpec(
+        "attn_decoder", AttentionDecoder, lambda: _sampler(1, 6, 8)(0),
+        "attention decoder growing its output by torch.cat, learned stop", _sampler(1, 6, 8),
+        decisions="steps decoded (1..4)"),
 }

@@ -33,7 +33,7 @@ from .graph import finalize
 from .split_branches_ast import Analysis, Taint, analyze
 from .split_branches_regions import (HELPERS, Builder, Explorer, RegionDef, RegionModule,
                                      flat_input_names, flat_output_names, hoist_regions, liveness, merge_adjacent,
-                                     region_module, tail_duplicate, uses_defs)
+                                     region_module, duplicate_continuation, uses_defs)
 
 MAX_DUPLICATION_ROUNDS = 16
 
@@ -106,7 +106,7 @@ def split_model(model: nn.Module, example_inputs: Sequence[torch.Tensor], option
     """Cut ``model``'s forward into branch-free regions and a host program (see module docstring).
     ``analysis``: the front end's result when the caller already has it (``analyze(model, options)``)."""
     options = dict(options or {})
-    analysis = analysis if analysis is not None else analyze(model, options, len(example_inputs))
+    analysis = analysis if analysis is not None else analyze(model, options, len(example_inputs), example_inputs)
     if len(analysis.params) != len(example_inputs):
         raise TraceError(f"split_branches: {analysis.root_fn.qualname} takes {len(analysis.params)} input(s) "
                          f"({', '.join(analysis.params)}), got {len(example_inputs)} example input(s)")
@@ -135,7 +135,7 @@ def split_model(model: nn.Module, example_inputs: Sequence[torch.Tensor], option
             if id(node) in seen:
                 continue
             seen.add(id(node))
-            note = tail_duplicate(body, node, regions, fresh_region, fresh_id)
+            note = duplicate_continuation(body, node, regions, fresh_region, fresh_id)
             duplications += 1
             if note not in notes:
                 notes.append(note)

@@ -25,6 +25,7 @@ import types
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from fxpress.errors import TraceError
@@ -116,6 +117,98 @@ def stored_names(node: ast.AST) -> list[str]:
             out.append(n.id)
         elif isinstance(n, ast.NamedExpr) and isinstance(n.target, ast.Name):
             out.append(n.target.id)
+    return out
+
+
+def counter_bound(loop: ast.While, preceding, static_eval) -> int | None:
+    """The most iterations ``while ... and i < N:`` can take, read from the loop itself.
+
+    A conjunct ``i < N`` / ``i <= N`` (or ``N > i`` / ``N >= i``) bounds the loop when ``N`` is a
+    compile-time int, ``i`` was last set to a compile-time int before the loop (in ``preceding``, the
+    statements of the same block), and the body changes ``i`` only by one ``i += k`` (k > 0) at its top
+    level, with no ``continue`` that could skip it. ``static_eval(expr) -> (ok, value)``. None when no
+    conjunct qualifies.
+    """
+    conjuncts = loop.test.values if isinstance(loop.test, ast.BoolOp) and isinstance(loop.test.op, ast.And) \
+        else [loop.test]
+    best = None
+    for c in conjuncts:
+        found = _counter_compare(c)
+        if found is None:
+            continue
+        name, limit_expr, inclusive = found
+        ok, limit = static_eval(limit_expr)
+        start = _last_int_assignment(name, preceding, static_eval)
+        step = _only_increment(name, loop.body, static_eval)
+        if not ok or not _is_int(limit) or start is None or step is None:
+            continue
+        span = limit - start
+        trips = (span // step + 1 if span >= 0 else 0) if inclusive else max(0, -(-span // step))
+        best = trips if best is None else min(best, trips)
+    return best
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _counter_compare(c: ast.expr):
+    """(counter name, limit expr, inclusive) for ``i < N``, ``i <= N``, ``N > i``, ``N >= i``."""
+    if not (isinstance(c, ast.Compare) and len(c.ops) == 1):
+        return None
+    left, op, right = c.left, c.ops[0], c.comparators[0]
+    if isinstance(left, ast.Name) and isinstance(op, (ast.Lt, ast.LtE)):
+        return left.id, right, isinstance(op, ast.LtE)
+    if isinstance(right, ast.Name) and isinstance(op, (ast.Gt, ast.GtE)):
+        return right.id, left, isinstance(op, ast.GtE)
+    return None
+
+
+def _last_int_assignment(name: str, preceding, static_eval) -> int | None:
+    for s in reversed(list(preceding)):
+        if name not in stored_names(s):
+            continue
+        if (isinstance(s, ast.Assign) and len(s.targets) == 1 and isinstance(s.targets[0], ast.Name)
+                and s.targets[0].id == name):
+            ok, v = static_eval(s.value)
+            return v if ok and _is_int(v) else None
+        return None  # set some other way (in a branch, a loop, a tuple unpacking): not a known start
+    return None
+
+
+def _only_increment(name: str, body: list[ast.stmt], static_eval) -> int | None:
+    if any(isinstance(n, ast.Continue) for s in body for n in [s, *iter_child_nodes_same_scope(s)]):
+        return None
+    writers = [s for s in body if name in stored_names(s)]
+    if len(writers) != 1:
+        return None
+    s = writers[0]
+    if not (isinstance(s, ast.AugAssign) and isinstance(s.op, ast.Add) and isinstance(s.target, ast.Name)):
+        return None
+    ok, k = static_eval(s.value)
+    return k if ok and _is_int(k) and k > 0 else None
+
+
+# Methods that change their object in place: a region that calls one hands the object on as an output.
+_MUTATING_METHODS = {"append", "extend", "insert", "pop", "remove", "clear", "update", "setdefault",
+                     "popitem", "sort", "reverse", "__setitem__"}
+
+
+def mutated_names(node: ast.AST) -> list[str]:
+    """Names whose object ``node`` changes in place (same scope): ``outs.append(y)``, ``d[k] = v``,
+    ``h.add_(1)`` (torch's trailing-underscore in-place methods)."""
+    out = []
+    for n in [node, *iter_child_nodes_same_scope(node)]:
+        base = None
+        if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and isinstance(n.func.value, ast.Name):
+            attr = n.func.attr
+            if attr in _MUTATING_METHODS or (attr.endswith("_") and not attr.startswith("_")):
+                base = n.func.value.id
+        elif isinstance(n, (ast.Subscript, ast.Attribute)) and isinstance(n.ctx, ast.Store) \
+                and isinstance(n.value, ast.Name):
+            base = n.value.id
+        if base is not None and base not in out:
+            out.append(base)
     return out
 
 
@@ -425,13 +518,20 @@ class _Frame:
         self.taint = taint
         self.self_name = self_name
         self.consts: dict[str, Any] = {}  # static locals evaluated at compile time
+        self.shapes: dict[str, Any] = {}  # forward's inputs as meta tensors (shapes only), root frame only
 
 
 class Lowerer:
-    def __init__(self, root: nn.Module, options: dict[str, Any] | None = None, n_inputs: int | None = None):
+    def __init__(self, root: nn.Module, options: dict[str, Any] | None = None, n_inputs: int | None = None,
+                 example_inputs=None):
         self.root = root
         self.options = options or {}
         self.n_inputs = n_inputs
+        # Shapes are fixed at compile time: `range(x.shape[0])` is a static loop. Meta tensors give
+        # static evaluation the inputs' shapes and nothing else (a value read fails, as it must).
+        self._shape_stand_ins = [torch.empty(t.shape, dtype=t.dtype, device="meta") if isinstance(t, torch.Tensor)
+                                 else None for t in (example_inputs or ())]
+        self._root_frame = None
         self.bindings: dict[str, Any] = {"self": root}
         self.data: set[str] = set()
         self.varying: set[str] = set()
@@ -477,6 +577,7 @@ class Lowerer:
         self.varying |= taint.varying
         self.code_objects.add(fn.fn.__code__)
         frame = _Frame(fn, taint, "self")
+        frame.shapes = {p: t for p, t in zip(params, self._shape_stand_ins) if t is not None}
         self._stack.append(fn.fn.__code__)
         program = self.lower_block(fdef.body, frame)
         self._stack.pop()
@@ -491,6 +592,7 @@ class Lowerer:
         ns.update(frame.fn.globals)
         ns.update(frame.fn.closure)
         ns.update(self.bindings)
+        ns.update(frame.shapes)
         ns.update(frame.consts)
         return ns
 
@@ -634,12 +736,12 @@ class Lowerer:
     # ------------------------------------------------------------------ lowering
     def lower_block(self, stmts: list[ast.stmt], frame: _Frame) -> list:
         out: list = []
-        for s in stmts:
+        for i, s in enumerate(stmts):
             if not self.needs_split(s, frame, False):
                 out.append(SStmt(s, frame.fn))
                 self._record_const(s, frame)
                 continue
-            out.extend(self.lower_stmt(s, frame))
+            out.extend(self.lower_stmt(s, frame, stmts[:i]))
             if out and isinstance(out[-1], (SReturn, SBreak, SContinue)):
                 break  # the rest of the block is unreachable
         return out
@@ -655,7 +757,7 @@ class Lowerer:
         if ok and isinstance(value, (bool, int, float, str, tuple, type(None), nn.Module)):
             frame.consts[name] = value
 
-    def lower_stmt(self, s: ast.stmt, frame: _Frame) -> list:
+    def lower_stmt(self, s: ast.stmt, frame: _Frame, preceding: list[ast.stmt] = ()) -> list:
         fn, t = frame.fn, frame.taint
         if isinstance(s, ast.Return):
             if s.value is not None and self._call_needs(s, frame):
@@ -687,7 +789,7 @@ class Lowerer:
                     "the input tensors so it is split as a dynamic branch.")
             return self.lower_block(s.body if value else s.orelse, frame)
         if isinstance(s, ast.While):
-            return self.lower_while(s, frame)
+            return self.lower_while(s, frame, preceding)
         if isinstance(s, ast.For):
             return self.lower_for(s, frame)
         if isinstance(s, (ast.Assign, ast.Expr, ast.AnnAssign)):
@@ -699,7 +801,7 @@ class Lowerer:
             "and calls of submodules).\nWhat to do: move the dynamic part out of the "
             f"`{what.lower()}` block.")
 
-    def lower_while(self, s: ast.While, frame: _Frame) -> list:
+    def lower_while(self, s: ast.While, frame: _Frame, preceding: list[ast.stmt] = ()) -> list:
         fn = frame.fn
         if s.orelse:
             raise TraceError(f"split_branches: {fn.loc(s)}: while ... else is not supported; move the else block after the loop")
@@ -709,6 +811,10 @@ class Lowerer:
             test, max_iter, on_exceed = bound
         else:
             max_iter, on_exceed = self.options.get("max_loop_iters"), self.options.get("on_exceed", "error")
+            inferred = counter_bound(s, preceding, lambda e: self.try_static_eval(e, frame))
+            if inferred is not None:
+                # The condition itself caps the trip count: the loop can never want iteration max_iter + 1.
+                max_iter = inferred if max_iter is None else min(int(max_iter), inferred)
             if max_iter is None:
                 raise TraceError(
                     f"split_branches: {fn.loc(s)}: `while {ast.unparse(s.test)}:` has a data-dependent trip count and "
@@ -961,7 +1067,9 @@ def _program_def_sites(program: list, params: list[str]) -> dict[str, int]:
     return counts
 
 
-def analyze(model: nn.Module, options: dict[str, Any] | None = None, n_inputs: int | None = None) -> Analysis:
+def analyze(model: nn.Module, options: dict[str, Any] | None = None, n_inputs: int | None = None,
+            example_inputs=None) -> Analysis:
     """Read ``model.forward`` (and the dynamic callees it reaches) into a structured program. With
-    ``n_inputs``, forward parameters past the first ``n_inputs`` keep their default values."""
-    return Lowerer(model, options, n_inputs).run()
+    ``n_inputs``, forward parameters past the first ``n_inputs`` keep their default values; with
+    ``example_inputs``, their shapes are compile-time constants (``for b in range(x.shape[0])``)."""
+    return Lowerer(model, options, n_inputs, example_inputs).run()

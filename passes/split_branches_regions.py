@@ -35,7 +35,7 @@ from fxpress.errors import TraceError
 
 from . import split_branches_ir as ir
 from .split_branches_ast import (Analysis, FnInfo, SBreak, SContinue, SFor, SIf, SReturn, SStmt, SUnrolled,
-                                 SWhile, Taint, loaded_names, stored_names)
+                                 SWhile, Taint, loaded_names, mutated_names, stored_names)
 
 PREFIX = "_sb_"
 
@@ -242,9 +242,13 @@ def uses_defs(stmts: list[ast.stmt]) -> tuple[list[str], set[str], list[str]]:
             if n not in definite and n not in uses:
                 uses.append(n)
         written = stored_names(s)
-        maybe += [w for w in written if w not in maybe]
+        # An object changed in place (`outs.append(y)`) is a new value that later code must see.
+        mutated = [m for m in mutated_names(s) if m not in written]
+        maybe += [w for w in written + mutated if w not in maybe]
         if isinstance(s, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
             definite.update(written)
+        if isinstance(s, (ast.Expr, ast.Assign, ast.AnnAssign, ast.AugAssign)):
+            definite.update(m for m in mutated if m in definite or m in uses)
     return uses, definite, maybe
 
 
@@ -423,7 +427,9 @@ def _sb_float(v):
 
 
 def _sb_bool(v):
-    return (v != 0) if _is_t(v) else bool(v)
+    # .bool() is Python's truth test for every dtype, and a no-op on bool tensors (`b != 0` on a bool
+    # tensor compared a 1-bit value as a float in TVM's lowering).
+    return v.bool() if _is_t(v) else bool(v)
 
 
 def _sb_and(*thunks):
@@ -431,7 +437,7 @@ def _sb_and(*thunks):
     for th in thunks:
         v = th()
         if _is_t(v):
-            b = v != 0
+            b = v.bool()
             out = b if out is None else torch.logical_and(out, b)
         elif not v:
             return False
@@ -443,7 +449,7 @@ def _sb_or(*thunks):
     for th in thunks:
         v = th()
         if _is_t(v):
-            b = v != 0
+            b = v.bool()
             out = b if out is None else torch.logical_or(out, b)
         elif v:
             return True
@@ -493,9 +499,9 @@ def kind_of(value) -> str:
         return "tensor"
     if isinstance(value, (bool, int, float)) or value is None:
         return "scalar"
-    if isinstance(value, (list, tuple, dict)) and value:
-        leaves = pytree.tree_leaves(value)
-        if leaves and all(isinstance(x, torch.Tensor) for x in leaves):
+    if isinstance(value, (list, tuple, dict)):
+        # An empty list is a tree too: `outs = []` before a loop that appends to it.
+        if all(isinstance(x, torch.Tensor) for x in pytree.tree_leaves(value)):
             return "tree"
     return "object"
 
@@ -507,6 +513,10 @@ def signature(kind: str, value) -> tuple:
         leaves, spec = pytree.tree_flatten(value)
         return ("tree", str(spec), tuple((tuple(x.shape), x.dtype) for x in leaves))
     if kind == "scalar":
+        if isinstance(value, (bool, int, float)):
+            # A region takes a Python number as a 0-d tensor and hands back a 0-d tensor (`i += 1` on a
+            # counter): both are the same value to the host and to the compiled regions.
+            return ("tensor", (), _TORCH_DTYPES[scalar_dtype(value)])
         return ("scalar", type(value).__name__)
     if kind == "static":
         try:
@@ -575,6 +585,8 @@ class Explorer:
         self.duplicate: list = []          # If nodes whose continuation must be duplicated
         self.returns: dict[int, list[str]] = {}  # id(Return) → flat output names
         self.static: dict[str, dict[str, Any]] = {}
+        # Objects some region changes in place (`outs.append`) are values, never baked-in constants.
+        self.mutated = {m for r in regions.values() for st in r.stmts for m in mutated_names(st)}
 
     # ------------------------------------------------------------------ driver
     def run(self, inputs: dict[str, torch.Tensor]) -> None:
@@ -650,7 +662,9 @@ class Explorer:
                 in_layout.append((name, "tensor", None))
             elif slot.kind == "tree":
                 leaves, spec = pytree.tree_flatten(slot.value)
-                args.append(slot.value)
+                # Fresh containers: a region that appends to a list must not change the value other
+                # explored paths hold.
+                args.append(pytree.tree_unflatten(leaves, spec))
                 flat.extend(leaves)
                 in_layout.append((name, "tree", spec))
             elif slot.kind == "scalar":
@@ -680,7 +694,9 @@ class Explorer:
             value = result[name]
             kind = kind_of(value)
             static_ok = (not name.startswith(PREFIX) and self.a.def_sites.get(name, 0) <= 1
-                         and name not in self.a.data)
+                         and name not in self.a.data and name not in self.mutated)
+            if kind == "tree" and static_ok and not pytree.tree_leaves(value):
+                kind = "static"  # an empty container nobody fills: a constant
             if kind == "tensor":
                 out_layout.append((name, "tensor", None))
                 flat_out.append(value)
@@ -779,7 +795,9 @@ class Explorer:
             res = self.block(it, dict(env))
             exits = _merge(exits, res.brk, set())
             env = _merge(res.fall, res.cont, set())
-        return self._merge_checked(env, exits, self.live_after(n), n.loc) if exits is not None else env
+        # Exits that leave different shapes (a list grown up to the break) get their own copy of the
+        # code after the loop (break_duplicate), like the two sides of a branch.
+        return self._merge_checked(env, exits, self.live_after(n), n.loc, node=n) if exits is not None else env
 
     def ret(self, n: ir.Return, env: dict) -> None:
         values = []
@@ -935,6 +953,42 @@ def tail_duplicate(body: list, node: ir.If, regions: dict[str, RegionDef], fresh
     node.then = node.then + clone_nodes(rest, regions, fresh_region, fresh_id)
     node.orelse = node.orelse + rest
     return f"{node.loc}: the two sides of this branch give different shapes; duplicated the code after it into both"
+
+
+def _own_breaks(nodes: list):
+    """(list, index) of every Break in ``nodes`` that leaves the loop owning ``nodes`` (not a nested one)."""
+    for i, n in enumerate(nodes):
+        if isinstance(n, ir.Break):
+            yield nodes, i
+        elif isinstance(n, ir.If):
+            yield from _own_breaks(n.then)
+            yield from _own_breaks(n.orelse)
+
+
+def break_duplicate(body: list, node: ir.Unrolled, regions: dict[str, RegionDef], fresh_region, fresh_id) -> str:
+    """Replace each ``break`` of an unrolled loop by a copy of the code after the loop, so each way out
+    (a list of 1, 2, ... steps in a greedy decoder) runs code traced for its own shapes."""
+    found = find_parent(body, node)
+    assert found is not None
+    nodes, i, owner = found
+    rest = nodes[i + 1:]
+    if owner is not None or not rest or not isinstance(rest[-1], ir.Return):
+        raise TraceError(
+            f"split_branches: {node.loc}: a variable has a different shape or length depending on the iteration "
+            "this loop leaves at, and the loop is nested in other control flow, so the code after it cannot be "
+            "specialised per exit.\nWhat to do: move the loop to the top level of forward, or keep the shapes "
+            "fixed (e.g. write into a preallocated tensor instead of growing a list).")
+    for it in node.iterations:
+        for holder, j in reversed(list(_own_breaks(it))):
+            holder[j:j + 1] = clone_nodes(rest, regions, fresh_region, fresh_id)
+    return (f"{node.loc}: the ways out of this loop give different shapes; each break runs its own copy of the "
+            "code after the loop")
+
+
+def duplicate_continuation(body: list, node, regions: dict[str, RegionDef], fresh_region, fresh_id) -> str:
+    if isinstance(node, ir.Unrolled):
+        return break_duplicate(body, node, regions, fresh_region, fresh_id)
+    return tail_duplicate(body, node, regions, fresh_region, fresh_id)
 
 
 # ----------------------------------------------------------------------------- region modules

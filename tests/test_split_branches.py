@@ -27,6 +27,12 @@ EXPECTED = {
     "blockdrop": (4, {"if": 2, "return": 1}),  # the second keep test is hoisted before block 0
     "refine_loop": (3, {"while": 1, "return": 1}),
     "shape_branch": (3, {"if": 1, "return": 2}),
+    # a break per step: each runs its own copy of the code after the loop (stack of 1..4 logits)
+    "greedy_decoder": (9, {"unrolled": 1, "if": 4, "return": 5}),
+    "counter_loop": (3, {"while": 1, "return": 1}),       # bound read from `i < self.max_steps`
+    "ranet": (2, {"if": 1, "return": 2}),
+    "sample_gate": (5, {"if": 2, "return": 1}),           # `range(x.shape[0])` unrolled over the batch
+    "attn_decoder": (4, {"unrolled": 1, "if": 4, "return": 5}),
 }
 
 

@@ -30,6 +30,11 @@ PATHS = {
     "blockdrop": 4,      # each of 2 blocks kept or dropped
     "refine_loop": 9,    # 0..8 iterations
     "shape_branch": 2,   # coarse or fine
+    "greedy_decoder": 5,  # end token at step 1..4, or none
+    "counter_loop": 5,   # 0..4 iterations (4: the counter's bound)
+    "ranet": 2,          # small-resolution exit or full resolution
+    "sample_gate": 4,    # each of 2 samples' block run or skipped
+    "attn_decoder": 5,   # stop at step 1..4, or none
 }
 
 _CACHE: dict = {}
