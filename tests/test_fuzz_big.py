@@ -85,3 +85,40 @@ def test_fuzz_big():
     assert counts["models"] >= min(n, 1000) * 0.95, "hypothesis generated fewer models than asked"
     assert not bugs, f"{len(bugs)} bug(s); first:\n" + "\n".join(
         f"[{f['kind']}] {f['stage']}: {f['message'][:800]}\n  {f['case']}" for f in bugs[:3])
+
+
+def test_fuzz_semantics_big():
+    """>= 1,000 semantics cases (integer dtypes, NaN/Inf, index ops in and out of range) on llvm and onnx.
+    FXPRESS_FUZZ_SEMANTICS_EXAMPLES (default 1000) models, each checked on every target."""
+    from fuzz_semantics import check_semantics, semantics_cases
+
+    n = int(os.environ.get("FXPRESS_FUZZ_SEMANTICS_EXAMPLES", "1000"))
+    run_seed = int(os.environ.get("FXPRESS_FUZZ_SEED", str(random.randrange(2**31))))
+    targets = [t for t in os.environ.get("FXPRESS_FUZZ_TARGETS", "onnx,llvm").split(",") if t]
+    report = Path(os.environ.get("FXPRESS_FUZZ_REPORT", ROOT / ".cache" / "fuzz" / "summary.json"))
+    report = report.with_name(report.stem + "-semantics.json")
+    report.parent.mkdir(parents=True, exist_ok=True)
+    counts: Counter = Counter()
+    findings: list[dict] = []
+
+    @seed(run_seed)
+    @settings(max_examples=n, deadline=None, database=None, phases=[Phase.generate],
+              suppress_health_check=list(HealthCheck))
+    @given(case=semantics_cases())
+    def body(case):
+        counts["models"] += 1
+        counts[f"kind:{case.spec['kind']}"] += 1
+        for target in targets:
+            for kind, message in check_semantics(case, target).findings:
+                counts[kind] += 1
+                findings.append({"kind": kind, "target": target, "message": message, "case": repr(case)})
+        if counts["models"] % 50 == 0:
+            print(f"[fuzz-semantics] {counts['models']}/{n}: {counts['mismatch']} mismatches, "
+                  f"{counts['crash']} crashes, {counts['refusal']} refusals", file=sys.stderr, flush=True)
+
+    body()
+    report.write_text(json.dumps({"seed": run_seed, "counts": dict(counts), "findings": findings}, indent=1))
+    bugs = [f for f in findings if f["kind"] != "refusal"]
+    assert counts["models"] >= min(n, 1000) * 0.95, "hypothesis generated fewer models than asked"
+    assert not bugs, f"{len(bugs)} bug(s); first:\n" + "\n".join(
+        f"[{f['kind']}] {f['target']}: {f['message'][:500]}\n  {f['case']}" for f in bugs[:3])

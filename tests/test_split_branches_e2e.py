@@ -108,7 +108,10 @@ def test_export_and_torch_free_reload(tmp_path):
     # early exits in a loop, a bounded while, a duplicated join through TVM (the llvm build is reused);
     # one through ONNX Runtime (re-exported per region)
     plan = [("early_exit", "llvm", "tvm"), ("refine_loop", "llvm", "tvm"), ("shape_branch", "llvm", "tvm"),
-            ("refine_loop", "onnx", "onnx")]
+            ("refine_loop", "onnx", "onnx"),
+            # the issue #15 families: lists grown up to a break, int counters, RaNet, batch-1 slices
+            ("greedy_decoder", "onnx", "onnx"), ("counter_loop", "llvm", "tvm"), ("ranet", "llvm", "tvm"),
+            ("sample_gate", "llvm", "tvm"), ("attn_decoder", "onnx", "onnx")]
     for name, target, backend in plan:
         spec, model, cm = compiled(name, target)
         art = cm.export(str(tmp_path / f"{name}-{backend}"), backends=(backend,))
