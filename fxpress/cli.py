@@ -187,10 +187,27 @@ class _Session:
     def run(self, fn, *a, **k):
         from .console import StageProgress, quiet_machinery
 
-        with quiet_machinery(self.verbose) as captured:
-            self.hidden = captured
-            with StageProgress(enabled=not self.quiet):
-                return fn(*a, **k)
+        global _LAST_SESSION
+        _LAST_SESSION = self
+        try:
+            with quiet_machinery(self.verbose) as captured:
+                self.hidden = captured
+                with StageProgress(enabled=not self.quiet):
+                    return fn(*a, **k)
+        except FxpressError:
+            raise
+        except Exception:
+            # not an error fxpress explains: the hidden output may be the explanation
+            if self.hidden is not None and self.hidden.text():
+                sys.stderr.write(self.hidden.text())
+            raise
+
+    def hint(self) -> str | None:
+        n = self.hidden.lines() if self.hidden is not None and not self.verbose else 0
+        return f"fxpress: ({n} lines of compiler output were hidden; --verbose shows them)" if n else None
+
+
+_LAST_SESSION: _Session | None = None
 
 
 def _compile(args, session: _Session):
@@ -300,7 +317,7 @@ def _write_html(cm_or_report, args) -> None:
             raise InputError(f"--html {args.html}: cannot write it ({e.strerror or e}); choose a writable path") from None
         print(f"\nHTML report: {path}")
         if importlib.util.find_spec("matplotlib") is None:
-            print("(written without plots: matplotlib is not installed; pip install matplotlib adds them)")
+            print("(written without plots: matplotlib is not installed; pip install 'fxpress[html]' adds them)")
 
 
 def _print_stage(report, name: str) -> int:
@@ -432,11 +449,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global _LAST_SESSION
+    _LAST_SESSION = None
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
     except FxpressError as e:
         print(f"fxpress: error: {e}", file=sys.stderr)
+        hint = _LAST_SESSION.hint() if _LAST_SESSION is not None else None
+        if hint:
+            print(hint, file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("fxpress: interrupted", file=sys.stderr)

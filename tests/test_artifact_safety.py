@@ -6,6 +6,7 @@ import logging
 import os
 import shutil
 import stat
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -339,3 +340,11 @@ def test_tuning_with_a_bad_db_file_still_compiles(tmp_path, monkeypatch):
     assert target_key(db.target) in db.dir
     cm = fxpress.compile(_tiny(), X, passes="none", target="llvm", tune=2)
     np.testing.assert_allclose(cm(X[0]).numpy(), _tiny()(X[0]).detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_security_doc_says_what_load_opens_and_checks():
+    text = (Path(__file__).resolve().parents[1] / "docs" / "security.md").read_text()
+    assert "## What `load()` opens and checks, in order" in text
+    for point in ("Schema", "Paths.", "sha256.", "this CPU lacks an ISA feature", "param_specs", "table_param",
+                  "never deletes what it did not write"):
+        assert point in text, point
