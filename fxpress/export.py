@@ -221,8 +221,12 @@ def _swap_into_place(tmp: str, path: str) -> None:
     Elsewhere the old dir is moved aside first, which leaves a short window without ``path``.
     """
     if not os.path.exists(path):
-        os.rename(tmp, path)
-        return
+        try:
+            os.rename(tmp, path)
+            return
+        except OSError as e:  # another exporter put its artifact there in between: replace that one
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
     _check_replaceable(path)  # again, just before: another process may have put something there meanwhile
     if _exchange(tmp, path):
         shutil.rmtree(tmp, ignore_errors=True)

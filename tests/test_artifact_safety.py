@@ -348,3 +348,59 @@ def test_security_doc_says_what_load_opens_and_checks():
     for point in ("Schema", "Paths.", "sha256.", "this CPU lacks an ISA feature", "param_specs", "table_param",
                   "never deletes what it did not write"):
         assert point in text, point
+
+
+CONCURRENT_CHILD = """
+import os, sys, time
+import torch
+import fxpress
+from fxpress import export as ex
+
+target, go, out = sys.argv[1], sys.argv[2], int(sys.argv[3])
+
+def write_onnx(cm, root):  # the export machinery is under test, not the ONNX exporter
+    with open(os.path.join(root, "model.onnx"), "wb") as f:
+        f.write(bytes([out]) * 4096)
+    return {"file": "model.onnx", "opset": 18, "input_names": ["input_0"], "output_names": ["output_0"]}
+
+ex._write_onnx = write_onnx
+cm = fxpress.compile(torch.nn.Linear(4, out), (torch.randn(2, 4),), passes="none", target="torch")
+open(go + f".ready{out}", "w").close()
+while not os.path.exists(go):
+    time.sleep(0.005)
+cm.export(target, backends=("onnx",))
+"""
+
+
+def test_concurrent_exporters_to_one_new_directory_all_succeed(tmp_path):
+    import subprocess
+    import sys
+
+    target, go = tmp_path / "art", tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", CONCURRENT_CHILD, str(target), str(go), str(n)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for n in (3, 4, 5)]
+    import time
+    deadline = time.time() + 240
+    while not all((tmp_path / f"go.ready{n}").exists() for n in (3, 4, 5)):  # all compiled: release them together
+        assert time.time() < deadline and all(p.poll() is None for p in procs), "a child failed before exporting"
+        time.sleep(0.05)
+    go.touch()
+    for p in procs:
+        _, err = p.communicate(timeout=240)
+        assert p.returncode == 0, err[-2000:]
+    m = read_manifest(str(target))  # one complete artifact, whichever finished last
+    assert m["outputs"][0]["shape"][1] in (3, 4, 5)
+    assert sorted(e for e in os.listdir(tmp_path) if not e.startswith("go")) == ["art"]  # no temp dirs left
+
+
+def test_export_race_with_a_first_exporter_replaces_its_artifact(cm_torch, tmp_path, monkeypatch):
+    """The path did not exist when checked, but another exporter renamed its artifact there first."""
+    from fxpress import export as ex
+
+    target = tmp_path / "art"
+    cm_torch.export(str(target), backends=("onnx",))  # "the other exporter's" artifact
+    real_exists = os.path.exists
+    monkeypatch.setattr(ex.os.path, "exists", lambda p: False if p == str(target) else real_exists(p))
+    fxpress.compile(_tiny(5), X, passes="none", target="torch").export(str(target), backends=("onnx",))
+    monkeypatch.undo()
+    assert read_manifest(str(target))["outputs"][0]["shape"] == [2, 5]
