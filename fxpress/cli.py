@@ -215,8 +215,6 @@ def _compile(args, session: _Session):
 
     options = parse_options(args.options)
     check_out(getattr(args, "out", None))
-    if getattr(args, "portable", False):
-        os.environ["FXPRESS_PORTABLE"] = "1"  # read by codegen.targets.resolve_target("llvm")
     model, example = load_model(args.model, args.size, args.input)
     calibration = load_calibration(args.calibration, example) if getattr(args, "calibration", None) else None
     passes = "none" if args.passes == "none" else ("default" if args.passes == "default" else args.passes.split(","))
@@ -452,6 +450,9 @@ def main(argv: list[str] | None = None) -> int:
     global _LAST_SESSION
     _LAST_SESSION = None
     args = build_parser().parse_args(argv)
+    saved = os.environ.get("FXPRESS_PORTABLE")
+    if getattr(args, "portable", False):
+        os.environ["FXPRESS_PORTABLE"] = "1"  # read by codegen.targets.resolve_target("llvm"), at compile and export
     try:
         return args.fn(args)
     except FxpressError as e:
@@ -463,6 +464,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fxpress: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if saved is None:
+            os.environ.pop("FXPRESS_PORTABLE", None)
+        else:
+            os.environ["FXPRESS_PORTABLE"] = saved
 
 
 if __name__ == "__main__":

@@ -37,6 +37,8 @@ def build():
 @pytest.fixture
 def netdir(tmp_path, monkeypatch):
     (tmp_path / "usernet.py").write_text(NET)
+    (tmp_path / "proj").mkdir()
+    (tmp_path / "proj" / "thesis.txt").write_text("mine")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.chdir(tmp_path)
     return tmp_path
@@ -58,6 +60,7 @@ def _one_line_error(capsys, pattern: str) -> str:
     (["compile", "digits_cnn", "--target", "torch", "--out", "/proc/x"], r"cannot create a directory in /proc"),
     (["compile", "digits_cnn", "--target", "torch", "--out", "/dev/null/x"], r"/dev/null is not a directory"),
     (["compile", "digits_cnn", "--target", "torch", "--out", "."], r"refusing to export to .*current directory"),
+    (["export", "digits_cnn", "--target", "torch", "--out", "proj"], r"proj: it is a directory that is not an fxpress artifact"),
     (["bench", "digits_cnn", "--repeat", "-5"], r"--repeat -5: the number of timed runs must be at least 1"),
     (["bench", "digits_cnn", "--targets", "bogus"], r"--targets 'bogus': unknown target\(s\) \['bogus'\]"),
     (["compile", "usernet:build", "--input", "0x5:int64", "--target", "llvm"],
@@ -67,6 +70,7 @@ def _one_line_error(capsys, pattern: str) -> str:
 def test_bad_arguments_are_one_line_with_status_2(netdir, capsys, argv, pattern):
     assert main(argv) == 2
     _one_line_error(capsys, pattern)
+    assert (netdir / "proj" / "thesis.txt").read_text() == "mine"
 
 
 @pytest.mark.parametrize("argv, pattern", [
@@ -188,3 +192,16 @@ def test_html_without_matplotlib(tmp_path, monkeypatch, capsys):
     assert main(["compile", "digits_cnn", "--passes", "none", "--target", "torch", "--quiet", "--html", str(html)]) == 0
     assert html.read_text().count("<html") == 1
     assert "written without plots: matplotlib is not installed" in capsys.readouterr().out
+
+
+def test_portable_export(netdir, monkeypatch, capsys):
+    from fxpress.runtime.manifest import read_manifest
+
+    monkeypatch.delenv("FXPRESS_PORTABLE", raising=False)
+    argv = ["export", "usernet:build", "--passes", "none", "--target", "llvm", "--quiet", "--out", "art"]
+    assert main(argv + ["--portable"]) == 0
+    assert "FXPRESS_PORTABLE" not in os.environ  # the flag does not outlive the command
+    tvm_entry = read_manifest("art")["backends"]["tvm"]
+    assert tvm_entry["portable"] is True and tvm_entry["isa"] == []
+    assert main(argv) == 0
+    assert read_manifest("art")["backends"]["tvm"]["portable"] is False
