@@ -205,3 +205,10 @@ def test_portable_export(netdir, monkeypatch, capsys):
     assert tvm_entry["portable"] is True and tvm_entry["isa"] == []
     assert main(argv) == 0
     assert read_manifest("art")["backends"]["tvm"]["portable"] is False
+
+
+def test_empty_example_input_is_refused_before_tvm():
+    from fxpress.errors import InputError
+
+    with pytest.raises(InputError, match=r"example_inputs\[0\] has shape \(0, 4\), no elements; pass at least one sample"):
+        fxpress.compile(torch.nn.Linear(4, 2), torch.randn(0, 4), passes="none", target="llvm")
