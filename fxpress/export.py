@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import json
 import os
 import shutil
 import sys
@@ -13,7 +14,8 @@ from typing import Any, Callable
 import numpy as np
 
 from fxpress.errors import ArtifactError
-from fxpress.runtime.manifest import write_manifest
+from fxpress.runtime.manifest import FORMAT_VERSION, write_manifest
+from fxpress.runtime.schema import validate_manifest
 
 from . import __version__
 
@@ -121,7 +123,7 @@ def write_artifact_dir(model, path: str, backends, write_files: Callable[[str], 
         fields = write_files(tmp)
         with open(os.path.join(tmp, "report.json"), "w") as f:
             f.write(model.report.to_json(full=True))
-        write_manifest(tmp, {
+        manifest = write_manifest(tmp, {
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "inputs": model.input_specs,
             "outputs": model.output_specs,
@@ -130,6 +132,8 @@ def write_artifact_dir(model, path: str, backends, write_files: Callable[[str], 
             **fields,
             "versions": _versions(),
         })
+        # never put in place an artifact load() would refuse (e.g. an output dtype the runtime lacks)
+        validate_manifest(json.loads(json.dumps(manifest)), f"the manifest for {path}", FORMAT_VERSION)
         _swap_into_place(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -404,3 +404,11 @@ def test_export_race_with_a_first_exporter_replaces_its_artifact(cm_torch, tmp_p
     fxpress.compile(_tiny(5), X, passes="none", target="torch").export(str(target), backends=("onnx",))
     monkeypatch.undo()
     assert read_manifest(str(target))["outputs"][0]["shape"] == [2, 5]
+
+
+def test_export_refuses_to_write_what_load_would_refuse(tmp_path):
+    cm = fxpress.compile(_tiny(), X, passes="none", target="torch")
+    cm.output_specs[0]["dtype"] = "float8_e4m3fnuz"  # as if the model returned a dtype the runtime lacks
+    with pytest.raises(ArtifactError, match=r"outputs\[0\]\.dtype is 'float8_e4m3fnuz', not a dtype this runtime knows"):
+        cm.export(str(tmp_path / "c"), backends=("onnx",))
+    assert os.listdir(tmp_path) == []
