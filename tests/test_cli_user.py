@@ -212,3 +212,21 @@ def test_empty_example_input_is_refused_before_tvm():
 
     with pytest.raises(InputError, match=r"example_inputs\[0\] has shape \(0, 4\), no elements; pass at least one sample"):
         fxpress.compile(torch.nn.Linear(4, 2), torch.randn(0, 4), passes="none", target="llvm")
+
+
+def test_failed_compile_says_how_much_output_was_hidden(monkeypatch, capfd):
+    from fxpress.errors import LoweringError
+
+    def noisy_failure(*a, **k):
+        os.write(2, b"[12:00:00] transform.h:1261: Warning: machinery noise\n")
+        print("def forward(self, x): ...")
+        raise LoweringError("op foo at model.py:3 has no TVM lowering; use target='onnx'")
+
+    monkeypatch.setattr(fxpress, "compile", noisy_failure)
+    monkeypatch.delenv("FXPRESS_VERBOSE", raising=False)
+    assert main(["compile", "digits_cnn", "--passes", "none", "--quiet"]) == 2
+    err = capfd.readouterr().err
+    assert "machinery noise" not in err and "def forward" not in err
+    assert err.strip().splitlines() == [
+        "fxpress: error: op foo at model.py:3 has no TVM lowering; use target='onnx'",
+        "fxpress: (2 lines of compiler output were hidden; --verbose shows them)"]
