@@ -115,7 +115,7 @@ def quiet_machinery(verbose: bool = False):
         fx_logger.addHandler(handler)
         fx_logger.propagate = False
         with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+            warnings.simplefilter("default")  # once per location: hot loops (bench) stay cheap
             try:
                 yield captured
             finally:
