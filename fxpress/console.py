@@ -92,8 +92,12 @@ def quiet_machinery(verbose: bool = False):
     machinery = _machinery_dirs()
     sys.stdout.flush()
     sys.stderr.flush()
+    try:
+        saved_fds = {fd: os.dup(fd) for fd in (1, 2)}
+    except OSError:  # no stdout/stderr descriptors (a daemon): nothing to capture from
+        yield captured
+        return
     log_file = tempfile.TemporaryFile(mode="w+b")
-    saved_fds = {fd: os.dup(fd) for fd in (1, 2)}
     terminal = io.TextIOWrapper(os.fdopen(os.dup(saved_fds[2]), "wb", buffering=0), write_through=True,
                                 errors="replace")
     real_err_obj, real_out_obj = sys.stderr, sys.stdout
