@@ -77,6 +77,8 @@ def _unusable(backend: str, info: dict[str, Any], device: str | None) -> str | N
     module, pip_name = _PACKAGES[backend]
     if importlib.util.find_spec(module) is None:
         return f"the {module!r} package is not installed (pip install {pip_name})"
+    if backend == "tvm" and (device or info.get("device", "cpu")) == "cuda" and not _cuda_present():
+        return "its TVM library is for CUDA and this machine has no CUDA GPU"
     if backend == "tvm" and (device or info.get("device", "cpu")) == "cpu":
         missing = missing_features(info.get("isa") or [])
         if missing:
@@ -84,6 +86,15 @@ def _unusable(backend: str, info: dict[str, Any], device: str | None) -> str | N
                     f"{', '.join(missing)} (running it would crash with an illegal instruction); re-export "
                     "with `fxpress export --portable` (or FXPRESS_PORTABLE=1) for a library that runs on any x86-64")
     return None
+
+
+def _cuda_present() -> bool:
+    try:
+        import tvm
+
+        return bool(tvm.cuda(0).exist)
+    except Exception:  # noqa: BLE001 - no driver, or a TVM built without CUDA
+        return False
 
 
 def _tvm_info(manifest: dict[str, Any]) -> dict[str, Any]:

@@ -412,3 +412,17 @@ def test_export_refuses_to_write_what_load_would_refuse(tmp_path):
     with pytest.raises(ArtifactError, match=r"outputs\[0\]\.dtype is 'float8_e4m3fnuz', not a dtype this runtime knows"):
         cm.export(str(tmp_path / "c"), backends=("onnx",))
     assert os.listdir(tmp_path) == []
+
+
+def test_cuda_library_on_a_machine_without_gpu_falls_back(tvm_art, tmp_path, caplog):
+    pytest.importorskip("tvm")
+    if loader._cuda_present():
+        pytest.skip("this machine has a CUDA GPU")
+    art = _copy(tvm_art, tmp_path)
+    _edit(art, lambda m: m["backends"]["tvm"].update(device="cuda"))
+    with caplog.at_level(logging.WARNING, logger="fxpress.runtime"):
+        assert load(art).backend == "onnx"
+    assert any("tvm skipped, its TVM library is for CUDA and this machine has no CUDA GPU" in r.getMessage()
+               for r in caplog.records)
+    with pytest.raises(TargetUnavailableError, match="is for CUDA and this machine has no CUDA GPU.*backend='onnx'"):
+        load(art, backend="tvm")
