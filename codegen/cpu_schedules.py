@@ -33,20 +33,13 @@ ACCUMULATORS = 12  # vector registers given to the accumulator tile (x86 AVX2 ha
 
 
 def vector_lanes(target: tvm.target.Target, bits: int = 32) -> int:
-    """fp32 lanes of the widest vector unit the target really has.
-
-    ``llvm_get_vector_width`` says 512 for znver3 (an AVX2-only CPU), so ask for features.
-    """
-    from tvm.target.codegen import target_has_features
+    """Lanes of ``bits``-wide elements in the widest vector unit the target really has (isa.py)."""
+    from .isa import features
 
     try:
-        if target_has_features("avx512f", target):
-            return 512 // bits
-        if target_has_features("avx", target):
-            return 256 // bits
-    except Exception:  # noqa: BLE001 - non-x86 LLVM targets: assume 128-bit (NEON, SSE)
-        pass
-    return 128 // bits
+        return features(target).lanes_fp32 * 32 // bits
+    except ValueError:
+        return 128 // bits
 
 
 def is_contraction_block(block: s_tir.SBlock) -> bool:

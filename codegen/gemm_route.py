@@ -89,7 +89,7 @@ class _Router(relax.PyExprMutator):
         call = super().visit_call_(call)
         if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.matmul"):
             return call
-        if str(call.attrs.out_dtype) not in ("", "void", "float32"):
+        if call.attrs.out_dtype is not None and str(call.attrs.out_dtype) not in ("", "void", "float32"):
             return call
         a, b = call.args
         if _static_shape(a) is None or _static_shape(b) is None:
