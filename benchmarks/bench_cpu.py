@@ -17,6 +17,8 @@ peak, cores x GHz x fp32 lanes x 2 FMA ports x 2 (the formula of issue #18). On 
 FMA occupies a 256-bit pipe twice, so its data-path peak is half that; both fractions are written.
 
 Results: benchmarks/results/cpu-<isa>.{json,md} (<isa> from codegen/isa.py, e.g. avx512-bw-vnni).
+``--avx2`` runs the same on an AVX-512 machine as an AVX2-only part would (fxpress compiled for
+znver3, OpenBLAS/torch/oneDNN/MKL held to AVX2 by their switches; ONNX Runtime has none).
 Time it only on a quiet machine: /work/shared/tools/quiet-run python benchmarks/bench_cpu.py
 
     .venv/bin/python benchmarks/bench_cpu.py                       # all three models, 30 timed calls
@@ -186,6 +188,7 @@ def run(args) -> dict:
 
     facts = cpu_facts()
     out = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": commit(),
+           "restricted_to_avx2": {k: os.environ.get(k) for k in AVX2_ENV} if args.avx2 else None,
            "machine": machine_info(), "cpu": facts, "threads": thread_info(),
            "blas": {"available": blas.available(), "symbol": None}, "models": {}}
     os.environ["FXPRESS_TUNING_CACHE"] = "0"  # the default path only: no records of earlier runs
@@ -229,6 +232,8 @@ def markdown(out: dict) -> str:
              + (f"; data-path peak {c['peak_gflops_datapath']} GFLOP/s ({c['datapath_note']})"
                 if c["datapath_note"] else "") + ".",
              f"Threads: {out['threads']}. GEMM library: {out['blas']}.", "",
+             *([f"Restricted to AVX2: {out['restricted_to_avx2']} (ONNX Runtime has no such switch)", ""]
+               if out.get("restricted_to_avx2") else []),
              "Median (min) ms per call, in one process; ratio = median / best peer's median.", ""]
     for name, m in out["models"].items():
         lines += [f"## {name}: {m['description']}", "", "| peer | median ms | min ms | ratio to best peer | "
@@ -254,6 +259,15 @@ def markdown(out: dict) -> str:
     return "\n".join(lines)
 
 
+AVX2_ENV = {  # set before numpy/torch load their libraries
+    "FXPRESS_LLVM_MCPU": "znver3",      # fxpress's TVM kernels: AVX2 + FMA code
+    "OPENBLAS_CORETYPE": "Haswell",     # the GEMM shim's OpenBLAS: its AVX2 kernels
+    "ATEN_CPU_CAPABILITY": "avx2",      # torch's own vectorized kernels
+    "DNNL_MAX_CPU_ISA": "AVX2",         # oneDNN (torch, Inductor's packed GEMMs)
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",  # MKL (torch)
+}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
@@ -261,7 +275,14 @@ def main(argv=None) -> int:
     p.add_argument("--int8", action=argparse.BooleanOptionalAction, default=True,
                    help="also time fxpress llvm with passes fuse+quantize (int8)")
     p.add_argument("--out", default=None, help="output stem (default benchmarks/results/cpu-<isa>)")
+    p.add_argument("--avx2", action="store_true",
+                   help="restrict everything that has a switch to AVX2 (see AVX2_ENV; ONNX Runtime has "
+                        "none and keeps its AVX-512 kernels); results go to cpu-avx2-fma.*")
     args = p.parse_args(argv)
+    if args.avx2:
+        if "numpy" in sys.modules or "torch" in sys.modules:
+            raise SystemExit("--avx2 must be set before numpy/torch load")
+        os.environ.update(AVX2_ENV)
     sys.path.insert(0, ROOT)
     out = run(args)
     stem = args.out or os.path.join(HERE, "results", f"cpu-{out['cpu']['isa']}")

@@ -61,6 +61,8 @@ def _largest_divisor(n: int, limit: int) -> int:
 
 def tile_sizes(vector_extent: int, reuse_extent: int, lanes: int) -> tuple[int, int]:
     """(V, F) for a vector axis and a reuse axis of these extents (see module docstring)."""
+    if lanes > 8 and vector_extent % lanes and vector_extent % 8 == 0:
+        lanes = 8  # a 56- or 24-wide map on AVX-512: whole 256-bit vectors beat 14- or 12-wide ones
     if vector_extent % (2 * lanes) == 0:
         v = 2 * lanes
     elif vector_extent % lanes == 0:

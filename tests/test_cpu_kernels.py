@@ -233,3 +233,21 @@ def test_isa_features_from_target():
         isa.features(tvm.target.Target({"kind": "llvm", "mcpu": "icelake-server", "num-cores": 2})).key()
     host = isa.features(resolve_target("llvm"))
     assert host.lanes_fp32 in (4, 8, 16)
+
+
+def test_avx512_tile_rule_keeps_whole_vectors():
+    from fxpress.codegen.cpu_schedules import tile_sizes
+
+    assert tile_sizes(56, 64, 16) == (8, 8)     # 56 wide: 256-bit vectors, not 14-wide ones
+    assert tile_sizes(112, 64, 16) == (16, 8)   # a multiple of 16 lanes keeps them
+    assert tile_sizes(7, 128, 16) == (7, 8)     # nothing whole fits
+
+
+def test_avx2_code_for_another_mcpu(attention, monkeypatch):
+    """FXPRESS_LLVM_MCPU=znver3 builds AVX2 code (it runs on any AVX2 machine, this one included)."""
+    m, x, ref = attention
+    monkeypatch.setenv("FXPRESS_LLVM_MCPU", "znver3")
+    target = resolve_target("llvm")
+    assert str(target.attrs["mcpu"]) == "znver3" and isa.features(target).lanes_fp32 == 8
+    cm = fxpress.compile(m, (x,), passes="none", target="llvm")
+    assert rel_err(cm(x), ref) <= 1e-4
