@@ -35,6 +35,7 @@ SYMBOL = "fxpress_sgemm"
 SHIM_SOURCE = r"""
 /* fxpress GEMM shim (codegen/blas.py). Row-major, contiguous operands; batch strides may be 0. */
 #include <dlfcn.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #ifdef __cplusplus
@@ -46,7 +47,8 @@ typedef void (*sgemm32_fn)(int, int, int, int32_t, int32_t, int32_t, float, cons
                            const float *, int32_t, float, float *, int32_t);
 static void *fxpress_blas_fn = 0;
 static int fxpress_blas_ilp64 = 0;
-static volatile int fxpress_blas_state = 0; /* 0 unresolved, 1 bound, 2 none (plain loop) */
+static int fxpress_blas_state = 0; /* 1 bound, 2 none (plain loop); set once, under pthread_once */
+static pthread_once_t fxpress_blas_once = PTHREAD_ONCE_INIT;
 static const char *fxpress_blas_symbol = "none";
 
 /* The shim runs one single-threaded BLAS call per TVM worker (the kernel's parallel loop), so the
@@ -83,8 +85,11 @@ static void fxpress_blas_resolve(void) {
   fxpress_blas_state = 2;
 }
 
+/* The first call may come from several TVM workers at once: resolve exactly once. */
+#define FXPRESS_BLAS_READY() pthread_once(&fxpress_blas_once, fxpress_blas_resolve)
+
 const char *fxpress_blas_name(void) {
-  if (!fxpress_blas_state) fxpress_blas_resolve();
+  FXPRESS_BLAS_READY();
   return fxpress_blas_symbol;
 }
 
@@ -117,7 +122,7 @@ int32_t fxpress_sgemm(int64_t part, int64_t parts, int64_t batch, int64_t M, int
                       const float *A, int64_t sa, int32_t ta, const float *B, int64_t sb, int32_t tb,
                       float *C, int64_t sc) {
   int64_t i, lda = ta ? M : K, ldb = tb ? K : N;
-  if (!fxpress_blas_state) fxpress_blas_resolve();
+  FXPRESS_BLAS_READY();
   if (batch >= 2 * parts || (batch >= parts && batch % parts == 0)) {
     int64_t lo = batch * part / parts, hi = batch * (part + 1) / parts;
     for (i = lo; i < hi; ++i)
@@ -167,7 +172,8 @@ def _compile() -> tuple[str, str] | None:
         tmp_obj, tmp_so = os.path.join(tmp, "sgemm.o"), os.path.join(tmp, "sgemm.so")
         try:
             subprocess.run([cc, "-O2", "-fPIC", "-c", src, "-o", tmp_obj], check=True, capture_output=True)
-            subprocess.run([cc, "-shared", tmp_obj, "-o", tmp_so, "-ldl"], check=True, capture_output=True)
+            subprocess.run([cc, "-shared", tmp_obj, "-o", tmp_so, "-ldl", "-lpthread"], check=True,
+                           capture_output=True)
         except (OSError, subprocess.CalledProcessError):
             return None
         os.replace(tmp_obj, obj)  # atomic: concurrent builds see a whole file or none
