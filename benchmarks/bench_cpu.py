@@ -285,17 +285,24 @@ def run_cpu_time(args) -> dict:
             ref = model(*inputs).numpy()
         variants = [("fxpress llvm default", "none")] + ([("fxpress llvm fuse+quantize", ["fuse", "quantize"])]
                                                           if args.int8 else [])
+        gemms = None
         for label, passes in variants:
             try:
                 cm = fxpress.compile(model, inputs, passes=passes, target="llvm")
                 y = np.asarray(cm(*inputs))
                 err = float(np.abs(y - ref).max() / max(np.abs(ref).max(), 1e-30))
                 rows.append({"peer": label, **cpu_ms(lambda: cm(*inputs)), "max_rel_error": err})
+                if passes == "none":  # one thread: the peak of one core
+                    cores = facts["cores"]
+                    gemms = per_gemm(cm, inputs, facts["peak_gflops_formula"] / cores,
+                                     facts["peak_gflops_datapath"] / cores)
             except Exception as e:  # noqa: BLE001
                 rows.append({"peer": label, "ok": False, "error": str(e)[:300]})
         for r in rows:
             print(f"   {r['peer']:28s} {r.get('median_ms')} {r.get('error', '')[:200]}", flush=True)
         out["models"][name] = model_result(desc, rows)
+        if gemms:
+            out["models"][name]["gemms"] = gemms
     return out
 
 
@@ -328,7 +335,8 @@ def markdown(out: dict) -> str:
                          f"| {r['peer']} | {r['median_ms']:.2f} | {r['min_ms']:.2f} | "
                          f"{r.get('ratio_to_best_peer', '')} | | | {r.get('load_avg')} |")
         if m.get("gemms"):
-            lines += ["", "GEMMs of `fxpress llvm default` (each timed alone, min of 10 model calls):", "",
+            one = " on one thread, against one core's peak" if out.get("mode") else ""
+            lines += ["", f"GEMMs of `fxpress llvm default` (each timed alone, min of 10 model calls{one}):", "",
                       "| kernel | batch x M x N x K | calls/run | min ms | GFLOP/s | % formula peak | "
                       "% data-path peak |", "|---|---|---:|---:|---:|---:|---:|"]
             for g in m["gemms"]:
