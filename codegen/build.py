@@ -4,7 +4,8 @@ The pipeline, with the text of the module after each stage kept in ``BuiltModule
 
   relax.decomposed  DispatchSampling/DispatchSortScan (target-specific sort, scan, sampling),
                     DecomposeOpsForInference (batch_norm, layer_norm... → arithmetic),
-                    FastErf (fp32 GELU/erf → vectorizable topi.fast_erf; relax_prep.py)
+                    FastErf (fp32 GELU/erf → vectorizable topi.fast_erf; relax_prep.py),
+                    RouteGemmToBlas (llvm: fp32 matmuls → the BLAS GEMM shim; gemm_route.py)
   relax.lifted      weight-only work moved to main_transform_params, run once at compile time
                     (BuiltModule.transform_params; only when main has num_input; relax_prep.py)
   relax.legalized   LegalizeOps: every remaining Relax op becomes a TIR PrimFunc behind call_tir
@@ -40,7 +41,8 @@ import tvm
 from tvm import relax, tirx
 
 from ..errors import BuildError
-from . import cuda
+from . import blas, cuda
+from .gemm_route import RouteGemmToBlas
 from .relax_prep import TRANSFORM_FUNC, FastErf, lift_param_transforms
 from .schedule import schedule_cpu, schedule_gpu
 from .targets import resolve_target, target_kind
@@ -62,6 +64,8 @@ class BuiltModule:
     _device_payloads: dict[bytes, bytes] = field(default_factory=dict, repr=False)
     # main_transform_params (relax_prep.lift_param_transforms), built for the CPU; None: params as they are
     param_transform: relax.VMExecutable | None = None
+    # object files the exported library must link (the GEMM shim, codegen/blas.py), when kernels call it
+    extern_objects: list[str] = field(default_factory=list)
 
     def transform_params(self, params: list) -> list:
         """The parameters ``main`` of this build takes, from the model's original ones (numpy in, numpy out)."""
@@ -77,6 +81,8 @@ class BuiltModule:
     def export_library(self, path: str | os.PathLike) -> None:
         """Write a shared library that ``tvm.runtime.load_module`` loads (host compiler: g++)."""
         options = {"fpack_imports": cuda.packer(self._device_payloads)} if self._device_payloads else {}
+        if self.extern_objects:
+            options["addons"] = list(self.extern_objects)
         self.executable.export_library(os.fspath(path), **options)
 
 
@@ -127,12 +133,14 @@ def build(mod: tvm.IRModule, target: str | tvm.target.Target, *, instrument: boo
             with _blame("relax.transform_params", lifted["transform"], target):
                 # weight-only work runs once, at compile time, on this machine's CPU
                 param_transform = tvm.compile(lifted["transform"], target=resolve_target("llvm"))
+    extern = [blas.object_file()] if any(blas.SYMBOL in text for text in ir_after.values()) else []
     if on_gpu:
         ir_after["cuda.source"] = "\n".join(m.inspect_source("cuda")
                                              for m in cuda.device_modules(executable))
     return BuiltModule(executable=executable, target=target, ir_after=ir_after,
                        seconds=time.perf_counter() - start, pass_timings=timings,
-                       _device_payloads=payloads, param_transform=param_transform)
+                       _device_payloads=payloads, param_transform=param_transform,
+                       extern_objects=extern)
 
 
 def front_stages(lifted: dict) -> list[tuple[str, list]]:
@@ -144,7 +152,8 @@ def front_stages(lifted: dict) -> list[tuple[str, list]]:
         return m
 
     return [("relax.decomposed", [relax.backend.DispatchSampling(), relax.backend.DispatchSortScan(),
-                                  relax.transform.DecomposeOpsForInference(), FastErf()]),
+                                  relax.transform.DecomposeOpsForInference(), FastErf(),
+                                  RouteGemmToBlas()]),
             ("relax.lifted", [lift]),
             ("relax.legalized", [relax.transform.LegalizeOps()]),
             ("relax.fused", [relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),

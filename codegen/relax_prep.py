@@ -29,8 +29,14 @@ def _te_fast_gelu(x):
     return x * (tirx.const(0.5, x.dtype) + erf * tirx.const(0.5, x.dtype))
 
 
-# Relax op → (TE replacement, PrimFunc name)
-_FAST = {"relax.nn.gelu": (_te_fast_gelu, "gelu"), "relax.erf": (topi.fast_erf, "erf")}
+def _te_fast_softmax(x, axis):
+    return topi.nn.fast_softmax(x, axis)
+
+
+# Relax op → (TE replacement, PrimFunc name, attributes passed on)
+_FAST = {"relax.nn.gelu": (_te_fast_gelu, "gelu", ()), "relax.erf": (topi.fast_erf, "erf", ()),
+         "relax.exp": (topi.fast_exp, "exp", ()),
+         "relax.nn.softmax": (_te_fast_softmax, "softmax", ("axis",))}
 
 
 @relax.expr_functor.mutator
@@ -40,7 +46,8 @@ class _FastErfRewriter(relax.PyExprMutator):
         fast = _FAST.get(call.op.name) if isinstance(call.op, tvm.ir.Op) else None
         if fast is None or getattr(call.args[0].ty, "dtype", None) != "float32":
             return call
-        return self.builder_.call_te(fast[0], call.args[0], primfunc_name_hint=fast[1])
+        attrs = [int(getattr(call.attrs, a)) for a in fast[2]]
+        return self.builder_.call_te(fast[0], call.args[0], *attrs, primfunc_name_hint=fast[1])
 
 
 @tvm.transform.module_pass(opt_level=0, name="FxpressFastErf")

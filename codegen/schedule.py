@@ -24,7 +24,7 @@ from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
 from tvm.s_tir.dlight.analysis import collect_vars_used_in_prim_expr
 
-from .cpu_schedules import schedule_contraction, schedule_injective
+from .cpu_schedules import schedule_contraction, schedule_injective, vectorize_reductions
 from .tuning_db import apply_database
 
 
@@ -45,6 +45,9 @@ def schedule_cpu(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
         scheduled = dl.ApplyDefaultSchedule(dl.cpu.Reduction())(eligible)
     out = mod.clone()
     for gv, func in scheduled.functions_items():
+        if func.attrs is not None and func.attrs.get("tirx.is_scheduled", False):
+            with target:
+                func = vectorize_reductions(func, target)
         out.update_func(gv, func)
     for gv, func in out.functions_items():
         if not isinstance(func, tirx.PrimFunc) or func.attrs.get("tirx.is_scheduled", False):

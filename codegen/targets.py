@@ -16,7 +16,7 @@ DEFAULT_CUDA_ARCH = "sm_90"  # H100; override with FXPRESS_CUDA_ARCH (e.g. sm_80
 
 
 def resolve_target(target: str | tvm.target.Target) -> tvm.target.Target:
-    """``"llvm"`` → this machine's CPU; ``"cuda"`` → ``$FXPRESS_CUDA_ARCH`` (default sm_90).
+    """``"llvm"`` → this machine's CPU (``$FXPRESS_LLVM_MCPU`` overrides its name); ``"cuda"`` → ``$FXPRESS_CUDA_ARCH`` (default sm_90).
 
     A ``Target`` of either kind is returned unchanged.
     """
@@ -26,8 +26,10 @@ def resolve_target(target: str | tvm.target.Target) -> tvm.target.Target:
     if target == "llvm":
         if portable_requested():
             return portable_llvm_target()
-        return tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu(),
-                                  "num-cores": os.cpu_count() or 1})
+        # FXPRESS_LLVM_MCPU: generate code for another CPU of the same family (e.g. znver3 for an
+        # AVX2-only part on an AVX-512 machine), to check and time what such a CPU would get
+        mcpu = os.environ.get("FXPRESS_LLVM_MCPU") or codegen.llvm_get_system_cpu()
+        return tvm.target.Target({"kind": "llvm", "mcpu": mcpu, "num-cores": os.cpu_count() or 1})
     if target == "cuda":
         arch = os.environ.get("FXPRESS_CUDA_ARCH", DEFAULT_CUDA_ARCH)
         return tvm.target.Target({"kind": "cuda", "arch": arch}, host={"kind": "llvm"})

@@ -6,8 +6,9 @@ Layout (``root`` = ``$FXPRESS_CACHE_DIR/tuning``, else ``~/.cache/fxpress/tuning
     root/<target key>/target.json           the target, as TVM writes it
     root/<target key>/<workload key>.json   {"workload": ..., "records": [...], "trials": n, ...}
 
-The target key is readable plus a hash of the whole target (``llvm-znver3-2c-<hash>``,
-``cuda-sm_90-<hash>``), so records tuned for one CPU or GPU are never applied to another. The
+The target key is readable plus a hash (``llvm-avx2-fma-2c-<hash>``, ``cuda-sm_90-<hash>``): for
+llvm the ISA level and the core count (records serve every CPU with the same vector features), for
+cuda the whole target. The
 workload key is MetaSchedule's own structural hash of the normalized PrimFunc module, the key
 ``MetaScheduleApplyDatabase`` looks records up by.
 
@@ -55,16 +56,21 @@ def default_root() -> str:
 
 
 def target_key(target: tvm.target.Target) -> str:
-    """``llvm-znver3-2c-1a2b3c4d5e`` / ``cuda-sm_90-...``: readable part + hash of the whole target."""
-    text = json.dumps(_target_json(target), sort_keys=True)
-    digest = hashlib.sha256(text.encode()).hexdigest()[:10]
+    """``llvm-avx512-bw-vnni-2c-1a2b3c4d5e`` / ``cuda-sm_90-...``: readable part + hash.
+
+    An llvm key names the ISA level (codegen/isa.py) and the core count, not the CPU model, so records
+    tuned on one AVX-512 machine serve another with the same features; a cuda key hashes the whole
+    target."""
     kind = target.kind.name
     if kind == "llvm":
-        name = f"llvm-{target.attrs.get('mcpu', 'generic')}-{int(target.attrs.get('num-cores', 0))}c"
-    elif kind == "cuda":
-        name = f"cuda-{target.attrs.get('arch', 'sm')}"
+        from .isa import features
+
+        name = f"llvm-{features(target).key()}-{int(target.attrs.get('num-cores', 0))}c"
+        text = name
     else:
-        name = kind
+        name = f"cuda-{target.attrs.get('arch', 'sm')}" if kind == "cuda" else kind
+        text = json.dumps(_target_json(target), sort_keys=True)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:10]
     return re.sub(r"[^A-Za-z0-9_.-]", "_", f"{name}-{digest}")
 
 

@@ -14,6 +14,8 @@ import numpy as np
 
 from fxpress.errors import ArtifactError, TargetUnavailableError
 
+from . import blas
+
 
 # Bytes. TVM allocates every tensor at this alignment (kAllocAlignment), and the kernels it generates assume
 # their buffer arguments are 64-byte aligned (llvm.assume "align" 64, vector loads marked align 64), but
@@ -51,6 +53,7 @@ class TVMExecutor:
 
         self._tvm = tvm
         self.device = _tvm_device(tvm, device)
+        blas.preload()  # the GEMM shim in the library binds a CBLAS sgemm by name (runtime/blas.py)
         lib = tvm.runtime.load_module(library)
         self.vm = relax.VirtualMachine(lib, self.device)
         self.params = []
