@@ -14,7 +14,14 @@ log="$res/gpu-$stamp-pytest.log"
 t0=$(date +%s)
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true; } | tee "$res/gpu-$stamp-device.txt"
 git rev-parse --short HEAD >> "$res/gpu-$stamp-device.txt" 2>/dev/null || true
-timeout 240 bash scripts/setup.sh || { echo "gpu_check: set-up failed"; exit 1; }
+# The device machine reaches no package index: carry the wheels (device README: `pip download ... -d .whl`
+# for Python 3.12 manylinux, torch's CUDA build included) and name `.whl` in the run's carry list.
+if [ -d .whl ]; then
+    python3 -m venv .venv && .venv/bin/python -m pip install -q --no-index --find-links .whl -e ".[test]" \
+        || { echo "gpu_check: install from .whl failed"; exit 1; }
+else
+    timeout 240 bash scripts/setup.sh || { echo "gpu_check: set-up failed"; exit 1; }
+fi
 # 1. the GPU tests (they skip cleanly elsewhere)
 timeout 150 .venv/bin/python -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tee "$log"
 # 2. the GPU benchmark, small trials so the whole script stays under 8 minutes
