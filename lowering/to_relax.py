@@ -18,6 +18,7 @@ from fxpress.errors import LoweringError
 from fxpress.passes.trace import node_source
 
 from .registry import relax_converters
+from .torch_semantics import NAN_CONVERTERS, promote_dtypes
 
 
 @dataclass
@@ -105,7 +106,8 @@ def to_relax(gm: torch.nn.Module, example_inputs: tuple) -> RelaxModule:
 
     ep = export_program(gm, example_inputs)
     expand_alpha(ep)
-    custom = relax_converters()
+    promote_dtypes(ep.graph_module)
+    custom = {**NAN_CONVERTERS, **relax_converters()}
     check_supported(ep, gm, custom)
     try:
         mod = from_exported_program(ep, keep_params_as_input=True, unwrap_unit_return_tuple=False,

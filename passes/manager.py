@@ -20,7 +20,7 @@ from fxpress.errors import PassError
 from .base import Pass, PassContext, PassResult
 from .graph import flatten_outputs
 from .stats import count_params, graph_costs, graph_table, op_histogram
-from .trace import annotate_shapes, copy_graph_module
+from .trace import annotate_shapes, clone_inputs, copy_graph_module
 
 
 @dataclass
@@ -91,8 +91,8 @@ def output_error(outputs: Sequence[torch.Tensor], reference: Sequence[torch.Tens
 
 
 def run_graph(gm: torch.nn.Module, inputs: tuple) -> list[torch.Tensor]:
-    with torch.no_grad():
-        return [t.detach() for t in flatten_outputs(gm(*inputs))]
+    with torch.no_grad():  # on copies: a graph may update an input in place (``x.add_(1)`` in forward)
+        return [t.detach() for t in flatten_outputs(gm(*clone_inputs(inputs)))]
 
 
 def snapshot(name: str, kind: str, gm: fx.GraphModule, reference: list[torch.Tensor],
