@@ -18,6 +18,7 @@ from fxpress.errors import LoweringError
 from fxpress.passes.trace import node_source
 
 from .registry import relax_converters
+from .index_checks import INDEX_CONVERTERS, guard_indices
 from .torch_semantics import NAN_CONVERTERS, promote_dtypes
 
 
@@ -50,6 +51,15 @@ def _origin(ep_node: fx.Node, gm: fx.GraphModule) -> fx.Node | None:
         src = src.from_node[-1]
     by_name = {n.name: n for n in gm.graph.nodes}
     return by_name.get(src.name)
+
+
+def _describe(ep_node: fx.Node, gm) -> str:
+    """'node NAME at FILE:LINE: CODE' for the user's node an exported node came from."""
+    origin = _origin(ep_node, gm) if isinstance(gm, fx.GraphModule) else None
+    if origin is None:
+        return f"node '{ep_node.name}'"
+    where = node_source(origin)
+    return f"node '{origin.name}'" + (f" at {where}" if where else "")
 
 
 def check_supported(ep: torch.export.ExportedProgram, gm: fx.GraphModule, custom: dict) -> None:
@@ -107,7 +117,8 @@ def to_relax(gm: torch.nn.Module, example_inputs: tuple) -> RelaxModule:
     ep = export_program(gm, example_inputs)
     expand_alpha(ep)
     promote_dtypes(ep.graph_module)
-    custom = {**NAN_CONVERTERS, **relax_converters()}
+    guard_indices(ep.graph_module, lambda node: _describe(node, gm))
+    custom = {**NAN_CONVERTERS, **INDEX_CONVERTERS, **relax_converters()}
     check_supported(ep, gm, custom)
     try:
         mod = from_exported_program(ep, keep_params_as_input=True, unwrap_unit_return_tuple=False,
