@@ -108,7 +108,8 @@ def check_index(idx: T.Buffer(({n},), "{dtype}"), out: T.Buffer(({n},), "{dtype}
             assert idx[vi] >= T.{dtype}({lo}) and idx[vi] < T.{dtype}({hi}), {message!r}
             out[vi] = {neg}
 '''
-    return tvm.script.from_source(src, extra_vars={"T": T})
+    # Marked scheduled: a vectorized loop would make the assert's condition a vector, which LLVM rejects.
+    return tvm.script.from_source(src, extra_vars={"T": T}).with_attr("tirx.is_scheduled", True)
 
 
 def _check_index_relax(node, importer):

@@ -17,6 +17,7 @@ import torch
 from fxpress.errors import LoweringError
 
 from .registry import onnx_translations
+from .torch_semantics import views_as_reshapes
 
 OPSET = 18
 MAX_IR_VERSION = 10  # highest IR version ONNX Runtime 1.31 accepts
@@ -66,7 +67,7 @@ def to_onnx(gm: torch.nn.Module, example_inputs: tuple, path: str, opset: int = 
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             prog = torch.onnx.export(
-                gm, tuple(example_inputs), dynamo=True, opset_version=opset, input_names=input_names,
+                views_as_reshapes(gm), tuple(example_inputs), dynamo=True, opset_version=opset, input_names=input_names,
                 custom_translation_table=onnx_translations() or None, optimize=True, verbose=False,
                 external_data=False)
     except Exception as e:  # noqa: BLE001

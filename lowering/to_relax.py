@@ -19,7 +19,7 @@ from fxpress.passes.trace import node_source
 
 from .registry import relax_converters
 from .index_checks import INDEX_CONVERTERS, guard_indices
-from .torch_semantics import NAN_CONVERTERS, promote_dtypes
+from .torch_semantics import NAN_CONVERTERS, promote_dtypes, views_as_reshapes
 
 
 @dataclass
@@ -34,7 +34,7 @@ class RelaxModule:
 
 def export_program(gm: torch.nn.Module, example_inputs: tuple) -> torch.export.ExportedProgram:
     try:
-        ep = torch.export.export(gm, tuple(example_inputs), strict=False)
+        ep = torch.export.export(views_as_reshapes(gm), tuple(example_inputs), strict=False)
         return ep.run_decompositions()
     except Exception as e:  # noqa: BLE001
         raise LoweringError(f"torch.export could not capture the graph for lowering: {type(e).__name__}: "

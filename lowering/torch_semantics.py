@@ -223,3 +223,44 @@ NAN_CONVERTERS = {
     "maximum.default": _minmax("maximum"),
     "minimum.default": _minmax("minimum"),
 }
+
+
+# ------------------------------------------------------------------ views for re-export
+
+
+def views_as_reshapes(gm: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``gm`` with every ``view`` written as ``reshape`` (``gm`` itself when it has none).
+
+    Lowering exports the FX graph again, with fake tensors, whose strides follow the meta kernels rather
+    than the CPU kernels that ran at trace time. After SDPA attention (HF BERT's default) the fake output
+    is laid out differently, and a ``view`` that was legal on the real tensor fails: "Cannot view a tensor
+    with shape [3, 32, 384] and strides (384, 1152, 1)". On any tensor where ``view`` is legal, ``reshape``
+    returns the same view, so the rewrite changes no result.
+    """
+    if not isinstance(gm, fx.GraphModule):
+        return gm
+    views = [n for n in gm.graph.nodes
+             if (n.op == "call_method" and n.target == "view" and not _is_dtype_view(n))
+             or (n.op == "call_function" and n.target in (aten.view.default, torch.Tensor.view) and not _is_dtype_view(n))]
+    if not views:
+        return gm
+    from fxpress.passes.trace import copy_graph_module
+
+    new = copy_graph_module(gm)
+    names = {n.name for n in views}
+    for n in new.graph.nodes:
+        if n.name not in names:
+            continue
+        if n.op == "call_method":
+            n.target = "reshape"
+        else:
+            n.target = aten.reshape.default if n.target is aten.view.default else torch.reshape
+            if n.target is torch.reshape and len(n.args) > 2:  # Tensor.view(x, a, b) -> reshape(x, (a, b))
+                n.args = (n.args[0], tuple(n.args[1:]))
+    new.recompile()
+    return new
+
+
+def _is_dtype_view(n: fx.Node) -> bool:
+    """``x.view(torch.float16)`` reinterprets bytes: not a reshape."""
+    return any(isinstance(a, torch.dtype) for a in list(n.args[1:]) + list(n.kwargs.values()))
