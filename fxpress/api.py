@@ -59,6 +59,17 @@ def _private_copy(model: nn.Module) -> nn.Module:
         return model
 
 
+def _dynamic_batch_option(opts: dict) -> bool | None:
+    """``options={"lower": {"dynamic_batch": bool}}``; None leaves the target's default (fxpress.lower)."""
+    unknown = set(opts) - {"dynamic_batch"}
+    if unknown:
+        raise InputError(f"unknown option(s) {sorted(unknown)} for 'lower'; it takes 'dynamic_batch' (True/False)")
+    value = opts.get("dynamic_batch")
+    if value is not None and not isinstance(value, bool):
+        raise InputError(f"options['lower']['dynamic_batch'] must be True or False, got {value!r}")
+    return value
+
+
 def compile(  # noqa: A001 - the public name the contract fixes
     model: nn.Module,
     example_inputs,
@@ -76,7 +87,8 @@ def compile(  # noqa: A001 - the public name the contract fixes
     tune:        MetaSchedule trials for TVM targets; 0 uses default schedules
     calibration: iterable of input tuples for passes that use data (quantize, activation-aware low rank)
     tolerance:   max relative output error allowed per pass; a pass that exceeds it is rolled back
-    options:     per-pass options, e.g. {"low_rank": {"method": "svd", "energy": 0.99}}
+    options:     per-pass options, e.g. {"low_rank": {"method": "svd", "energy": 0.99}}; "lower":
+                 {"dynamic_batch": True} compiles one symbolic batch on llvm/cuda (onnx does by default)
     """
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}; wrap functions in an nn.Module")
@@ -130,9 +142,14 @@ def compile(  # noqa: A001 - the public name the contract fixes
     outcome = PassManager(pass_list, tolerance=tolerance).run(traced.gm, ctx, reference, trace_record)
 
     executor, lowered, lower_record = lower(outcome.gm, example_inputs, target, reference, tune=tune,
-                                            tune_options=ctx.options_for("tune"), tolerance=tolerance)
+                                            tune_options=ctx.options_for("tune"), tolerance=tolerance,
+                                            dynamic_batch=_dynamic_batch_option(ctx.options_for("lower")))
     records = outcome.records + [lower_record]
-    return CompiledModel(gm=outcome.gm, report=Report(records), graphs=outcome.graphs, target=target,
+    cm = CompiledModel(gm=outcome.gm, report=Report(records), graphs=outcome.graphs, target=target,
                          example_inputs=example_inputs, reference=reference, out_spec=out_spec,
                          executor=executor, lowered=lowered, passes=[p.name for p in pass_list],
                          trace_method=traced.method)
+    if lower_record.extra.get("dynamic_batch"):
+        for spec in cm.input_specs:  # recorded in the manifest; check_inputs accepts any size there
+            spec["dynamic_dims"] = [0]
+    return cm

@@ -92,17 +92,21 @@ def guard_indices(gm: fx.GraphModule, describe=lambda node: f"node '{node.name}'
     return count
 
 
-def _check_func(n: int, dtype: str, lo: int, hi: int, message: str):
+def _check_func(dtype: str, lo: int, hi: int, message: str):
+    """One loop over n indices (n symbolic, so a dynamic batch is covered too)."""
     import tvm
     from tvm.script import tirx as T
 
     neg = f"T.Select(idx[vi] < T.{dtype}(0), idx[vi] + T.{dtype}({hi}), idx[vi])" if lo < 0 else "idx[vi]"
     src = f'''
 @T.prim_func(private=True, s_tir=True)
-def check_index(idx: T.Buffer(({n},), "{dtype}"), out: T.Buffer(({n},), "{dtype}")):
-    for i in range({n}):
+def check_index(var_idx: T.handle, var_out: T.handle):
+    n = T.int64()
+    idx = T.match_buffer(var_idx, (n,), "{dtype}")
+    out = T.match_buffer(var_out, (n,), "{dtype}")
+    for i in range(n):
         with T.sblock("check"):
-            vi = T.axis.spatial({n}, i)
+            vi = T.axis.spatial(n, i)
             T.reads(idx[vi])
             T.writes(out[vi])
             assert idx[vi] >= T.{dtype}({lo}) and idx[vi] < T.{dtype}({hi}), {message!r}
@@ -118,24 +122,32 @@ def _check_index_relax(node, importer):
     x = importer.env[node.args[0]]
     _, lo, hi, what = node.args
     ty = x.ty
-    dims = list(ty.shape.values) if isinstance(ty.shape, relax.ShapeExpr) else None
-    if dims is None or not all(isinstance(d, tirx.IntImm) for d in dims):
+    if not isinstance(ty.shape, relax.ShapeExpr):
         from fxpress.errors import LoweringError
 
-        raise LoweringError(f"index bounds check needs a static index shape ({what.split(';')[0]}); "
-                            "compile with static input shapes or target='onnx'")
-    shape = [int(d.value) for d in dims]
-    n = 1
-    for d in shape:
-        n *= d
-    if n == 0:
-        return x
+        raise LoweringError(f"index bounds check needs a known index shape ({what.split(';')[0]}); "
+                            "compile with target='onnx'")
+    dims = list(ty.shape.values)
+    n = tirx.IntImm("int64", 1)
+    for d in dims:
+        n = n * d
+    if all(isinstance(d, tirx.IntImm) for d in dims):
+        n = tirx.IntImm("int64", int(n.value) if isinstance(n, tirx.IntImm) else _prod(dims))
+        if int(n.value) == 0:
+            return x
     dtype = str(ty.dtype)
     bb = importer.block_builder
-    flat = bb.emit(relax.op.reshape(x, (n,)))
-    gv = bb.add_func(_check_func(n, dtype, int(lo), int(hi), f"{MARKER} {what}"), "fxpress_check_index")
-    out = bb.emit(relax.call_tir(gv, [flat], relax.TensorType((n,), dtype)))
-    return bb.emit(relax.op.reshape(out, shape))
+    flat = bb.emit(relax.op.reshape(x, relax.ShapeExpr([n])))
+    gv = bb.add_func(_check_func(dtype, int(lo), int(hi), f"{MARKER} {what}"), "fxpress_check_index")
+    out = bb.emit(relax.call_tir(gv, [flat], relax.TensorType([n], dtype)))
+    return bb.emit(relax.op.reshape(out, relax.ShapeExpr(dims)))
+
+
+def _prod(dims) -> int:
+    p = 1
+    for d in dims:
+        p *= int(d.value)
+    return p
 
 
 INDEX_CONVERTERS = {"check_index.default": _check_index_relax}

@@ -32,7 +32,23 @@ class RelaxModule:
     notes: list[str] = field(default_factory=list)
 
 
-def export_program(gm: torch.nn.Module, example_inputs: tuple) -> torch.export.ExportedProgram:
+def batch_dynamic_shapes(example_inputs: tuple):
+    """torch.export ``dynamic_shapes`` making dim 0 of every input one shared symbolic batch size."""
+    from torch.export import Dim
+
+    # No upper bound: the importer turns one into tir_var_upper_bound, and memory planning then
+    # allocates every buffer for the largest batch (std::bad_alloc).
+    batch = Dim("batch", min=1)
+    return [{0: batch} if isinstance(x, torch.Tensor) and x.dim() > 0 else None for x in example_inputs]
+
+
+def export_program(gm: torch.nn.Module, example_inputs: tuple, dynamic_batch: bool = False) -> torch.export.ExportedProgram:
+    """``dynamic_batch``: capture dim 0 of every input as one symbolic size. Raises torch's error
+    (not a LoweringError) when the graph fixes the batch, so the caller can fall back to static shapes."""
+    if dynamic_batch:
+        ep = torch.export.export(views_as_reshapes(gm), tuple(example_inputs), strict=False,
+                                 dynamic_shapes=batch_dynamic_shapes(example_inputs))
+        return ep.run_decompositions()
     try:
         ep = torch.export.export(views_as_reshapes(gm), tuple(example_inputs), strict=False)
         return ep.run_decompositions()
@@ -108,13 +124,13 @@ def expand_alpha(ep: torch.export.ExportedProgram) -> None:
         ep.graph_module.recompile()
 
 
-def to_relax(gm: torch.nn.Module, example_inputs: tuple) -> RelaxModule:
+def to_relax(gm: torch.nn.Module, example_inputs: tuple, dynamic_batch: bool = False) -> RelaxModule:
     import tvm  # noqa: F401 - imported here so that importing fxpress.lowering stays light
     from tvm import relax
     from tvm.relax.frontend import detach_params
     from tvm.relax.frontend.torch import from_exported_program
 
-    ep = export_program(gm, example_inputs)
+    ep = export_program(gm, example_inputs, dynamic_batch)
     expand_alpha(ep)
     promote_dtypes(ep.graph_module)
     guard_indices(ep.graph_module, lambda node: _describe(node, gm))
