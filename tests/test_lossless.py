@@ -344,3 +344,55 @@ def test_bert_sdpa_batch3_padded_mask_lowers_on_llvm():
     cm = fxpress.compile(model, inputs, passes="default", target="llvm")
     with torch.no_grad():
         assert _rel(cm(*inputs), model(*inputs)) <= LOSSLESS_RTOL
+
+
+# ----------------------------------------------------------------------------- batch not baked in (#14 Build 3)
+
+
+def test_onnx_one_compile_serves_any_batch(tmp_path):
+    spec = get_corpus("depthwise_net")
+    model = spec.build()
+    cm = fxpress.compile(model, spec.example_inputs(2), passes="default", target="onnx")
+    assert cm.input_specs[0]["dynamic_dims"] == [0]
+    assert "batch is dynamic" in cm.report[-1].note
+    for batch in (1, 5):
+        x = spec.example_inputs(batch)
+        assert _rel(cm(*x), model(*x)) <= LOSSLESS_RTOL
+    from fxpress.runtime import loader
+
+    rt = loader.load(cm.export(str(tmp_path / "art")), backend="onnx")
+    x = spec.example_inputs(3)[0]
+    assert _rel(torch.as_tensor(rt(x.numpy())), model(x)) <= LOSSLESS_RTOL
+
+
+def test_llvm_dynamic_batch_on_request():
+    spec = get_corpus("depthwise_net")
+    model = spec.build()
+    cm = fxpress.compile(model, spec.example_inputs(2), passes="default", target="llvm",
+                         options={"lower": {"dynamic_batch": True}})
+    assert cm.input_specs[0]["dynamic_dims"] == [0]
+    for batch in (1, 4):
+        x = spec.example_inputs(batch)
+        assert _rel(cm(*x), model(*x)) <= LOSSLESS_RTOL
+
+
+def test_llvm_default_fixed_batch_refuses_another_batch_clearly():
+    spec = get_corpus("shape_checked_cnn")
+    cm = fxpress.compile(spec.build(), spec.example_inputs(2), passes="none", target="llvm")
+    assert "dynamic_dims" not in cm.input_specs[0]
+    with pytest.raises(InputError, match=r"expected shape \(2, 1, 8, 8\)"):
+        cm(*spec.example_inputs(4))
+
+
+def test_model_that_fixes_the_batch_is_compiled_static_with_a_note():
+    class FixedBatch(nn.Module):
+        def forward(self, x):
+            return x.reshape(2, 12).sum(1)  # the batch of 2 is written into the model
+
+    x = torch.randn(2, 3, 4)
+    cm = fxpress.compile(FixedBatch(), (x,), passes="none", target="onnx")
+    assert "batch fixed at 2" in cm.report[-1].note
+    assert "dynamic_dims" not in cm.input_specs[0]
+    with pytest.raises(InputError):
+        cm(torch.randn(3, 3, 4))
+    assert _rel(cm(x), FixedBatch()(x)) <= LOSSLESS_RTOL
