@@ -31,7 +31,7 @@ def build_tvm(gm: fx.GraphModule, example_inputs: tuple, target: str, tune: int 
     from fxpress.codegen import build
     from fxpress.lowering import to_relax
 
-    relax_mod = to_relax(gm, example_inputs, dynamic_batch=dynamic_batch)
+    relax_mod = to_relax(gm, example_inputs, dynamic_batch=dynamic_batch, check_indices=target != "cuda")
     # num_input lets the build lift weight-only work (transposes, BN scales) out of every call
     relax_mod.mod["main"] = relax_mod.mod["main"].with_attr("num_input", relax_mod.num_inputs)
     if tune:

@@ -128,26 +128,23 @@ def _check_index_relax(node, importer):
         raise LoweringError(f"index bounds check needs a known index shape ({what.split(';')[0]}); "
                             "compile with target='onnx'")
     dims = list(ty.shape.values)
-    n = tirx.IntImm("int64", 1)
-    for d in dims:
-        n = n * d
     if all(isinstance(d, tirx.IntImm) for d in dims):
-        n = tirx.IntImm("int64", int(n.value) if isinstance(n, tirx.IntImm) else _prod(dims))
-        if int(n.value) == 0:
+        count = 1
+        for d in dims:
+            count *= int(d.value)
+        if count == 0:
             return x
+        n = tirx.IntImm("int64", count)
+    else:  # a symbolic batch: the element count is an expression of it
+        n = tirx.IntImm("int64", 1)
+        for d in dims:
+            n = n * d
     dtype = str(ty.dtype)
     bb = importer.block_builder
     flat = bb.emit(relax.op.reshape(x, relax.ShapeExpr([n])))
     gv = bb.add_func(_check_func(dtype, int(lo), int(hi), f"{MARKER} {what}"), "fxpress_check_index")
     out = bb.emit(relax.call_tir(gv, [flat], relax.TensorType([n], dtype)))
     return bb.emit(relax.op.reshape(out, relax.ShapeExpr(dims)))
-
-
-def _prod(dims) -> int:
-    p = 1
-    for d in dims:
-        p *= int(d.value)
-    return p
 
 
 INDEX_CONVERTERS = {"check_index.default": _check_index_relax}

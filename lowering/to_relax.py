@@ -124,7 +124,10 @@ def expand_alpha(ep: torch.export.ExportedProgram) -> None:
         ep.graph_module.recompile()
 
 
-def to_relax(gm: torch.nn.Module, example_inputs: tuple, dynamic_batch: bool = False) -> RelaxModule:
+def to_relax(gm: torch.nn.Module, example_inputs: tuple, dynamic_batch: bool = False,
+             check_indices: bool = True) -> RelaxModule:
+    """``check_indices``: bounds-check index operands in compiled CPU loops (lowering/index_checks.py);
+    off for GPU targets, where that loop would need a thread binding."""
     import tvm  # noqa: F401 - imported here so that importing fxpress.lowering stays light
     from tvm import relax
     from tvm.relax.frontend import detach_params
@@ -133,7 +136,8 @@ def to_relax(gm: torch.nn.Module, example_inputs: tuple, dynamic_batch: bool = F
     ep = export_program(gm, example_inputs, dynamic_batch)
     expand_alpha(ep)
     promote_dtypes(ep.graph_module)
-    guard_indices(ep.graph_module, lambda node: _describe(node, gm))
+    if check_indices:
+        guard_indices(ep.graph_module, lambda node: _describe(node, gm))
     custom = {**NAN_CONVERTERS, **INDEX_CONVERTERS, **relax_converters()}
     check_supported(ep, gm, custom)
     try:
