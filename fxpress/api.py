@@ -118,7 +118,10 @@ def compile(  # noqa: A001 - the public name the contract fixes
         original_out = model(*clone_inputs(example_inputs))
     leaves, out_spec = torch.utils._pytree.tree_flatten(original_out)
     if not leaves or not all(isinstance(t, torch.Tensor) for t in leaves):
-        raise InputError("the model's output must be a tensor or a (nested) tuple/list/dict of tensors")
+        odd = sorted({type(t).__name__ for t in leaves if not isinstance(t, torch.Tensor)})
+        raise InputError("the model's output must be a tensor or a (nested) tuple/list/dict of tensors; it also "
+                         f"returns {', '.join(odd) or 'nothing'}. What to do: wrap the model so forward returns "
+                         "tensors only (for transformers models, config.use_cache=False drops the KV cache)")
     reference = [t.detach() for t in leaves]
 
     t0 = time.perf_counter()

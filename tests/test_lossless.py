@@ -303,6 +303,8 @@ def _check_corpus(name: str, batch: int, target: str, passes: str) -> None:
         cm = fxpress.compile(model, inputs, passes=passes, target=target)
     except FxpressError as e:
         assert str(e).strip(), "an fxpress error must say what went wrong"
+        print(f"clear error for {name} batch {batch} {target} passes={passes}: {type(e).__name__}: "
+              f"{str(e).splitlines()[0]}")
         return
     final = cm.report[-1]
     assert final.status == "ok" and final.max_rel_error <= LOSSLESS_RTOL, cm.report.table()
