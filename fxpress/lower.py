@@ -57,7 +57,8 @@ def lower(gm: fx.GraphModule, example_inputs: tuple, target: str, reference: lis
     what to try; a report never says "ok" beside a wrong number.
 
     ``dynamic_batch``: capture dim 0 of the inputs as a symbolic batch so one compile serves any batch
-    size. None (the default) means yes on onnx and no on llvm/cuda: TVM's default CPU schedules are
+    size. None (the default) means yes on onnx (unless passes put fxpress ops in the graph: ONNX
+    Runtime fuses their int8 translations only with static shapes) and no on llvm/cuda: TVM's default CPU schedules are
     far slower on symbolic shapes (a depthwise CNN ran ~15x slower), so TVM targets ask for it with
     ``options={"lower": {"dynamic_batch": True}}``. The result is checked at a second batch size too; where the graph
     fixes the batch (or the check fails) the example's batch is compiled and the note says why.
@@ -65,7 +66,7 @@ def lower(gm: fx.GraphModule, example_inputs: tuple, target: str, reference: lis
     """
     t0 = time.perf_counter()
     if dynamic_batch is None:
-        dynamic_batch = target == "onnx"
+        dynamic_batch = target == "onnx" and not _has_fxpress_ops(gm)
     batch_note = ""
     built = None
     if dynamic_batch and tune:  # MetaSchedule tunes for one shape
@@ -158,6 +159,13 @@ def _lower_once(gm: fx.GraphModule, example_inputs: tuple, target: str, tune: in
             ir = _onnx_text(model.path)
         executor = ORTExecutor(data)
     return executor, lowered, ir, extra, note
+
+
+def _has_fxpress_ops(gm: fx.GraphModule) -> bool:
+    """Whether a pass put fxpress's own ops (int8, shift/add, low-rank kernels) in the graph: their ONNX
+    translations are fused by ONNX Runtime (QGemm) only with static shapes, so these stay static."""
+    return any(n.op == "call_function" and str(getattr(n.target, "namespace", "")) == "fxpress"
+               for n in gm.graph.nodes)
 
 
 def batch_size(example_inputs: tuple) -> int | None:

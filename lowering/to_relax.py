@@ -19,7 +19,7 @@ from fxpress.passes.trace import node_source
 
 from .registry import relax_converters
 from .index_checks import INDEX_CONVERTERS, guard_indices
-from .torch_semantics import NAN_CONVERTERS, promote_dtypes, views_as_reshapes
+from .torch_semantics import NAN_CONVERTERS, _with_importer, promote_dtypes, views_as_reshapes
 
 
 @dataclass
@@ -138,7 +138,8 @@ def to_relax(gm: torch.nn.Module, example_inputs: tuple, dynamic_batch: bool = F
     promote_dtypes(ep.graph_module)
     if check_indices:
         guard_indices(ep.graph_module, lambda node: _describe(node, gm))
-    custom = {**NAN_CONVERTERS, **INDEX_CONVERTERS, **relax_converters()}
+    # every custom converter also works inside torch.cond branches (called there without the importer)
+    custom = {k: _with_importer(v) for k, v in {**NAN_CONVERTERS, **INDEX_CONVERTERS, **relax_converters()}.items()}
     check_supported(ep, gm, custom)
     try:
         mod = from_exported_program(ep, keep_params_as_input=True, unwrap_unit_return_tuple=False,

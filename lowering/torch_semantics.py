@@ -129,6 +129,22 @@ def promote_dtypes(gm: fx.GraphModule) -> bool:
 # ------------------------------------------------------------------ NaN-propagating converters
 
 
+def _with_importer(fn):
+    """TVM 0.27 calls custom converters with (node, importer) in the main graph but with (node) alone inside
+    torch.cond branches; there the importer is the caller's ``self`` (_translate_fx_graph)."""
+    import functools
+    import inspect
+
+    @functools.wraps(fn)
+    def convert(node, importer=None):
+        if importer is None:
+            frame = inspect.currentframe().f_back
+            importer = frame.f_locals.get("self") if frame is not None else None
+        return fn(node, importer)
+
+    return convert
+
+
 def _is_float(x) -> bool:
     return str(x.ty.dtype.dtype if hasattr(x.ty.dtype, "dtype") else x.ty.dtype).startswith(("float", "bfloat"))
 
@@ -211,17 +227,17 @@ def _minmax(op_name):
 
 
 NAN_CONVERTERS = {
-    "relu.default": _relu,
-    "relu_.default": _relu,
-    "hardtanh.default": _hardtanh,
-    "hardtanh_.default": _hardtanh,
-    "relu6.default": _relu6,
-    "relu6_.default": _relu6,
-    "clamp.default": _clamp,
-    "clamp_min.default": _clamp_min,
-    "clamp_max.default": _clamp_max,
-    "maximum.default": _minmax("maximum"),
-    "minimum.default": _minmax("minimum"),
+    "relu.default": _with_importer(_relu),
+    "relu_.default": _with_importer(_relu),
+    "hardtanh.default": _with_importer(_hardtanh),
+    "hardtanh_.default": _with_importer(_hardtanh),
+    "relu6.default": _with_importer(_relu6),
+    "relu6_.default": _with_importer(_relu6),
+    "clamp.default": _with_importer(_clamp),
+    "clamp_min.default": _with_importer(_clamp_min),
+    "clamp_max.default": _with_importer(_clamp_max),
+    "maximum.default": _with_importer(_minmax("maximum")),
+    "minimum.default": _with_importer(_minmax("minimum")),
 }
 
 
