@@ -66,7 +66,9 @@ def lower(gm: fx.GraphModule, example_inputs: tuple, target: str, reference: lis
     """
     t0 = time.perf_counter()
     if dynamic_batch is None:
-        dynamic_batch = target == "onnx" and not _has_fxpress_ops(gm)
+        from fxpress.lowering.to_onnx import has_fxpress_ops
+
+        dynamic_batch = target == "onnx" and not has_fxpress_ops(gm)
     batch_note = ""
     built = None
     if dynamic_batch and tune:  # MetaSchedule tunes for one shape
@@ -159,13 +161,6 @@ def _lower_once(gm: fx.GraphModule, example_inputs: tuple, target: str, tune: in
             ir = _onnx_text(model.path)
         executor = ORTExecutor(data)
     return executor, lowered, ir, extra, note
-
-
-def _has_fxpress_ops(gm: fx.GraphModule) -> bool:
-    """Whether a pass put fxpress's own ops (int8, shift/add, low-rank kernels) in the graph: their ONNX
-    translations are fused by ONNX Runtime (QGemm) only with static shapes, so these stay static."""
-    return any(n.op == "call_function" and str(getattr(n.target, "namespace", "")) == "fxpress"
-               for n in gm.graph.nodes)
 
 
 def batch_size(example_inputs: tuple) -> int | None:

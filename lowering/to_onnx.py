@@ -57,10 +57,20 @@ def _failure_detail(err: BaseException, gm) -> str:
     return "\n".join(lines) + "\n"
 
 
+def has_fxpress_ops(gm) -> bool:
+    """Whether a pass put fxpress's own ops (int8, shift/add, low-rank kernels) in the graph: ONNX Runtime
+    fuses their int8 translations (QGemm) only with static shapes, so such graphs are exported static."""
+    return any(n.op == "call_function" and str(getattr(n.target, "namespace", "")) == "fxpress"
+               for n in getattr(getattr(gm, "graph", None), "nodes", []))
+
+
 def to_onnx(gm: torch.nn.Module, example_inputs: tuple, path: str, opset: int = OPSET,
             dynamic_batch: bool | None = None) -> OnnxModel:
     """``dynamic_batch``: True exports dim 0 of every input as one symbolic batch (torch's error when the
-    graph fixes it), False exports the example's shapes, None tries dynamic and falls back to static."""
+    graph fixes it), False exports the example's shapes, None tries dynamic (unless the graph holds fxpress
+    ops, see ``has_fxpress_ops``) and falls back to static."""
+    if dynamic_batch is None and has_fxpress_ops(gm):
+        dynamic_batch = False
     if dynamic_batch is None:
         try:
             return to_onnx(gm, example_inputs, path, opset, dynamic_batch=True)
