@@ -66,7 +66,7 @@ class PassResult:
         return bool(self.rewrites)
 
     def count_layers(self, found: int, rewritten: int, body: int | None = None, body_rewritten: int | None = None,
-                     nothing: str | None = None) -> None:
+                     nothing: str | None = None, layer_nodes: Iterable[str] = ()) -> None:
         """Record "rewrote ``rewritten`` of the ``found`` Linear/Conv layers" (``body``: of those that are not
         the stem / head, see weight_ops.stems_and_heads); ``nothing`` says what the graph held when it had none."""
         self.coverage = {"layers_found": found, "layers_rewritten": rewritten}
@@ -74,6 +74,7 @@ class PassResult:
             self.coverage.update(body_layers=body, body_rewritten=body_rewritten)
         if nothing:
             self.coverage["nothing_found"] = nothing
+        self.coverage["layer_nodes"] = sorted(layer_nodes)
 
     def headline(self) -> str:
         """One line for the report: "applied 3/5 layers" / "unchanged: ..." with the per-layer reasons."""
@@ -84,9 +85,12 @@ class PassResult:
             return cov["nothing_found"]
         found, done = cov["layers_found"], cov["layers_rewritten"]
         text = f"{'applied' if self.changed else 'unchanged'}: {done}/{found} layers rewritten"
-        if done < found and self.skipped:
-            reasons = "; ".join(str(s) for s in self.skipped[:4])
-            more = f" (+{len(self.skipped) - 4} more, see details)" if len(self.skipped) > 4 else ""
+        layer_nodes = set(cov.get("layer_nodes", ()))
+        # reasons for the layers left alone first, then the rest (embeddings, near misses)
+        skips = sorted(self.skipped, key=lambda k: k.node not in layer_nodes)
+        if skips and (done < found or not self.changed):
+            reasons = "; ".join(str(k) for k in skips[:4])
+            more = f" (+{len(skips) - 4} more, see details)" if len(skips) > 4 else ""
             text += f"; left alone: {reasons}{more}"
         return text
 

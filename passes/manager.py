@@ -153,7 +153,8 @@ class PassManager:
             raise PassError(f"pass {p.name!r} produced a graph that does not run on the example inputs: "
                             f"{type(e).__name__}: {e}") from e
         status = "applied" if result.changed else "unchanged"
-        record = snapshot(p.name, "pass", new, reference, ctx.example_inputs, status, seconds, result=result)
+        record = snapshot(p.name, "pass", new, reference, ctx.example_inputs, status, seconds, result=result,
+                          note=result.headline())
         if self.tolerance is not None and record.max_rel_error > self.tolerance:
             record.status = "rolled back"
             record.note = (f"error {record.max_rel_error:.3g} > tolerance {self.tolerance:g}; "
