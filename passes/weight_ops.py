@@ -459,10 +459,28 @@ def lift_to_modules(gm: fx.GraphModule, scan: Scan | None = None) -> list[str]:
         gm.graph.erase_node(w.node)
         replaced[w.node] = new
     made_bn = _lift_batch_norms(gm)
-    if made or made_bn:
+    shared = _share_identical_layout_nodes(gm) if made else 0
+    if made or made_bn or shared:
         drop_dead_weight_nodes(gm)
         gm.recompile()
     return list(made.values()) + made_bn
+
+
+def _share_identical_layout_nodes(gm: fx.GraphModule) -> int:
+    """One node for identical reshapes of one tensor: torch.export gives Q, K and V each their own
+    ``view(h, [16, 64])``, which hides that they read the same input (fuse merges parallel Linears)."""
+    seen: dict[tuple, fx.Node] = {}
+    merged = 0
+    for n in list(gm.graph.nodes):
+        if n.op != "call_function" or n.target not in _LAYOUT_FNS or n.target is operator.getitem:
+            continue
+        key = (n.target, repr(n.args), repr(sorted(n.kwargs.items())), tuple(id(a) for a in n.all_input_nodes))
+        first = seen.setdefault(key, n)
+        if first is not n:
+            n.replace_all_uses_with(first)
+            gm.graph.erase_node(n)
+            merged += 1
+    return merged
 
 
 def _param(t: torch.Tensor | None, value: torch.Tensor) -> nn.Parameter:
