@@ -201,7 +201,7 @@ class Option:
         if self.choices is not None and isinstance(value, str) and value not in self.choices:
             near = difflib.get_close_matches(value, [str(c) for c in self.choices], n=1)
             hint = f" Did you mean {near[0]!r}?" if near else ""
-            raise PassError(f"pass {pass_name!r}: option {key}={value!r} is not one of "
+            raise PassError(f"pass {pass_name!r}: unknown {key} {value!r} (option {key!r}); choose one of "
                             f"{', '.join(map(repr, self.choices))}.{hint}")
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             lo_bad = self.low is not None and (value <= self.low if self.open_low else value < self.low)

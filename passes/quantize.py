@@ -42,7 +42,7 @@ from torch import fx, nn
 from fxpress.errors import PassError
 
 from .base import Option, Pass, PassContext, PassResult, register_pass
-from .graph import eliminate_dead_code, finalize, flatten_outputs, unique_name
+from .graph import eliminate_dead_code, finalize, flatten_outputs, is_inplace, unique_name
 from .weight_ops import CONV, CONV_T, EMBEDDING, LINEAR, WeightOp, as_conv2d, find_weight_ops, stems_and_heads
 from .quantize_observers import ACT_OBSERVERS, WEIGHT_CLIPS, Observer, quantize_weight, weight_clip
 from .quantize_ops import qmax_for_bits
@@ -400,20 +400,38 @@ def _matmul_site(gm: fx.GraphModule, n: fx.Node) -> Site | str | None:
 # ----------------------------------------------------------------------------- calibration
 
 class _Tap(fx.Interpreter):
-    """Runs the graph and shows the outputs of chosen nodes to their observers."""
+    """Runs the graph and shows the outputs of chosen nodes to their observers.
+
+    A tensor written in place after it is made (``h.add_(1.0)``) is observed where its quantized consumers
+    read it instead, since that is the value they quantize."""
 
     def __init__(self, gm, observers: dict[str, Observer], keep_names: set[str], first: dict[str, torch.Tensor]):
         super().__init__(gm)
         self.observers, self.keep_names, self.first = observers, keep_names, first
         self.keep = False
+        self.mutated = mutated_sources(gm, set(observers))
+        # consumer node -> the mutated sources it reads
+        self.late = {u: [s for s in self.mutated if s in {a.name for a in u.all_input_nodes}]
+                     for n in gm.graph.nodes if n.name in self.mutated for u in n.users if not is_inplace(gm, u)}
 
     def run_node(self, n: fx.Node):
+        for src in self.late.get(n, ()):
+            self._see(src, self.env[next(a for a in n.all_input_nodes if a.name == src)])
         out = super().run_node(n)
-        if n.name in self.observers and isinstance(out, torch.Tensor):
-            self.observers[n.name].observe(out)
-            if self.keep and n.name in self.keep_names:
-                self.first[n.name] = out.detach().clone()
+        if n.name in self.observers and n.name not in self.mutated:
+            self._see(n.name, out)
         return out
+
+    def _see(self, name: str, out) -> None:
+        if isinstance(out, torch.Tensor):
+            self.observers[name].observe(out)
+            if self.keep and name in self.keep_names and name not in self.first:
+                self.first[name] = out.detach().clone()
+
+
+def mutated_sources(gm: fx.GraphModule, names: set[str]) -> set[str]:
+    """Names among ``names`` whose tensor some node writes in place."""
+    return {n.name for n in gm.graph.nodes if n.name in names and any(is_inplace(gm, u) for u in n.users)}
 
 
 def _collect_samples(gm: fx.GraphModule, sites: list[Site], batch: tuple) -> None:
@@ -456,13 +474,17 @@ def _apply(gm: fx.GraphModule, sites: list[Site], opts: dict) -> fx.GraphModule:
     qnodes: dict[str, fx.Node] = {}
     last_placeholder = [n for n in g.graph.nodes if n.op == "placeholder"][-1]
 
+    mutated = mutated_sources(g, {a["src"] for s in sites for a in s.plan.get("act", ())})
+
     def quantized(a: dict, site: Site) -> fx.Node:
         src = nodes[a["src"]]  # (a quantized layer's output is its replacement node by now)
         if a["src"] not in qnodes:
             anchor = last_placeholder if src.op == "placeholder" else src
             if src.op == "get_attr":
                 anchor = src
-            with g.graph.inserting_after(anchor):
+            # a tensor written in place later (h.add_(1.0)) is quantized where it is read, not where it is made
+            where = g.graph.inserting_before(nodes[site.name]) if a["src"] in mutated else g.graph.inserting_after(anchor)
+            with where:
                 q = g.graph.call_function(OPS.quantize.default, (src, a["scale"], a["zp"], 0, 255))
             q.meta["fxpress_quantize_site"] = site.name
             qnodes[a["src"]] = q
