@@ -61,6 +61,10 @@ _LAYOUT_FNS = {aten.t.default, aten.transpose.int, aten.permute.default, aten.vi
                aten.contiguous.default, aten.expand.default, aten.unsqueeze.default, aten.squeeze.dim,
                torch.t, torch.transpose, torch.permute, torch.reshape, operator.getitem}
 _LAYOUT_METHODS = {"t", "transpose", "permute", "view", "reshape", "contiguous", "detach", "clone", "T"}
+# What a weight may be computed by and still count as stored: layout ops and weight norm (HF Wav2Vec2's
+# positional conv). Nothing else is evaluated, so an fxpress op (packed weights) is never made dense again,
+# and other weight arithmetic is left for fuse's constant folding.
+_CONST_FNS = _LAYOUT_FNS | {aten._weight_norm_interface.default, torch._weight_norm}
 
 
 @dataclass
@@ -160,7 +164,8 @@ class _Consts:
         v = None
         if a.op == "get_attr":
             v = self.attr(a.target)
-        elif depth < 12 and a.op in ("call_function", "call_method") and not _impure(a):
+        elif depth < 12 and ((a.op == "call_function" and a.target in _CONST_FNS) or
+                             (a.op == "call_method" and a.target in _LAYOUT_METHODS)) and not _impure(a):
             args = [self.value(x, depth + 1) for x in a.args]
             kwargs = {k: self.value(x, depth + 1) for k, x in a.kwargs.items()}
             if not any(x is None and isinstance(y, fx.Node) for x, y in zip(args, a.args)) and \
@@ -281,10 +286,10 @@ def _match(gm: fx.GraphModule, n: fx.Node, c: _Consts) -> WeightOp | str | None:
         x, w, b = _arg(n, 0, "input"), _arg(n, 1, "weight"), _arg(n, 2, "bias")
         wt = c.tensor(w)
         if wt is None or wt.dim() != 2:
-            return "linear whose weight is computed from activations, not a stored tensor"
+            return "linear whose weight is computed in the graph, not a stored tensor (fuse folds constant weights)"
         bt = c.tensor(b) if b is not None else None
         if b is not None and bt is None:
-            return "linear whose bias is computed from activations"
+            return "linear whose bias is computed in the graph"
         form = "F.linear" if t is F.linear or t is torch._C._nn.linear else "aten.linear"
         return _linear(n, x, wt, bt, form, c.stored(w), c.stored(b) if b is not None else None, w, b)
     if t in _ADDMM_FNS:
@@ -363,7 +368,7 @@ def _match_mm(n, a, w, b, form, c: _Consts) -> WeightOp | str | None:
     if b is not None:
         bt = c.tensor(b)
         if bt is None:
-            return f"{form} whose added term is computed from activations"
+            return f"{form} whose added term is computed in the graph"
         if bt.numel() != wt.shape[1]:
             return f"{form} whose added term ({_shape(bt)}) is not a per-output bias"
     stored_t = c.transposed_stored(w)  # x @ t(W): W is already [out, in]
@@ -381,10 +386,10 @@ def _match_conv(n: fx.Node, c: _Consts) -> WeightOp | str | None:
     x, w, b = _arg(n, 0, "input"), _arg(n, 1, "weight"), _arg(n, 2, "bias")
     wt = c.tensor(w)
     if wt is None:
-        return "convolution whose weight is computed from activations, not a stored tensor"
+        return "convolution whose weight is computed in the graph, not a stored tensor (fuse folds constant weights)"
     bt = c.tensor(b) if b is not None else None
     if b is not None and bt is None:
-        return "convolution whose bias is computed from activations"
+        return "convolution whose bias is computed in the graph"
     if t in _CONVOLUTION_FNS:
         dims = wt.dim() - 2
         transposed = bool(_arg(n, 6, "transposed"))
