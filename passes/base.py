@@ -266,6 +266,8 @@ class Pass:
 
     def check_options(self, ctx: PassContext) -> None:
         """Unknown names (with a suggestion), wrong types and out-of-range values are errors."""
+        if ctx is None:  # a pass called by hand without a context checks only its constructor options
+            ctx = PassContext(example_inputs=())
         if ctx.options:
             check_option_sections(ctx.options)
         if self.OPTIONS is None:
