@@ -291,6 +291,7 @@ class LowRankPass(Pass):
         body = [w for w in self._ops if w.node.name not in stems | heads]
         result.count_layers(len(self._ops), len(done), len(body), sum(1 for w in body if w.node.name in done),
                             nothing=self._nothing, layer_nodes=[w.node.name for w in self._ops])
+        result.metrics["layer_weight_params"] = sum(w.weight_params for w in self._ops)  # every Linear/Conv found
         result.metrics["body_weight_params_before"] = sum(w.weight_params for w in body)
         after = 0
         for w in body:

@@ -159,6 +159,14 @@ def test_quantized_export_graph_lowers_to_onnx():
     assert rel_err(_first(cm(*x)), _first(m(*x))) <= 2 * q.max_rel_error + 1e-4
 
 
+def test_conv1d_low_rank_lowers_to_llvm():
+    m, x = _corpus("depthwise_net", 2)
+    cm = fxpress.compile(m, x, passes=["low_rank"], target="llvm", options={"low_rank": {"rank": 8}})
+    rec = _stage(cm, "low_rank")
+    assert "mix" in {c for r in rec.result.rewrites for c in r.consumed}
+    assert rel_err(cm(*x), m(*x)) == pytest.approx(rec.max_rel_error, rel=1e-3, abs=1e-5)
+
+
 def test_fuse_folds_aten_batch_norm_and_merges_qkv():
     m, x = _corpus("hf_resnet")
     rec = _stage(fxpress.compile(m, x, passes=["fuse"], target="torch"), "fuse")
