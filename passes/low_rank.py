@@ -51,7 +51,8 @@ from .low_rank_rank import (LayerChoice, State, candidate_ranks, select_budget, 
 from .manager import output_error
 from .stats import count_params, graph_costs, node_cost, shape_of
 from .trace import annotate_shapes
-from .weight_ops import CONV, CONV_T, EMBEDDING, LINEAR, WeightOp, as_conv2d, find_weight_ops, stems_and_heads
+from .weight_ops import (CONV, CONV_T, EMBEDDING, LINEAR, WeightOp, as_conv2d, find_weight_ops, replace_weight_op,
+                         stems_and_heads)
 
 _LINEAR_OP = torch.ops.fxpress.lowrank_linear.default
 _CONV_OP = torch.ops.fxpress.lowrank_conv2d.default
@@ -255,6 +256,7 @@ class LowRankPass(Pass):
         for name, reason in scan.near_misses:
             result.skip(name, reason)
         self._ops = [w for w in scan.ops if w.kind in (LINEAR, CONV, CONV_T)]
+        self._wops = {w.node: w for w in scan.ops}
         self._stems_heads = stems_and_heads(gm, scan.ops)
         self._nothing = None if self._ops else scan.nothing_found()
         by_key: dict[str, _Layer] = {}
@@ -540,26 +542,20 @@ class LowRankPass(Pass):
             names.append(name)
         macs_before = macs_after = 0
         produced = []
+        c = L.conv
+
+        def build(g: fx.Graph, x: fx.Node) -> fx.Node:
+            u, v, b = (g.get_attr(n) for n in names)
+            if L.kind == "linear":
+                return g.call_function(_LINEAR_OP, (x, u, v, b))
+            return g.call_function(_CONV_OP, (x, u, v, b, list(c["stride"]), list(c["padding"]), list(c["dilation"])))
+
         for node in L.nodes:
-            with gm.graph.inserting_before(node):
-                u, v, b = (gm.graph.get_attr(n) for n in names)
-                if L.kind == "linear":
-                    new = gm.graph.call_function(_LINEAR_OP, (node.args[0], u, v, b))
-                else:
-                    c = L.conv
-                    x = gm.graph.call_function(torch.unsqueeze, (node.args[0], 2)) if L.conv1d else node.args[0]
-                    new = gm.graph.call_function(_CONV_OP, (x, u, v, b, list(c["stride"]),
-                                                            list(c["padding"]), list(c["dilation"])))
-                    if L.conv1d:
-                        new = gm.graph.call_function(torch.squeeze, (new, 2))
-            new.meta.update({k: val for k, val in node.meta.items() if k in ("tensor_meta", "stack_trace")})
             mb, _ = node_cost(node, gm)
             macs_before += mb
             out_numel = math.prod(shape_of(node) or (0,))
             macs_after += (out_numel // L.out) * rank * (L.d + L.out)
-            node.replace_all_uses_with(new)
-            gm.graph.erase_node(node)
-            produced.append(new)
+            produced.append(replace_weight_op(gm, self._wops[node], build))
         err = L.fact.rel_error(rank)
         shape = [L.out, L.d] if L.kind == "linear" else [L.out, L.d // math.prod(L.conv["kernel"]), *L.conv["kernel"]]
         row = dict(layer=L.key, op=L.kind, weight_shape=shape, rank=rank, full_rank=L.fact.full_rank,

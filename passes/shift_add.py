@@ -50,7 +50,8 @@ from .trace import copy_graph_module
 from .manager import output_error
 from .shift_add_attention import find_attention, rewrite_attention
 from .stats import count_params, graph_costs, node_cost, shape_of
-from .weight_ops import CONV, CONV_T, EMBEDDING, LINEAR, WeightOp, as_conv2d, find_weight_ops, stems_and_heads
+from .weight_ops import (CONV, CONV_T, EMBEDDING, LINEAR, WeightOp, as_conv2d, find_weight_ops, replace_weight_op,
+                         stems_and_heads)
 
 SHIFT_LINEAR = torch.ops.fxpress.shift_linear.default
 SHIFT_CONV2D = torch.ops.fxpress.shift_conv2d.default
@@ -74,7 +75,6 @@ class _Layer:
     sensitivity: float | None = None
     frac_bits: int = -1
     mode: str = "float"
-    conv1d: bool = False          # a Conv1d run as a 1 x k Conv2d (input unsqueezed at dim 2, output squeezed)
 
     @property
     def reduce_len(self) -> int:
@@ -187,6 +187,7 @@ class ShiftAddPass(Pass):
         for name, reason in scan.near_misses:
             result.skip(name, reason)
         self._ops = [w for w in scan.ops if w.kind in (LINEAR, CONV, CONV_T)]
+        self._wops = {w.node: w for w in scan.ops}
         self._stems_heads = stems_and_heads(gm, scan.ops)
         self._nothing = None if self._ops else scan.nothing_found()
         by_key: dict[str, _Layer] = {}
@@ -225,7 +226,7 @@ class ShiftAddPass(Pass):
         weight, g = geo
         conv = dict(stride=g["stride"], padding=g["padding"], dilation=g["dilation"], groups=g["groups"])
         return _Layer(w.key, "conv2d", [w.node], weight.detach(), _detach(w.bias), conv,
-                      setter=_param_setter(w.module), conv1d=w.conv.dims == 1)
+                      setter=_param_setter(w.module))
 
     # ------------------------------------------------------------------ selection
     def _choose(self, gm, layers: list[_Layer], ctx: PassContext, opt: dict, result: PassResult) -> list[_Layer]:
@@ -349,27 +350,20 @@ class ShiftAddPass(Pass):
         frac = L.frac_bits if L.mode == "int" else -1
         dense_mults = after_mults = 0
         produced = []
+        cv = L.conv
+
+        def build(g: fx.Graph, x: fx.Node) -> fx.Node:
+            c, s, b = (g.get_attr(n) for n in names)
+            if L.kind == "linear":
+                return g.call_function(SHIFT_LINEAR, (x, c, s, b, frac))
+            return g.call_function(SHIFT_CONV2D, (x, c, s, b, list(cv["stride"]), list(cv["padding"]),
+                                                  list(cv["dilation"]), int(cv["groups"]), frac))
+
         for node in L.nodes:
             dm, _ = node_cost(node, gm)
-            with gm.graph.inserting_before(node):
-                c, s, b = (gm.graph.get_attr(n) for n in names)
-                if L.kind == "linear":
-                    new = gm.graph.call_function(SHIFT_LINEAR, (node.args[0], c, s, b, frac))
-                else:
-                    cv = L.conv
-                    x = gm.graph.call_function(torch.unsqueeze, (node.args[0], 2)) if L.conv1d else node.args[0]
-                    new = gm.graph.call_function(SHIFT_CONV2D, (x, c, s, b, list(cv["stride"]),
-                                                                list(cv["padding"]), list(cv["dilation"]),
-                                                                int(cv["groups"]), frac))
-                    if L.conv1d:
-                        new = gm.graph.call_function(torch.squeeze, (new, 2))
-            new.meta.update({k: v for k, v in node.meta.items() if k in ("tensor_meta", "stack_trace")})
-            out = math.prod(shape_of(node) or (0,))
             dense_mults += dm
-            after_mults += out
-            node.replace_all_uses_with(new)
-            gm.graph.erase_node(node)
-            produced.append(new)
+            after_mults += math.prod(shape_of(node) or (0,))
+            produced.append(replace_weight_op(gm, self._wops[node], build))
         packed_bytes = (L.codes.numel() * (1 + opt["exp_bits"]) + 7) // 8  # ops.pack_bitstream's size
         row = dict(
             layer=L.key, op=L.kind, weight_shape=list(L.weight.shape), terms=opt["terms"],

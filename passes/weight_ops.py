@@ -595,7 +595,8 @@ def replace_weight_op(gm: fx.GraphModule, w: WeightOp, build: Callable[[fx.Graph
     """
     g = gm.graph
     with g.inserting_before(w.node):
-        x = w.x
+        # a module's input as it is now (an earlier rewrite may have replaced the node that fed it)
+        x = w.node.args[0] if w.module is not None else w.x
         conv1d = as_2d and w.kind in (CONV, CONV_T) and w.conv.dims == 1
         if conv1d:
             x = g.call_function(torch.unsqueeze, (x, 2))
