@@ -235,7 +235,7 @@ class Pass:
     The base class wraps every subclass's ``run`` (``__init_subclass__``) so each pass, however it is
     called, gets the same contract: its declared ``OPTIONS`` are checked (unknown names get the nearest
     known one as a suggestion; types and ranges are checked), functional / ATen layers are lifted to
-    modules when ``lift_layers`` (weight_ops.lift_to_modules: every pass sees one layer form), and the
+    modules when ``lift_layers`` (weight_ops_lift.lift_to_modules: every pass sees one layer form), and the
     returned graph is finalized with the in-place-aware dead-code elimination (graph.finalize).
 
     ``lossy`` passes change the function (low rank, shift/add, quantize); lossless ones should not.
@@ -303,7 +303,7 @@ def _contract(run):
     @functools.wraps(run)
     def checked(self: Pass, gm: fx.GraphModule, ctx: PassContext):
         from .graph import finalize
-        from .weight_ops import lift_to_modules
+        from .weight_ops_lift import lift_to_modules
 
         self.check_options(ctx)
         if self.lift_layers:

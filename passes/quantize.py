@@ -42,9 +42,10 @@ from torch import fx, nn
 from fxpress.errors import PassError
 
 from .base import Option, Pass, PassContext, PassResult, register_pass
-from .graph import eliminate_dead_code, finalize, flatten_outputs, is_inplace, unique_name
+from .graph import eliminate_dead_code, finalize, flatten_outputs, unique_name
 from .weight_ops import CONV, CONV_T, EMBEDDING, LINEAR, WeightOp, as_conv2d, find_weight_ops, stems_and_heads
-from .quantize_observers import ACT_OBSERVERS, WEIGHT_CLIPS, Observer, quantize_weight, weight_clip
+from .quantize_observers import (ACT_OBSERVERS, WEIGHT_CLIPS, Observer, Tap, mutated_sources, quantize_weight,
+                                 weight_clip)
 from .quantize_ops import qmax_for_bits
 from .quantize_splitquant import cluster_masks
 
@@ -227,7 +228,7 @@ class Quantize(Pass):
         observers = {src: Observer(opts["observer"], opts["percentile"]) for s in sites for src in s.inputs}
         want = {src for s in sites for src in s.inputs}
         first: dict[str, torch.Tensor] = {}
-        tap = _Tap(gm, observers, want, first)
+        tap = Tap(gm, observers, want, first)
         show = opts["progress"] if opts["progress"] is not None else sys.stderr.isatty()
         from tqdm.auto import tqdm
 
@@ -399,45 +400,10 @@ def _matmul_site(gm: fx.GraphModule, n: fx.Node) -> Site | str | None:
 
 # ----------------------------------------------------------------------------- calibration
 
-class _Tap(fx.Interpreter):
-    """Runs the graph and shows the outputs of chosen nodes to their observers.
-
-    A tensor written in place after it is made (``h.add_(1.0)``) is observed where its quantized consumers
-    read it instead, since that is the value they quantize."""
-
-    def __init__(self, gm, observers: dict[str, Observer], keep_names: set[str], first: dict[str, torch.Tensor]):
-        super().__init__(gm)
-        self.observers, self.keep_names, self.first = observers, keep_names, first
-        self.keep = False
-        self.mutated = mutated_sources(gm, set(observers))
-        # consumer node -> the mutated sources it reads
-        self.late = {u: [s for s in self.mutated if s in {a.name for a in u.all_input_nodes}]
-                     for n in gm.graph.nodes if n.name in self.mutated for u in n.users if not is_inplace(gm, u)}
-
-    def run_node(self, n: fx.Node):
-        for src in self.late.get(n, ()):
-            self._see(src, self.env[next(a for a in n.all_input_nodes if a.name == src)])
-        out = super().run_node(n)
-        if n.name in self.observers and n.name not in self.mutated:
-            self._see(n.name, out)
-        return out
-
-    def _see(self, name: str, out) -> None:
-        if isinstance(out, torch.Tensor):
-            self.observers[name].observe(out)
-            if self.keep and name in self.keep_names and name not in self.first:
-                self.first[name] = out.detach().clone()
-
-
-def mutated_sources(gm: fx.GraphModule, names: set[str]) -> set[str]:
-    """Names among ``names`` whose tensor some node writes in place."""
-    return {n.name for n in gm.graph.nodes if n.name in names and any(is_inplace(gm, u) for u in n.users)}
-
-
 def _collect_samples(gm: fx.GraphModule, sites: list[Site], batch: tuple) -> None:
     want = {src for s in sites for src in s.inputs}
     first: dict[str, torch.Tensor] = {}
-    tap = _Tap(gm, {k: Observer() for k in want}, want, first)
+    tap = Tap(gm, {k: Observer() for k in want}, want, first)
     tap.keep = True
     with torch.no_grad():
         tap.run(*batch)

@@ -62,7 +62,7 @@ SAFETY = 0.9  # selection aims at 0.9 × budget so the manager's guard does not 
 
 @dataclass
 class _Layer:
-    key: str                      # module path (every layer is a module after weight_ops.lift_to_modules)
+    key: str                      # module path (every layer is a module after weight_ops_lift)
     kind: str                     # "linear" | "conv2d"
     nodes: list[fx.Node]
     weight: torch.Tensor

@@ -16,7 +16,8 @@ from fxpress.errors import PassError
 from fxpress.passes.base import PassContext, rebatch
 from fxpress.passes.graph import flatten_outputs
 from fxpress.passes.trace import trace
-from fxpress.passes.weight_ops import CONV, CONV_T, EMBEDDING, LINEAR, find_weight_ops, lift_to_modules
+from fxpress.passes.weight_ops import CONV, CONV_T, EMBEDDING, LINEAR, find_weight_ops
+from fxpress.passes.weight_ops_lift import lift_to_modules
 
 from helpers import rel_err
 
