@@ -157,6 +157,16 @@ def rebatch(batches: list[tuple], size: int) -> list[tuple]:
     return out
 
 
+def runs_with_batch_of_one(gm: fx.GraphModule, batch: tuple) -> bool:
+    """Whether ``gm`` takes a one-sample slice of ``batch`` (a torch.export capture may fix the batch size)."""
+    try:
+        with torch.no_grad():
+            gm(*(t[:1] if isinstance(t, torch.Tensor) and t.dim() > 0 else t for t in batch))
+        return True
+    except Exception:  # noqa: BLE001 - e.g. view(x, [100, 3136])
+        return False
+
+
 def rebatch_if_needed(gm: fx.GraphModule, batches: list[tuple], example: tuple) -> list[tuple]:
     want = _batch_size(example)
     odd = next((b for b in batches if _batch_size(b) != want), None)

@@ -153,3 +153,12 @@ def flatten_outputs(out) -> list[torch.Tensor]:
     """Tensors of a (possibly nested) model output, in pytree order."""
     leaves, _ = torch.utils._pytree.tree_flatten(out)
     return [x for x in leaves if isinstance(x, torch.Tensor)]
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Cosine similarity of two tensors, flattened, in float64 (1 when both are zero)."""
+    a, b = a.double().flatten(), b.double().flatten()
+    na, nb = float(a.norm()), float(b.norm())
+    if na == 0 or nb == 0:
+        return 1.0 if na == nb else 0.0
+    return float(a @ b) / (na * nb)

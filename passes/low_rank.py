@@ -43,8 +43,8 @@ from torch import fx, nn
 from fxpress.errors import PassError
 
 from . import low_rank_ops  # noqa: F401 - registers fxpress::lowrank_* and their costs
-from .base import Option, Pass, PassContext, PassResult, register_pass
-from .graph import finalize, flatten_outputs, unique_name
+from .base import Option, Pass, PassContext, PassResult, register_pass, runs_with_batch_of_one
+from .graph import cosine, finalize, flatten_outputs, unique_name
 from .low_rank_factor import METHODS, Factorization, LayerStats, factorize
 from .low_rank_rank import (LayerChoice, State, candidate_ranks, select_budget, select_target_error,
                             snap_up)
@@ -149,7 +149,7 @@ class LowRankPass(Pass):
         macs_after, _ = graph_costs(gm)
         with torch.no_grad():
             after_outs = [flatten_outputs(gm(*b)) for b in self._eval_batches(ctx, gm)]
-        cos = min(_cosine(a, b) for ao, bo in zip(after_outs, before_outs) for a, b in zip(ao, bo))
+        cos = min(cosine(a, b) for ao, bo in zip(after_outs, before_outs) for a, b in zip(ao, bo))
         rel = max(output_error(ao, bo)[1] for ao, bo in zip(after_outs, before_outs))
         eligible = sum(L.weight_params for L in layers)
         chosen = sum(L.weight_params if ranks.get(L.key) is None else ranks[L.key] * (L.out + L.d) for L in layers)
@@ -382,7 +382,7 @@ class LowRankPass(Pass):
         seen = 0
         try:
             with torch.enable_grad():
-                per_sample = _takes_batch_of_one(gm, batches[0])
+                per_sample = runs_with_batch_of_one(gm, batches[0])
                 for b, batch in enumerate(batches):
                     n = batch[0].shape[0] if per_sample else 1
                     for i in range(n):
@@ -567,15 +567,6 @@ class LowRankPass(Pass):
         result.rewrite("low_rank", L.nodes, produced, layer=L.key, rank=rank, error=round(err, 5))
 
 
-def _takes_batch_of_one(gm: fx.GraphModule, batch: tuple) -> bool:
-    try:
-        with torch.no_grad():
-            gm(*(t[:1] for t in batch))
-        return True
-    except Exception:  # noqa: BLE001 - e.g. view(x, [100, 3136]) from a torch.export capture
-        return False
-
-
 def _rows(L: _Layer) -> int:
     """How many rows (tokens, or output pixels of a conv) the layer's weight is applied to, all calls."""
     return max(1, sum(math.prod(shape_of(n) or (0,)) // L.out for n in L.nodes))
@@ -625,11 +616,3 @@ class _Trial:
         finally:
             for mod in swapped:
                 del mod.forward
-
-
-def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double().flatten(), b.double().flatten()
-    na, nb = float(a.norm()), float(b.norm())
-    if na == 0 or nb == 0:
-        return 1.0 if na == nb else 0.0
-    return float(a @ b) / (na * nb)

@@ -45,7 +45,7 @@ from fxpress.errors import PassError
 
 from . import shift_add_ops as ops
 from .base import Option, Pass, PassContext, PassResult, register_pass
-from .graph import eliminate_dead_code, finalize, flatten_outputs, unique_name
+from .graph import cosine, eliminate_dead_code, finalize, flatten_outputs, unique_name
 from .trace import copy_graph_module
 from .manager import output_error
 from .shift_add_attention import find_attention, rewrite_attention
@@ -178,7 +178,7 @@ class ShiftAddPass(Pass):
             y = flatten_outputs(gm(*ctx.example_inputs))
         if ctx.reference_outputs is not None:
             m["output_rel_error"] = output_error(y, ctx.reference_outputs)[1]
-            m["output_cosine"] = min(_cosine(a, b) for a, b in zip(y, ctx.reference_outputs))
+            m["output_cosine"] = min(cosine(a, b) for a, b in zip(y, ctx.reference_outputs))
         return gm, result
 
     # ------------------------------------------------------------------ candidates
@@ -402,7 +402,7 @@ class ShiftAddPass(Pass):
         with torch.no_grad():
             after = flatten_outputs(trial(*ctx.example_inputs))
         err_before, err_after = output_error(before, ref)[1], output_error(after, ref)[1]
-        cos = min(_cosine(a, b) for a, b in zip(after, ref))
+        cos = min(cosine(a, b) for a, b in zip(after, ref))
         result.metrics["attention_output_rel_error"] = err_after
         result.metrics["attention_output_cosine"] = cos
         tol = opt["tolerance"]
@@ -417,12 +417,6 @@ class ShiftAddPass(Pass):
         result.notes.append(f"binarized additive attention on {len(matches)} block(s): output error "
                             f"{err_before:.3g} -> {err_after:.3g}, cosine {cos:.4f} (changes the function)")
         return err_after - err_before
-
-
-def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double().flatten(), b.double().flatten()
-    den = float(a.norm() * b.norm())
-    return float(a @ b) / den if den > 0 else 1.0
 
 
 def _detach(t):
