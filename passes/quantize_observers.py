@@ -1,4 +1,5 @@
-"""Calibration observers (activation ranges) and weight clipping for the quantize pass.
+"""Calibration observers (activation ranges), the interpreter that feeds them (``Tap``), and weight
+clipping for the quantize pass.
 
 Activations are quantized per tensor, asymmetric (uint8 by default). An observer sees every
 calibration batch of one tensor and proposes a clipping range [lo, hi] (always holding 0, so real
@@ -22,7 +23,9 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import fx
 
+from .graph import is_inplace
 from .quantize_ops import qparams_asym
 
 ACT_OBSERVERS = ("minmax", "percentile", "mse")
@@ -204,3 +207,40 @@ def quantize_weight(w: torch.Tensor, clip: torch.Tensor, qmax: int, mask: torch.
     if mask is not None:
         q = torch.where(mask, q, torch.zeros_like(q))
     return q.to(torch.int8), scale
+
+
+# ----------------------------------------------------------------------------- calibration runs
+
+class Tap(fx.Interpreter):
+    """Runs the graph and shows the outputs of chosen nodes to their observers.
+
+    A tensor written in place after it is made (``h.add_(1.0)``) is observed where its quantized consumers
+    read it instead, since that is the value they quantize."""
+
+    def __init__(self, gm, observers: dict[str, Observer], keep_names: set[str], first: dict[str, torch.Tensor]):
+        super().__init__(gm)
+        self.observers, self.keep_names, self.first = observers, keep_names, first
+        self.keep = False
+        self.mutated = mutated_sources(gm, set(observers))
+        # consumer node -> the mutated sources it reads
+        self.late = {u: [s for s in self.mutated if s in {a.name for a in u.all_input_nodes}]
+                     for n in gm.graph.nodes if n.name in self.mutated for u in n.users if not is_inplace(gm, u)}
+
+    def run_node(self, n: fx.Node):
+        for src in self.late.get(n, ()):
+            self._see(src, self.env[next(a for a in n.all_input_nodes if a.name == src)])
+        out = super().run_node(n)
+        if n.name in self.observers and n.name not in self.mutated:
+            self._see(n.name, out)
+        return out
+
+    def _see(self, name: str, out) -> None:
+        if isinstance(out, torch.Tensor):
+            self.observers[name].observe(out)
+            if self.keep and name in self.keep_names and name not in self.first:
+                self.first[name] = out.detach().clone()
+
+
+def mutated_sources(gm: fx.GraphModule, names: set[str]) -> set[str]:
+    """Names among ``names`` whose tensor some node writes in place."""
+    return {n.name for n in gm.graph.nodes if n.name in names and any(is_inplace(gm, u) for u in n.users)}
