@@ -92,6 +92,8 @@ class PassResult:
             reasons = "; ".join(str(k) for k in skips[:4])
             more = f" (+{len(skips) - 4} more, see details)" if len(skips) > 4 else ""
             text += f"; left alone: {reasons}{more}"
+        elif skips:
+            text += f"; {len(skips)} other op(s) left alone (embeddings, earlier rewrites ...: see details)"
         return text
 
     def rewrite(self, kind: str, consumed: Iterable, produced: Iterable = (), **detail) -> Rewrite:

@@ -274,6 +274,10 @@ def _match(gm: fx.GraphModule, n: fx.Node, c: _Consts) -> WeightOp | str | None:
     if n.op == "call_module":
         return _match_module(gm, n)
     t = n.target
+    if isinstance(t, torch._ops.OpOverload) and t.namespace == "fxpress":
+        if any(a.op == "get_attr" for a in n.all_input_nodes):
+            return f"already rewritten by an earlier pass ({t.name()}): left as it is"
+        return None
     if n.op == "call_method":
         if t in _MM_METHODS and len(n.args) == 2:
             return _match_mm(n, n.args[0], n.args[1], None, f".{t}()", c)
