@@ -2,7 +2,9 @@
 small configs (seeded random weights, nothing downloaded), plus plain-torch cases that trip tracers
 (recurrent layers, depthwise convolutions, a shape check in forward, a closure over a mutated local).
 
-Every entry builds in well under a second and takes a batch size, so the same model can be compiled
+Decoder models (GPT-2, Llama) are built with ``use_cache=False``, as for a single forward pass: with the
+KV cache their forward also returns a ``DynamicCache`` object, which fxpress refuses with an error that
+says exactly this. Every entry builds in well under a second and takes a batch size, so the same model can be compiled
 at batch 1 and batch 4. ``transformers`` is a test extra: entries that need it raise ImportError with
 what to install when it is missing.
 """
@@ -216,12 +218,13 @@ _add("hf_distilbert", _hf("DistilBertConfig", "DistilBertModel", vocab_size=512,
 _add("hf_deberta_v2", _hf("DebertaV2Config", "DebertaV2Model", **_TXT), _tokens(16, 512),
      "DebertaV2Model 64x2", "transformers")
 _add("hf_gpt2", _hf("GPT2Config", "GPT2Model", vocab_size=512, n_embd=64, n_layer=2, n_head=4, n_positions=64,
-                     bos_token_id=0, eos_token_id=0),
+                     bos_token_id=0, eos_token_id=0, use_cache=False),
      # GPT2Model's second positional argument is past_key_values: ids only.
      _tokens(16, 512, mask=False), "GPT2Model 64x2 (Conv1D = addmm)", "transformers")
 _add("hf_llama", _hf("LlamaConfig", "LlamaModel", vocab_size=512, hidden_size=64, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
-                     max_position_embeddings=64), _tokens(16, 512), "LlamaModel 64x2, GQA", "transformers")
+                     max_position_embeddings=64, use_cache=False), _tokens(16, 512), "LlamaModel 64x2, GQA",
+     "transformers")
 _add("hf_t5_encoder", _hf("T5Config", "T5EncoderModel", vocab_size=512, d_model=64, d_kv=16, d_ff=128,
                           num_layers=2, num_heads=4), _tokens(16, 512), "T5EncoderModel 64x2", "transformers")
 _add("hf_vit", _hf("ViTConfig", "ViTModel", image_size=32, patch_size=8, num_channels=3, hidden_size=64,
