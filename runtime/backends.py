@@ -8,12 +8,15 @@ from __future__ import annotations
 import bisect
 import ctypes
 import os
+import re
 from typing import Any
 
 import numpy as np
 
 from fxpress.errors import ArtifactError, InputError, TargetUnavailableError
 
+# ONNX Runtime's own gather bounds checks (Gather, GatherElements, GatherND)
+_ORT_INDEX_ERRORS = ("out of data bounds", "invalid index found", "Out of range value in index")
 _INDEX_CHECK = "fxpress index check:"  # prefix of the message of a compiled index check (lowering/index_checks.py)
 
 from . import blas
@@ -243,4 +246,14 @@ class ORTExecutor:
 
     def run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
         feed: dict[str, Any] = {n: np.asarray(x, order="C") for n, x in zip(self.input_names, inputs)}
-        return list(self.session.run(None, feed))
+        try:
+            return list(self.session.run(None, feed))
+        except Exception as e:  # noqa: BLE001 - only an out-of-range index is the caller's input; the rest re-raises
+            text = str(e)
+            if any(p in text for p in _ORT_INDEX_ERRORS):
+                node = re.search(r"Name:'([^']+)'", text)
+                status = text.split("Status Message:")[-1].strip().splitlines()[0]
+                raise InputError(
+                    f"an index given to {node.group(1) if node else 'a gather'} is out of range ({status.split(': ')[-1]}). "
+                    "Check the ids fed to the model (eager PyTorch raises IndexError here too)") from None
+            raise

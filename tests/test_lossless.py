@@ -398,3 +398,17 @@ def test_model_that_fixes_the_batch_is_compiled_static_with_a_note():
     with pytest.raises(InputError):
         cm(torch.randn(3, 3, 4))
     assert _rel(cm(x), FixedBatch()(x)) <= LOSSLESS_RTOL
+
+
+@pytest.mark.parametrize("case", sorted(INDEX_MODELS))
+def test_out_of_range_index_is_an_input_error_on_onnx(case):
+    """ONNX Runtime checks its gathers itself; its error reaches the caller as an InputError, not a raw one."""
+    fwd, rows, _ = INDEX_MODELS[case]
+    torch.manual_seed(0)
+    model = _Table().eval()
+    model.forward = lambda ids: fwd(model, ids)
+    ids = torch.tensor([0, 3, 8])
+    cm = fxpress.compile(model, (ids,), passes="none", target="onnx")
+    for bad in (rows, 10**8):
+        with pytest.raises(InputError, match="out of range"):
+            cm(torch.tensor([0, 1, bad]))
