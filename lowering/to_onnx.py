@@ -17,7 +17,7 @@ import torch
 from fxpress.errors import LoweringError
 
 from .registry import onnx_translations
-from .torch_semantics import views_as_reshapes
+from .torch_semantics import exact_clamps, nan_aware_max, negative_ids_out_of_range, views_as_reshapes
 
 OPSET = 18
 MAX_IR_VERSION = 10  # highest IR version ONNX Runtime 1.31 accepts
@@ -64,6 +64,12 @@ def has_fxpress_ops(gm) -> bool:
                for n in getattr(getattr(gm, "graph", None), "nodes", []))
 
 
+def onnx_semantics(gm: torch.nn.Module) -> torch.nn.Module:
+    """The graph with torch's meaning made explicit where the ONNX export would change it: views as
+    reshapes, negative ids refused, NaN-propagating max, clamps that keep NaN and infinities."""
+    return exact_clamps(nan_aware_max(negative_ids_out_of_range(views_as_reshapes(gm))))
+
+
 def to_onnx(gm: torch.nn.Module, example_inputs: tuple, path: str, opset: int = OPSET,
             dynamic_batch: bool | None = None) -> OnnxModel:
     """``dynamic_batch``: True exports dim 0 of every input as one symbolic batch (torch's error when the
@@ -91,7 +97,7 @@ def to_onnx(gm: torch.nn.Module, example_inputs: tuple, path: str, opset: int = 
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             prog = torch.onnx.export(
-                views_as_reshapes(gm), tuple(example_inputs), dynamo=True, opset_version=opset, input_names=input_names,
+                onnx_semantics(gm), tuple(example_inputs), dynamo=True, opset_version=opset, input_names=input_names,
                 custom_translation_table=onnx_translations() or None, optimize=True, verbose=False,
                 external_data=False, **extra)
     except Exception as e:  # noqa: BLE001

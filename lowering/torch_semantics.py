@@ -226,7 +226,28 @@ def _minmax(op_name):
     return convert
 
 
+def _max_dim(node, importer):
+    """``max(x, dim)`` as torch computes it: a NaN in a row is that row's max, at the NaN's index (TVM's
+    topk ranks NaN below every number)."""
+    from tvm import relax
+
+    y = importer._max_dim(node)
+    x = importer.env[node.args[0]]
+    if not _is_float(x):
+        return y
+    dim = node.args[1]
+    keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    bb = importer.block_builder
+    nan = bb.emit(relax.op.astype(relax.op.isnan(x), "int32"))
+    any_nan = bb.emit(relax.op.greater(relax.op.max(nan, axis=[dim], keepdims=keepdim), relax.const(0, "int32")))
+    dtype = str(x.ty.dtype.dtype if hasattr(x.ty.dtype, "dtype") else x.ty.dtype)
+    values = bb.emit(relax.op.where(any_nan, relax.const(float("nan"), dtype), y[0]))
+    indices = bb.emit(relax.op.where(any_nan, relax.op.argmax(nan, axis=dim, keepdims=keepdim), y[1]))
+    return bb.emit(relax.Tuple([values, indices]))
+
+
 NAN_CONVERTERS = {
+    "max.dim": _with_importer(_max_dim),
     "relu.default": _with_importer(_relu),
     "relu_.default": _with_importer(_relu),
     "hardtanh.default": _with_importer(_hardtanh),
@@ -280,3 +301,179 @@ def views_as_reshapes(gm: torch.nn.Module) -> torch.nn.Module:
 def _is_dtype_view(n: fx.Node) -> bool:
     """``x.view(torch.float16)`` reinterprets bytes: not a reshape."""
     return any(isinstance(a, torch.dtype) for a in list(n.args[1:]) + list(n.kwargs.values()))
+
+
+# ------------------------------------------------------------------ negative ids for ONNX
+
+
+def _table_rows(gm: fx.GraphModule, node: fx.Node):
+    """(position of the index argument, size of the indexed dimension) where torch refuses negative
+    indices but ONNX's Gather/GatherElements would wrap them; None elsewhere."""
+    def size(x, dim=0):
+        meta = x.meta.get("tensor_meta") if isinstance(x, fx.Node) else None
+        shape = getattr(meta, "shape", None) or getattr(x.meta.get("val"), "shape", None) if isinstance(x, fx.Node) else None
+        return int(shape[dim]) if shape is not None and len(shape) > dim else None
+
+    t, a = node.target, node.args
+    if node.op == "call_module" and isinstance(gm.get_submodule(t), torch.nn.Embedding):
+        return 0, gm.get_submodule(t).num_embeddings
+    if node.op != "call_function":
+        return None
+    if t in (torch.nn.functional.embedding,) and len(a) >= 2:
+        return 0, size(a[1])
+    if t is aten.embedding.default:
+        return 1, size(a[0])
+    if t in (torch.index_select, aten.index_select.default, torch.gather, aten.gather.default) and len(a) >= 3:
+        dim = a[1] if isinstance(a[1], int) else None
+        return (2, size(a[0], dim % max(len(a[0].meta["tensor_meta"].shape), 1))) \
+            if dim is not None and isinstance(a[0], fx.Node) and "tensor_meta" in a[0].meta else None
+    return None
+
+
+def negative_ids_out_of_range(gm: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``gm`` in which a negative id given to embedding / index_select / gather becomes the
+    first out-of-range one (the table's size). torch raises IndexError for those; ONNX's Gather counts
+    -1 as the last row and would return numbers. ONNX Runtime refuses the out-of-range id instead, which
+    the runtime turns into an InputError (``gm`` itself when it has no such op)."""
+    if not isinstance(gm, fx.GraphModule):
+        return gm
+    sites = [(n.name, *found) for n in gm.graph.nodes
+             if (found := _table_rows(gm, n)) is not None and found[1] is not None]
+    if not sites:
+        return gm
+    from fxpress.passes.trace import copy_graph_module
+
+    new = copy_graph_module(gm)
+    by_name = {n.name: n for n in new.graph.nodes}
+    for name, pos, rows in sites:
+        node = by_name[name]
+        idx = node.args[pos]
+        if not isinstance(idx, fx.Node):
+            continue
+        with new.graph.inserting_before(node):
+            neg = new.graph.call_function(torch.lt, (idx, 0))
+            fixed = new.graph.call_function(torch.where, (neg, rows, idx))
+        node.update_arg(pos, fixed)
+    new.recompile()
+    return new
+
+
+# ------------------------------------------------------------------ NaN-aware max for ONNX
+
+
+def _nan_max_dim(x, dim: int, keepdim: bool = False):
+    """torch.max(x, dim) written with ops ONNX Runtime keeps NaN through (its ReduceMax drops NaN)."""
+    nan = torch.isnan(x)
+    out = torch.max(torch.where(nan, torch.full_like(x, float("-inf")), x), dim, keepdim)
+    any_nan = nan.any(dim, keepdim)
+    values = torch.where(any_nan, torch.full_like(out.values, float("nan")), out.values)
+    indices = torch.where(any_nan, nan.to(torch.int64).argmax(dim, keepdim), out.indices)
+    return torch.return_types.max((values, indices))
+
+
+def nan_aware_max(gm: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``gm`` whose float ``max(x, dim)`` calls go through ``_nan_max_dim`` (``gm`` when none)."""
+    if not isinstance(gm, fx.GraphModule):
+        return gm
+
+    def is_max_dim(n):
+        args = list(n.args) + list(n.kwargs.values())
+        dim_given = len(n.args) > 1 and isinstance(n.args[1], int) or "dim" in n.kwargs
+        meta = n.args[0].meta.get("tensor_meta") if n.args and isinstance(n.args[0], fx.Node) else None
+        floaty = meta is not None and getattr(meta, "dtype", torch.float32).is_floating_point
+        return floaty and dim_given and len(args) <= 3 and (
+            (n.op == "call_method" and n.target == "max")
+            or (n.op == "call_function" and n.target in (torch.max, aten.max.dim)))
+
+    names = {n.name for n in gm.graph.nodes if is_max_dim(n)}
+    if not names:
+        return gm
+    from fxpress.passes.trace import copy_graph_module
+
+    new = copy_graph_module(gm)
+    for n in new.graph.nodes:
+        if n.name in names:
+            dim = n.args[1] if len(n.args) > 1 else n.kwargs["dim"]
+            keep = n.args[2] if len(n.args) > 2 else n.kwargs.get("keepdim", False)
+            n.op, n.target, n.args, n.kwargs = "call_function", _nan_max_dim, (n.args[0], dim, keep), {}
+    new.recompile()
+    return new
+
+
+def _clamp_where(x, lo=None, hi=None):
+    """clamp as comparisons: keeps NaN and the infinities exactly as torch (the ONNX exporter's Clip
+    bounds an open side with float max, so clamp(min=0) turned +inf into 3.4e38)."""
+    if lo is not None:
+        x = torch.where(x < lo, torch.full_like(x, lo), x)
+    if hi is not None:
+        x = torch.where(x > hi, torch.full_like(x, hi), x)
+    return x
+
+
+def exact_clamps(gm: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``gm`` whose float clamps with number bounds go through ``_clamp_where`` (``gm`` when none)."""
+    if not isinstance(gm, fx.GraphModule):
+        return gm
+    targets = {torch.clamp, torch.clip, aten.clamp.default, torch.clamp_min, aten.clamp_min.default,
+               torch.clamp_max, aten.clamp_max.default}
+    methods = {"clamp", "clip", "clamp_min", "clamp_max"}
+
+    def bounds(n):
+        name = n.target if n.op == "call_method" else getattr(n.target, "__name__", str(n.target))
+        a, kw = list(n.args[1:]), dict(n.kwargs)
+        if "clamp_max" in str(name):
+            return None, (a[0] if a else kw.get("max"))
+        if "clamp_min" in str(name):
+            return (a[0] if a else kw.get("min")), None
+        return (a[0] if a else kw.get("min")), (a[1] if len(a) > 1 else kw.get("max"))
+
+    def fits(n):
+        if not ((n.op == "call_method" and n.target in methods) or (n.op == "call_function" and n.target in targets)):
+            return False
+        meta = n.args[0].meta.get("tensor_meta") if isinstance(n.args[0], fx.Node) else None
+        lo, hi = bounds(n)
+        return (meta is not None and meta.dtype.is_floating_point
+                and all(b is None or isinstance(b, (int, float)) for b in (lo, hi)))
+
+    names = {n.name for n in gm.graph.nodes if fits(n)}
+    if not names:
+        return gm
+    from fxpress.passes.trace import copy_graph_module
+
+    new = copy_graph_module(gm)
+    for n in new.graph.nodes:
+        if n.name in names:
+            lo, hi = bounds(n)
+            n.op, n.target, n.args, n.kwargs = "call_function", _clamp_where, (n.args[0], lo, hi), {}
+    new.recompile()
+    return new
+
+
+# ------------------------------------------------------------------ arange with a negative step
+
+
+def ascending_aranges(gm: fx.GraphModule) -> bool:
+    """Rewrite, in place, ``arange(start, end, step)`` with a negative number step as
+    ``start + step * arange(n)``: TVM 0.27 infers the wrong length for a descending arange (6 for
+    ``arange(3, -1, -1)``) and the build then fails. True when anything changed."""
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not aten.arange.start_step:
+            continue
+        start, end, step = (list(node.args) + [1])[:3]
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (start, end, step)) or step >= 0:
+            continue
+        n = max(0, -(-(end - start) // step))
+        with gm.graph.inserting_before(node):
+            up = gm.graph.call_function(aten.arange.start_step, (0, n, 1), dict(node.kwargs))
+            scaled = gm.graph.call_function(aten.mul.Tensor, (up, step))
+            new = gm.graph.call_function(aten.add.Tensor, (scaled, start))
+        for m in (up, scaled, new):
+            m.meta["val"] = node.meta.get("val")
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        changed = True
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
+    return changed
