@@ -19,7 +19,8 @@ from fxpress.passes.trace import node_source
 
 from .registry import relax_converters
 from .index_checks import INDEX_CONVERTERS, guard_indices
-from .torch_semantics import NAN_CONVERTERS, _with_importer, ascending_aranges, promote_dtypes, views_as_reshapes
+from .torch_semantics import (NAN_CONVERTERS, _with_importer, ascending_aranges, nonnegative_selects, promote_dtypes,
+                              views_as_reshapes)
 
 
 @dataclass
@@ -136,6 +137,7 @@ def to_relax(gm: torch.nn.Module, example_inputs: tuple, dynamic_batch: bool = F
     ep = export_program(gm, example_inputs, dynamic_batch)
     expand_alpha(ep)
     ascending_aranges(ep.graph_module)
+    nonnegative_selects(ep.graph_module)
     promote_dtypes(ep.graph_module)
     if check_indices:
         guard_indices(ep.graph_module, lambda node: _describe(node, gm))

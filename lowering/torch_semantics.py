@@ -477,3 +477,26 @@ def ascending_aranges(gm: fx.GraphModule) -> bool:
         gm.graph.lint()
         gm.recompile()
     return changed
+
+
+def nonnegative_selects(gm: fx.GraphModule) -> bool:
+    """Rewrite, in place, ``select(x, dim, i)`` with a negative number ``i`` (``x[:, -1]``) as ``i + size``:
+    TVM 0.27 imports it as an unchecked ``take`` that reads before the tensor. True when anything changed."""
+    changed = False
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target is not aten.select.int:
+            continue
+        x, dim, i = node.args[:3]
+        val = x.meta.get("val") if isinstance(x, fx.Node) else None
+        if not isinstance(i, int) or i >= 0 or val is None:
+            continue
+        size = val.shape[dim]
+        if isinstance(size, int) or hasattr(size, "__int__"):
+            try:
+                node.update_arg(2, i + int(size))
+                changed = True
+            except (TypeError, ValueError):  # a symbolic size: leave it to the importer
+                continue
+    if changed:
+        gm.recompile()
+    return changed

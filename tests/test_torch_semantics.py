@@ -1,0 +1,86 @@
+"""torch semantics the lowerings used to change, each found by the semantics fuzzer (tests/fuzz_semantics.py)
+and fixed in lowering/torch_semantics.py: small modules built here, compared with eager exactly."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import fxpress
+from fxpress.errors import InputError
+
+
+class LastStep(nn.Module):
+    def forward(self, seq):
+        return seq[:, -1] * 2.0  # a constant negative select: TVM read before the tensor
+
+
+class Descending(nn.Module):
+    def forward(self, x):
+        return x[:, torch.arange(x.shape[1] - 1, -1, -1)]  # TVM inferred the wrong length
+
+
+class RowMax(nn.Module):
+    def forward(self, x):
+        out = x.max(dim=-1)
+        return out.values, out.indices
+
+
+class ClampMin(nn.Module):
+    def forward(self, x):
+        return x.clamp(min=0.0)
+
+
+class Emb(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+
+    def forward(self, ids):
+        return self.emb(ids + 1)
+
+
+def test_negative_select_on_llvm():
+    x = torch.randn(2, 5, 3)
+    cm = fxpress.compile(LastStep(), (x,), passes="none", target="llvm")
+    torch.testing.assert_close(cm(x), LastStep()(x), rtol=0, atol=0)
+
+
+def test_descending_arange_index_on_llvm():
+    x = torch.randint(-9, 9, (2, 4))
+    cm = fxpress.compile(Descending(), (x,), passes="none", target="llvm")
+    assert torch.equal(cm(x), Descending()(x))
+
+
+@pytest.mark.parametrize("target", ["llvm", "onnx"])
+def test_max_over_a_dim_keeps_nan_like_torch(target):
+    x = torch.randn(3, 4)
+    cm = fxpress.compile(RowMax(), (x,), passes="none", target=target)
+    x[1, 2] = math.nan
+    x[2, 0] = math.inf
+    values, indices = cm(x)
+    ref_values, ref_indices = RowMax()(x)
+    assert torch.equal(torch.isnan(values), torch.isnan(ref_values))
+    assert torch.equal(values[~torch.isnan(values)], ref_values[~torch.isnan(ref_values)])
+    assert torch.equal(indices, ref_indices)
+
+
+@pytest.mark.parametrize("target", ["llvm", "onnx"])
+def test_clamp_keeps_infinities_and_nan(target):
+    x = torch.randn(2, 4)
+    cm = fxpress.compile(ClampMin(), (x,), passes="none", target=target)
+    x[0, 0], x[0, 1], x[1, 2] = math.inf, -math.inf, math.nan
+    y, ref = cm(x), ClampMin()(x)
+    assert y[0, 0] == math.inf and y[0, 1] == 0.0 and math.isnan(y[1, 2])
+    assert torch.equal(y[~torch.isnan(y)], ref[~torch.isnan(ref)])
+
+
+@pytest.mark.parametrize("target", ["llvm", "onnx"])
+def test_negative_embedding_id_is_refused(target):
+    ids = torch.tensor([[0, 3, 5]])
+    cm = fxpress.compile(Emb().eval(), (ids,), passes="none", target=target)
+    bad = torch.tensor([[0, -2, 5]])  # ids + 1 = -1: eager raises IndexError; ONNX's Gather would wrap it
+    with pytest.raises(IndexError):
+        Emb()(bad)
+    with pytest.raises(InputError):
+        cm(bad)
