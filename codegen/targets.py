@@ -24,6 +24,8 @@ def resolve_target(target: str | tvm.target.Target) -> tvm.target.Target:
         target_kind(target)  # validates
         return target
     if target == "llvm":
+        if portable_requested():
+            return portable_llvm_target()
         return tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu(),
                                   "num-cores": os.cpu_count() or 1})
     if target == "cuda":
@@ -31,6 +33,19 @@ def resolve_target(target: str | tvm.target.Target) -> tvm.target.Target:
         return tvm.target.Target({"kind": "cuda", "arch": arch}, host={"kind": "llvm"})
     raise ValueError(f"unknown target {target!r}: expected one of {TARGET_KINDS} "
                      "or a tvm.target.Target of one of those kinds")
+
+
+def portable_requested() -> bool:
+    """``FXPRESS_PORTABLE=1`` (``fxpress compile --portable``): build "llvm" for any CPU of this
+    architecture instead of this machine's, so an exported library runs on other machines."""
+    return os.environ.get("FXPRESS_PORTABLE", "0") not in ("", "0")
+
+
+def portable_llvm_target() -> tvm.target.Target:
+    """A generic CPU of this machine's architecture (x86-64: SSE2 only, no AVX); slower, runs anywhere."""
+    triple = codegen.llvm_get_system_triple()
+    mcpu = "x86-64" if triple.startswith(("x86_64", "amd64")) else "generic"
+    return tvm.target.Target({"kind": "llvm", "mcpu": mcpu, "num-cores": os.cpu_count() or 1})
 
 
 def target_kind(target: str | tvm.target.Target) -> str:

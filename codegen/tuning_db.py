@@ -159,8 +159,9 @@ class TuningDatabase:
             for name in sorted(os.listdir(directory)):
                 if not name.endswith(".json") or name == "target.json" or name.startswith(".tmp-"):
                     continue
-                data = _read_json(os.path.join(directory, name))
-                if not isinstance(data, dict) or "workload" not in data:
+                path = os.path.join(directory, name)
+                data = _valid_entry(_read_json(path), path)
+                if data is None:
                     continue
                 key = name[:-5]
                 if key in out:
@@ -171,7 +172,7 @@ class TuningDatabase:
     def trials(self, workload) -> int:
         """How many trials have been measured for this workload (0 if never tuned)."""
         entry = self.entries().get(workload_key(workload))
-        return int(entry.get("trials", 0)) if entry else 0
+        return entry["trials"] if entry else 0
 
     def commit(self, workload_json, records_json: list, trials: int = 0, name: str = "",
                default_secs: float | None = None) -> dict:
@@ -184,8 +185,8 @@ class TuningDatabase:
         if default_secs is not None:
             new["default_secs"] = float(default_secs)
         with _locked(path):
-            old = _read_json(path)
-            merged = _merge(old, new) if isinstance(old, dict) and "workload" in old else _merge(None, new)
+            old = _valid_entry(_read_json(path), path)  # a bad file is overwritten, not merged
+            merged = _merge(old, new)
             _atomic_write_json(path, merged)
         return merged
 
@@ -198,6 +199,47 @@ class TuningDatabase:
         """Workload key → best mean run time in seconds (for reports)."""
         return {k: min((_mean(_run_secs_of(r)) for r in e.get("records", [])), default=float("inf"))
                 for k, e in self.entries().items()}
+
+
+def _is_record(rec) -> bool:
+    """A ``TuningRecord.as_json()``: [trace, run_secs (list of numbers or null), target, args_info, ...]."""
+    if not isinstance(rec, list) or len(rec) < 2 or rec[0] is None:
+        return False
+    secs = rec[1]
+    return secs is None or (isinstance(secs, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                           for v in secs))
+
+
+def _valid_entry(data, path: str) -> dict | None:
+    """``data`` (a parsed workload file) if it has the structure this module writes, else None with a
+    warning: the file is skipped (and replaced by the next commit), never allowed to break a build.
+    Records of the wrong shape inside an otherwise good file are dropped one by one."""
+    if data is None:
+        return None
+
+    def bad(why: str) -> None:
+        log.warning("tuning database: ignoring %s (%s); the next tuning run of this workload rewrites it", path, why)
+
+    if not isinstance(data, dict):
+        return bad(f"a JSON {type(data).__name__}, not an object")
+    if not isinstance(data.get("workload"), list) or not data["workload"]:
+        return bad("no 'workload' list")
+    records = data.get("records", [])
+    if not isinstance(records, list):
+        return bad("'records' is not a list")
+    numbers = {k: data.get(k, 0) for k in ("trials", "updated")}
+    if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in numbers.values()):
+        return bad("'trials' or 'updated' is not a number")
+    default = data.get("default_secs")
+    if default is not None and (isinstance(default, bool) or not isinstance(default, (int, float))):
+        return bad("'default_secs' is not a number")
+    names = data.get("names", [])
+    good = [r for r in records if _is_record(r)]
+    if len(good) < len(records):
+        log.warning("tuning database: dropping %d malformed record(s) in %s", len(records) - len(good), path)
+    clean = {**data, "records": good, "trials": int(numbers["trials"]), "updated": float(numbers["updated"]),
+             "names": [n for n in names if isinstance(n, str)] if isinstance(names, list) else []}
+    return clean
 
 
 def _merge(old: dict | None, new: dict) -> dict:

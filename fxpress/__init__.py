@@ -25,7 +25,15 @@ def __getattr__(name):
         import importlib
 
         mod, attr = _LAZY[name]
-        value = getattr(importlib.import_module(mod), attr)
+        try:
+            module = importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name and e.name.split(".")[0] in ("torch", "fxpress"):  # the torch-free runtime wheel
+                raise ImportError(f"fxpress.{name} needs the full fxpress package with torch (`pip install "
+                                  f"fxpress`); this installation has the runtime only ({e.name!r} is missing). "
+                                  "fxpress.runtime.load(dir) runs exported artifacts.") from e
+            raise
+        value = getattr(module, attr)
         globals()[name] = value
         return value
     if name in ("runtime", "errors", "models", "passes", "lowering", "codegen"):

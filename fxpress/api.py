@@ -26,6 +26,9 @@ def _as_input_tuple(example_inputs, what: str = "example_inputs") -> tuple[torch
                              "fxpress compiles tensor inputs only (bake other arguments into the module)")
         if x.device.type != "cpu":
             raise InputError(f"{what}[{i}] is on {x.device}; pass CPU tensors (fxpress places the compiled model itself)")
+        if x.numel() == 0:  # TVM's schedules fail on empty tensors with a page of IR
+            raise InputError(f"{what}[{i}] has shape {tuple(x.shape)}, no elements; pass at least one sample "
+                             "(e.g. batch 1): a compiled model takes the shapes of its example inputs")
     return tuple(example_inputs)
 
 

@@ -26,24 +26,35 @@ def index_ranges(gm: fx.GraphModule) -> dict[int, tuple[int, int]]:
     TVM lowers an embedding to an unchecked gather: an index out of range reads out of bounds (a
     segfault, not an error), so the range is checked before any data reaches native code.
     """
+    return {i: (0, rows - 1) for i, (rows, _) in _index_tables(gm).items()}
+
+
+def _index_tables(gm: fx.GraphModule) -> dict[int, tuple[int, torch.Tensor | None]]:
+    """Input position → (rows of the smallest embedding table it indexes directly, that table's weight)."""
     import torch.nn.functional as F
 
-    rows: dict[int, int] = {}
+    found: dict[int, tuple[int, torch.Tensor | None]] = {}
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for i, ph in enumerate(placeholders):
         for u in ph.users:
-            n = None
+            n, weight = None, None
             if u.op == "call_module" and isinstance(gm.get_submodule(u.target), torch.nn.Embedding) \
                     and u.args and u.args[0] is ph:
-                n = gm.get_submodule(u.target).num_embeddings
+                emb = gm.get_submodule(u.target)
+                n, weight = emb.num_embeddings, emb.weight
             elif u.op == "call_function" and u.target in (F.embedding, torch.ops.aten.embedding.default):
                 idx, w = (u.args[0], u.args[1]) if u.target is F.embedding else (u.args[1], u.args[0])
                 meta = w.meta.get("tensor_meta") if isinstance(w, fx.Node) else None
                 if idx is ph and meta is not None:
                     n = int(meta.shape[0])
-            if n is not None:
-                rows[i] = min(rows.get(i, n), n)
-    return {i: (0, n - 1) for i, n in rows.items()}
+                    if w.op == "get_attr":
+                        obj = gm
+                        for part in str(w.target).split("."):
+                            obj = getattr(obj, part, None)
+                        weight = obj if isinstance(obj, torch.Tensor) else None
+            if n is not None and (i not in found or n < found[i][0]):
+                found[i] = (n, weight)
+    return found
 
 
 def _to_numpy(x) -> np.ndarray:
@@ -64,8 +75,13 @@ class CompiledModel:
         self.target = target
         self.example_inputs = example_inputs
         self.input_specs = [tensor_spec(f"input_{i}", t) for i, t in enumerate(example_inputs)]
-        for i, (lo, hi) in index_ranges(graphs.get("trace", gm)).items():
-            self.input_specs[i]["range"] = [lo, hi]  # checked at call time and by the runtime
+        tables = _index_tables(graphs.get("trace", gm))
+        for i, (rows, _) in tables.items():
+            self.input_specs[i]["range"] = [0, rows - 1]  # checked at call time and by the runtime
+        # the tables themselves, for export to link each range to its parameter (final graph's weights)
+        final = _index_tables(gm)
+        self.index_tables = {i: final[i][1].detach().cpu().numpy() for i in tables
+                             if i in final and final[i][1] is not None and final[i][0] == tables[i][0]}
         self.output_specs = [tensor_spec(f"output_{i}", t) for i, t in enumerate(reference)]
         self._out_spec = out_spec
         self._executor = executor  # None: compiled for a device this machine lacks

@@ -398,7 +398,9 @@ class DynamicCompiledModel:
 
 
 def write_dynamic_artifact(dcm: DynamicCompiledModel, path: str, backends=("onnx", "tvm")) -> str:
-    from .export import _write_onnx, _write_tvm, write_artifact_dir
+    from .export import _write_onnx, _write_tvm, check_backends, write_artifact_dir
+
+    backends = check_backends(backends)
 
     def write_files(tmp: str) -> dict[str, Any]:
         regions_entry: dict[str, Any] = {}

@@ -200,7 +200,10 @@ def stage_plots_png(report: Report) -> str | None:
     recs = list(report)
     if not recs:
         return None
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # an install without matplotlib: the report, without plots
+        return None
 
     matplotlib.use("Agg", force=False)
     from matplotlib import pyplot as plt

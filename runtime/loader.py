@@ -1,14 +1,18 @@
 """Load an exported artifact directory and run it on numpy arrays. Imports no torch."""
 from __future__ import annotations
 
+import importlib.util
+import logging
 import os
+import zipfile
 from typing import Any, Sequence
 
 import numpy as np
 
-from fxpress.errors import ArtifactError, InputError
+from fxpress.errors import ArtifactError, InputError, TargetUnavailableError
 
 from .backends import ORTExecutor, TVMExecutor
+from .cpu import missing_features
 from .manifest import artifact_file, read_manifest
 
 
@@ -61,17 +65,134 @@ class Runtime:
         return f"Runtime({self.root!r}, backend={self.backend!r}, inputs={[tuple(s['shape']) for s in self.inputs]})"
 
 
-def _pick_backend(manifest: dict[str, Any], backend: str) -> str:
+log = logging.getLogger("fxpress.runtime")
+
+# What each backend needs installed, for the one-line message when it is missing.
+_PACKAGES = {"tvm": ("tvm", "apache-tvm==0.27.0.post1 apache-tvm-ffi==0.1.14.post0"),
+             "onnx": ("onnxruntime", "onnxruntime")}
+
+
+def _unusable(backend: str, info: dict[str, Any], device: str | None) -> str | None:
+    """Why ``backend`` cannot run here (missing package, a CPU without the library's ISA features), or None."""
+    module, pip_name = _PACKAGES[backend]
+    if importlib.util.find_spec(module) is None:
+        return f"the {module!r} package is not installed (pip install {pip_name})"
+    if backend == "tvm" and (device or info.get("device", "cpu")) == "cuda" and not _cuda_present():
+        return "its TVM library is for CUDA and this machine has no CUDA GPU"
+    if backend == "tvm" and (device or info.get("device", "cpu")) == "cpu":
+        missing = missing_features(info.get("isa") or [])
+        if missing:
+            return (f"its TVM library was compiled for CPU {info.get('mcpu', '?')!r} and this CPU lacks "
+                    f"{', '.join(missing)} (running it would crash with an illegal instruction); re-export "
+                    "with `fxpress export --portable` (or FXPRESS_PORTABLE=1) for a library that runs on any x86-64")
+    return None
+
+
+def _cuda_present() -> bool:
+    try:
+        import tvm
+
+        return bool(tvm.cuda(0).exist)
+    except Exception:  # noqa: BLE001 - no driver, or a TVM built without CUDA
+        return False
+
+
+def _tvm_info(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The tvm entry that says what the library needs: the graph's own, or any region's (split models)."""
+    host = manifest.get("host_program")
+    if host:
+        for region in host["regions"].values():
+            if "tvm" in region["backends"]:
+                return region["backends"]["tvm"]
+    return manifest["backends"].get("tvm", {})
+
+
+def _pick_backend(manifest: dict[str, Any], backend: str, device: str | None = None) -> str:
+    """The backend to run: the one asked for, or for "auto" the one the export was made for (TVM for
+    "llvm"/"cuda" exports, ONNX Runtime for "onnx" ones), falling back to the other with one logged
+    line when it cannot run here."""
     available = list(manifest.get("backends", {}))
-    if backend == "auto":
-        for b in ("tvm", "onnx"):
-            if b in available:
-                return b
+    if backend not in ("auto", *_PACKAGES):
+        raise ArtifactError(f"unknown backend {backend!r}; choose 'auto', 'tvm' or 'onnx'")
+    if backend != "auto":
+        if backend not in available:
+            raise ArtifactError(f"backend {backend!r} is not in this artifact (it has {available}); "
+                                f"choose one of those or re-export")
+        why = _unusable(backend, _tvm_info(manifest) if backend == "tvm" else {}, device)
+        if why:
+            raise TargetUnavailableError(f"cannot load this artifact with backend={backend!r}: {why}"
+                                         + ("; or load it with backend='onnx'" if "onnx" in available and backend == "tvm" else ""))
+        return backend
+    made_for = manifest.get("target")
+    order = ["onnx", "tvm"] if made_for == "onnx" else ["tvm", "onnx"]
+    order = [b for b in order if b in available]
+    reasons = []
+    for b in order:
+        why = _unusable(b, _tvm_info(manifest) if b == "tvm" else {}, device)
+        if why is None:
+            if reasons:
+                log.warning("fxpress: running %s with %s: %s", os.path.basename(manifest.get("_root", "")) or "artifact",
+                            b, "; ".join(reasons))
+            return b
+        reasons.append(f"{b} skipped, {why}")
+    if not order:
         raise ArtifactError(f"manifest lists no backend this runtime can run (has {available})")
-    if backend not in available:
-        raise ArtifactError(f"backend {backend!r} is not in this artifact (it has {available}); "
-                            f"choose one of those or re-export")
-    return backend
+    raise TargetUnavailableError("cannot run this artifact here: " + "; ".join(reasons))
+
+
+def check_params(root: str, manifest: dict[str, Any], info: dict[str, Any], params_path: str) -> None:
+    """The params file holds exactly the arrays the manifest declares (names p0.., shapes, dtypes), read
+    from the .npz headers alone; and every ranged input's table has the rows its range claims."""
+    try:
+        found = npz_headers(params_path)
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise ArtifactError(f"{params_path} is not a readable .npz of arrays ({e}); re-export the artifact") from e
+    specs = info.get("param_specs")
+    if specs is None:  # artifacts from before param_specs: the count, at least
+        names = info.get("param_names")
+        if names is not None and len(names) != len(found):
+            raise ArtifactError(f"{params_path} holds {len(found)} arrays, the manifest names {len(names)} "
+                                "parameters; re-export the artifact")
+        return
+    expected = {s["name"]: (tuple(s["shape"]), s["dtype"]) for s in specs}
+    if set(expected) != set(found):
+        raise ArtifactError(f"{params_path} holds arrays {sorted(found)[:8]}, the manifest declares "
+                            f"{sorted(expected)[:8]}; the parameters do not belong to this library. Re-export the artifact.")
+    for name, (shape, dtype) in expected.items():
+        if found[name] != (shape, dtype):
+            raise ArtifactError(f"{params_path}: parameter {name} has shape {found[name][0]} dtype {found[name][1]}, "
+                                f"the manifest says shape {shape} dtype {dtype}; re-export the artifact")
+    for i, spec in enumerate(manifest.get("inputs", [])):
+        table = spec.get("table_param")
+        if spec.get("range") and table is not None:
+            if table not in found or not found[table][0]:
+                raise ArtifactError(f"input {i} ('{spec['name']}') names index table {table!r}, which "
+                                    f"{params_path} lacks; re-export the artifact")
+            rows = found[table][0][0]
+            if spec["range"][1] >= rows:
+                raise ArtifactError(f"input {i} ('{spec['name']}') declares index range {spec['range']}, but its "
+                                    f"table {table} has {rows} rows: indices up to {spec['range'][1]} would read "
+                                    "past it. The manifest was edited or damaged; re-export the artifact.")
+
+
+def npz_headers(path: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    """name -> (shape, dtype) of every array in an .npz, reading only the .npy headers (no pickle)."""
+    out = {}
+    with zipfile.ZipFile(path) as z:
+        for member in z.namelist():
+            if not member.endswith(".npy"):
+                raise ValueError(f"member {member!r} is not an .npy array")
+            with z.open(member) as f:
+                version = np.lib.format.read_magic(f)
+                reader = {(1, 0): np.lib.format.read_array_header_1_0,
+                          (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+                if reader is None:
+                    raise ValueError(f"member {member!r} has .npy format {version}")
+                shape, _, dtype = reader(f)
+            if dtype.hasobject:
+                raise ValueError(f"member {member!r} holds Python objects")
+            out[member[:-4]] = (tuple(shape), str(dtype))
+    return out
 
 
 def make_executor(root: str, manifest: dict[str, Any], backend: str, device: str | None = None):
@@ -79,6 +200,8 @@ def make_executor(root: str, manifest: dict[str, Any], backend: str, device: str
     info = manifest["backends"][backend]
     if backend == "tvm":
         params = artifact_file(root, manifest, info["params"]) if info.get("params") else None
+        if params:
+            check_params(root, manifest, info, params)
         return TVMExecutor(artifact_file(root, manifest, info.get("library")), params,
                            device or info.get("device", "cpu"))
     if backend == "onnx":
@@ -89,15 +212,20 @@ def make_executor(root: str, manifest: dict[str, Any], backend: str, device: str
 def load(path: str, backend: str = "auto", device: str | None = None) -> Runtime:
     """Load an artifact exported by ``cm.export(path)``.
 
-    backend: "auto" (TVM when present, else ONNX Runtime), "tvm" or "onnx".
-    Every file's sha256 is checked against the manifest before anything is loaded: a TVM
-    library is native code, so load artifacts only from sources you trust.
+    backend: "auto" (what the export was made for: TVM for llvm/cuda exports, ONNX Runtime for onnx
+    ones; the other one, with a logged line, when that cannot run here: package missing, CPU lacking
+    the library's ISA features), "tvm" or "onnx".
+    The manifest is checked against its schema and every file's sha256 against the manifest before
+    anything is loaded: a TVM library is native code, so load artifacts only from sources you trust.
     """
-    root = os.path.abspath(path)
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+        raise ArtifactError(f"artifact path {path!r} is empty; pass the directory cm.export(dir) wrote")
+    root = os.path.abspath(os.fspath(path))
     manifest = read_manifest(root)
+    manifest_view = {**manifest, "_root": root}
     if "host_program" in manifest:  # a split dynamic model: regions + host program (host_program.py)
         from .host_program import load_host_program
 
-        return load_host_program(root, manifest, backend, device)
-    chosen = _pick_backend(manifest, backend)
+        return load_host_program(root, manifest, _pick_backend(manifest_view, backend, device), device)
+    chosen = _pick_backend(manifest_view, backend, device)
     return Runtime(root, manifest, chosen, make_executor(root, manifest, chosen, device))

@@ -1,7 +1,8 @@
 """The artifact directory's manifest: what is in it, how to call it, and a sha256 of every file.
 
-Torch-free. Loading verifies every listed hash before any file is opened, and refuses a manifest
-whose format version is newer than this runtime understands.
+Torch-free. Loading checks the manifest against its schema (``schema.py``: types, required keys,
+dtypes, shapes, format version, every path inside the artifact), then verifies every listed hash,
+before any backend opens any file.
 """
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import os
 from typing import Any
 
 from fxpress.errors import ArtifactError
+
+from .schema import check_rel_path, validate_manifest
 
 FORMAT = "fxpress-artifact"
 FORMAT_VERSION = 1
@@ -57,22 +60,32 @@ def read_manifest(root: str, verify: bool = True) -> dict[str, Any]:
             manifest = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise ArtifactError(f"{path} is not valid JSON ({e}); re-export the artifact") from e
-    if manifest.get("format") != FORMAT:
-        raise ArtifactError(f"{path} is not an fxpress manifest (format={manifest.get('format')!r})")
-    version = manifest.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise ArtifactError(
-            f"{path} has format_version {version!r}, newer than this runtime understands ({FORMAT_VERSION}); "
-            "upgrade fxpress on this machine or export with the fxpress version installed here")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ArtifactError(f"{path} is not an fxpress manifest (format={found!r})")
+    validate_manifest(manifest, path, FORMAT_VERSION)
     if verify:
         verify_files(root, manifest)
     return manifest
 
 
+def inside(root: str, rel: Any) -> str:
+    """The real path of ``rel`` below ``root``; ArtifactError if the text or a symlink leads outside."""
+    check_rel_path(rel, os.path.join(root, MANIFEST))
+    base = os.path.realpath(root)
+    full = os.path.realpath(os.path.join(base, rel))
+    if os.path.commonpath([full, base]) != base:
+        raise ArtifactError(f"artifact file {rel!r} points outside the artifact directory {root!r} (through a "
+                            "symbolic link); refusing to open or hash it. Re-export the artifact with cm.export(dir).")
+    return full
+
+
 def verify_files(root: str, manifest: dict[str, Any]) -> None:
     files = manifest.get("files") or {}
+    for rel in files:  # every path is checked before any file is hashed
+        inside(root, rel)
     for rel, digest in files.items():
-        full = os.path.join(root, rel)
+        full = inside(root, rel)
         if not os.path.isfile(full):
             raise ArtifactError(f"artifact file {full} listed in the manifest is missing; re-export the artifact")
         actual = sha256_file(full)
@@ -93,9 +106,4 @@ def artifact_file(root: str, manifest: dict[str, Any], rel: Any) -> str:
         raise ArtifactError(
             f"artifact file {rel!r} in {os.path.join(root, MANIFEST)} is not listed in the manifest's files, so "
             "it has no sha256 to check; refusing to load it. Re-export the artifact with cm.export(dir).")
-    base = os.path.realpath(root)
-    full = os.path.realpath(os.path.join(base, rel))
-    if os.path.isabs(rel) or os.path.commonpath([full, base]) != base:
-        raise ArtifactError(f"artifact file {rel!r} points outside the artifact directory {root!r}; refusing to "
-                            "load it. Re-export the artifact with cm.export(dir).")
-    return full
+    return inside(root, rel)
