@@ -1,6 +1,7 @@
 """``fxpress.compile``: trace → passes → lowering → a CompiledModel, with a report of every stage."""
 from __future__ import annotations
 
+import copy
 import time
 from typing import Any, Iterable, Sequence
 
@@ -9,6 +10,7 @@ from torch import nn
 
 from fxpress.errors import InputError, TraceError
 from fxpress.passes import (PassContext, PassManager, Pass, resolve_passes, run_graph, snapshot, trace)
+from fxpress.passes.trace import clone_inputs
 
 from .compiled import CompiledModel
 from .lower import TARGETS, lower
@@ -51,6 +53,26 @@ def _check_calibration(calibration: Iterable | None, example: tuple[torch.Tensor
     return batches
 
 
+def _private_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model``; the model itself when it cannot be copied (then its buffers and mode
+    are still the caller's: the traced graph shares them)."""
+    try:
+        return copy.deepcopy(model)
+    except Exception:  # noqa: BLE001 - un-copyable attributes (locks, handles): fall back to sharing
+        return model
+
+
+def _dynamic_batch_option(opts: dict) -> bool | None:
+    """``options={"lower": {"dynamic_batch": bool}}``; None leaves the target's default (fxpress.lower)."""
+    unknown = set(opts) - {"dynamic_batch"}
+    if unknown:
+        raise InputError(f"unknown option(s) {sorted(unknown)} for 'lower'; it takes 'dynamic_batch' (True/False)")
+    value = opts.get("dynamic_batch")
+    if value is not None and not isinstance(value, bool):
+        raise InputError(f"options['lower']['dynamic_batch'] must be True or False, got {value!r}")
+    return value
+
+
 def compile(  # noqa: A001 - the public name the contract fixes
     model: nn.Module,
     example_inputs,
@@ -68,7 +90,8 @@ def compile(  # noqa: A001 - the public name the contract fixes
     tune:        MetaSchedule trials for TVM targets; 0 uses default schedules
     calibration: iterable of input tuples for passes that use data (quantize, activation-aware low rank)
     tolerance:   max relative output error allowed per pass; a pass that exceeds it is rolled back
-    options:     per-pass options, e.g. {"low_rank": {"method": "svd", "energy": 0.99}}
+    options:     per-pass options, e.g. {"low_rank": {"method": "svd", "energy": 0.99}}; "lower":
+                 {"dynamic_batch": True} compiles one symbolic batch on llvm/cuda (onnx does by default)
     """
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}; wrap functions in an nn.Module")
@@ -81,7 +104,11 @@ def compile(  # noqa: A001 - the public name the contract fixes
     example_inputs = _as_input_tuple(example_inputs)
     calib = _check_calibration(calibration, example_inputs)
     pass_list = resolve_passes(passes)  # unknown names fail before any slow work
-    model = model.eval()
+    # compile() is pure for the caller: it works on a copy of the model (buffers a forward updates,
+    # train/eval mode) and of the example inputs (a forward may update them in place).
+    came_training = model.training
+    model = _private_copy(model).eval()
+    example_inputs = clone_inputs(example_inputs)
     dynamic = dict(target=target, tune=tune, calibration=calib, tolerance=tolerance, options=options)
     if any(p.name == "split_branches" for p in pass_list):  # data-dependent control flow: fxpress/dynamic.py
         from .dynamic import maybe_compile_dynamic
@@ -91,7 +118,7 @@ def compile(  # noqa: A001 - the public name the contract fixes
             return split
 
     with torch.no_grad():
-        original_out = model(*example_inputs)
+        original_out = model(*clone_inputs(example_inputs))
     leaves, out_spec = torch.utils._pytree.tree_flatten(original_out)
     if not leaves or not all(isinstance(t, torch.Tensor) for t in leaves):
         raise InputError("the model's output must be a tensor or a (nested) tuple/list/dict of tensors")
@@ -99,25 +126,33 @@ def compile(  # noqa: A001 - the public name the contract fixes
 
     t0 = time.perf_counter()
     try:
-        traced = trace(model, example_inputs)
+        traced = trace(model, example_inputs, reference)
     except TraceError as e:
         if passes != "default":
             raise
         from .dynamic import compile_dynamic
 
         return compile_dynamic(model, example_inputs, pass_list, reason=f"whole-model tracing failed: {e}", **dynamic)
+    note = f"traced with {traced.method}" + (f" ({traced.fallback_reason})" if traced.fallback_reason else "")
+    if came_training:
+        note += ("; the model came in training mode: compiled in eval mode (dropout off, BatchNorm on running "
+                 "statistics); your model's mode is unchanged")
     trace_record = snapshot("trace", "trace", traced.gm, reference, example_inputs,
-                            seconds=time.perf_counter() - t0,
-                            note=f"traced with {traced.method}" + (f" ({traced.fallback_reason})" if traced.fallback_reason else ""))
+                            seconds=time.perf_counter() - t0, note=note)
 
     ctx = PassContext(example_inputs=example_inputs, calibration=calib, options=dict(options or {}),
                       target=target, tolerance=tolerance, reference_outputs=reference)
     outcome = PassManager(pass_list, tolerance=tolerance).run(traced.gm, ctx, reference, trace_record)
 
     executor, lowered, lower_record = lower(outcome.gm, example_inputs, target, reference, tune=tune,
-                                            tune_options=ctx.options_for("tune"))
+                                            tune_options=ctx.options_for("tune"), tolerance=tolerance,
+                                            dynamic_batch=_dynamic_batch_option(ctx.options_for("lower")))
     records = outcome.records + [lower_record]
-    return CompiledModel(gm=outcome.gm, report=Report(records), graphs=outcome.graphs, target=target,
+    cm = CompiledModel(gm=outcome.gm, report=Report(records), graphs=outcome.graphs, target=target,
                          example_inputs=example_inputs, reference=reference, out_spec=out_spec,
                          executor=executor, lowered=lowered, passes=[p.name for p in pass_list],
                          trace_method=traced.method)
+    if lower_record.extra.get("dynamic_batch"):
+        for spec in cm.input_specs:  # recorded in the manifest; check_inputs accepts any size there
+            spec["dynamic_dims"] = [0]
+    return cm

@@ -9,8 +9,12 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from fxpress.passes.manager import StageRecord, output_error
+from fxpress.errors import LoweringError
+from fxpress.passes.manager import StageRecord, output_error, run_graph
 from fxpress.passes.stats import count_params, graph_costs
+from fxpress.passes.trace import LOSSLESS_RTOL
+
+from .divergence import locate_divergence
 
 TARGETS = ("llvm", "cuda", "onnx", "torch")
 
@@ -23,11 +27,11 @@ class TVMBuild:
 
 
 def build_tvm(gm: fx.GraphModule, example_inputs: tuple, target: str, tune: int = 0,
-              tune_options: dict | None = None) -> TVMBuild:
+              tune_options: dict | None = None, dynamic_batch: bool = False) -> TVMBuild:
     from fxpress.codegen import build
     from fxpress.lowering import to_relax
 
-    relax_mod = to_relax(gm, example_inputs)
+    relax_mod = to_relax(gm, example_inputs, dynamic_batch=dynamic_batch)
     # num_input lets the build lift weight-only work (transposes, BN scales) out of every call
     relax_mod.mod["main"] = relax_mod.mod["main"].with_attr("num_input", relax_mod.num_inputs)
     if tune:
@@ -43,40 +47,49 @@ def build_tvm(gm: fx.GraphModule, example_inputs: tuple, target: str, tune: int 
 
 
 def lower(gm: fx.GraphModule, example_inputs: tuple, target: str, reference: list[torch.Tensor],
-          tune: int = 0, tune_options: dict | None = None):
-    """Returns (executor or None, build products or None, StageRecord for the lowering stage)."""
+          tune: int = 0, tune_options: dict | None = None, tolerance: float | None = None,
+          dynamic_batch: bool | None = None):
+    """Returns (executor or None, build products or None, StageRecord for the lowering stage).
+
+    Lowering claims to be lossless: the lowered model's outputs must match the FX graph it lowers
+    within fp32 noise (LOSSLESS_RTOL) on the example inputs, and, with ``tolerance``, eager PyTorch
+    within the tolerance. Otherwise LoweringError names the first node whose value diverges and
+    what to try; a report never says "ok" beside a wrong number.
+
+    ``dynamic_batch``: capture dim 0 of the inputs as a symbolic batch so one compile serves any batch
+    size. None (the default) means yes on onnx and no on llvm/cuda: TVM's default CPU schedules are
+    far slower on symbolic shapes (a depthwise CNN ran ~15x slower), so TVM targets ask for it with
+    ``options={"lower": {"dynamic_batch": True}}``. The result is checked at a second batch size too; where the graph
+    fixes the batch (or the check fails) the example's batch is compiled and the note says why.
+    ``record.extra["dynamic_batch"]`` says which was built.
+    """
     t0 = time.perf_counter()
-    lowered = None
-    ir = None
-    extra: dict = {}
-    note = ""
-    if target in ("llvm", "cuda"):
-        lowered = build_tvm(gm, example_inputs, target, tune, tune_options)
-        from fxpress.codegen import gpu_available
-        from fxpress.runtime.backends import TVMExecutor
-
-        ir = lowered.relax.ir_text
-        extra["ir_after"] = dict(getattr(lowered.built, "ir_after", {}) or {})
-        if target == "cuda" and not gpu_available():
-            executor = None
-            note = "CUDA code built; not executed (no GPU on this machine)"
-        else:
-            executor = TVMExecutor.from_built(lowered.built.executable, lowered.relax.params,
-                                              "cuda" if target == "cuda" else "cpu")
-    elif target == "onnx":
-        from fxpress.lowering import to_onnx
-        from fxpress.runtime.backends import ORTExecutor
-
-        # The session is built from bytes: nothing stays behind in a temp dir.
-        with tempfile.TemporaryDirectory(prefix="fxpress-onnx-") as tmp:
-            model = to_onnx(gm, example_inputs, os.path.join(tmp, "model.onnx"))
-            with open(model.path, "rb") as f:
-                data = f.read()
-            ir = _onnx_text(model.path)
-        executor = ORTExecutor(data)
-        lowered = None
-    else:  # torch: the FX graph itself runs
-        executor = None
+    if dynamic_batch is None:
+        dynamic_batch = target == "onnx"
+    batch_note = ""
+    built = None
+    if dynamic_batch and tune:  # MetaSchedule tunes for one shape
+        batch_note = f"batch fixed at {batch_size(example_inputs)} (tuned for that shape)"
+    elif dynamic_batch and target in ("llvm", "cuda", "onnx") and batch_size(example_inputs) is not None:
+        try:
+            built = _lower_once(gm, example_inputs, target, tune, tune_options, dynamic=True)
+            _check_other_batch(gm, example_inputs, built[0])
+        except Exception as e:  # noqa: BLE001 - the graph fixes the batch, or a kernel needs static shapes
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            batch_note = (f"batch fixed at {batch_size(example_inputs)} (one symbolic batch did not lower: "
+                          f"{type(e).__name__}: {reason[:200]}); calls with another batch size are refused")
+            built = None
+    if built is None:
+        built = _lower_once(gm, example_inputs, target, tune, tune_options, dynamic=False)
+        dynamic = False
+    else:
+        dynamic = True
+    executor, lowered, ir, extra, note = built
+    extra["dynamic_batch"] = dynamic
+    if batch_note:
+        note = f"{note}; {batch_note}" if note else batch_note
+    elif dynamic:
+        note = (f"{note}; " if note else "") + "batch is dynamic: one compile serves any batch size"
     seconds = time.perf_counter() - t0
     params, param_bytes = count_params(gm)  # the same count as the trace and pass records
     macs, mults = graph_costs(gm)
@@ -87,15 +100,118 @@ def lower(gm: fx.GraphModule, example_inputs: tuple, target: str, reference: lis
     if target == "torch":
         executor = _TorchExecutor(gm)
     if executor is not None:
-        import numpy as np
-
-        outs = executor.run([x.detach().cpu().numpy() for x in example_inputs])
-        record.max_abs_error, record.max_rel_error = output_error([torch.from_numpy(np.array(o)) for o in outs], reference)
+        outs = _run_executor(executor, example_inputs)
+        record.max_abs_error, record.max_rel_error = output_error(outs, reference)
+        graph_outs = run_graph(gm, example_inputs)
+        _, lowering_error = output_error(outs, graph_outs)
+        record.extra["lowering_rel_error"] = lowering_error
+        if lowering_error > LOSSLESS_RTOL:
+            where = locate_divergence(gm, example_inputs, target, lambda g: _lower_for_probe(g, example_inputs, target))
+            raise LoweringError(
+                f"lowering to {target!r} changed the numbers: its outputs differ from the FX graph's by relative "
+                f"error {lowering_error:.3g} on the example inputs (fp32 noise is {LOSSLESS_RTOL:g}), so fxpress "
+                f"refuses to return it.\n{where}"
+                f"What to do: compile with another target (target='onnx' or 'torch'), try passes='none' to "
+                "lower the traced graph as is, or replace the op named above in the model.")
+        if tolerance is not None and record.max_rel_error > tolerance:
+            raise LoweringError(
+                f"the lowered model's error against eager PyTorch is {record.max_rel_error:.3g}, above "
+                f"tolerance={tolerance:g} (the lowering itself adds {lowering_error:.3g}; the rest comes from the "
+                "passes). What to do: raise tolerance, or drop lossy passes (passes='none' or ['fuse']).")
     else:
         record.max_abs_error = record.max_rel_error = None
+        record.status = "unchecked"
+        record.note = (note + "; " if note else "") + "outputs not compared with eager (not run here)"
     if target == "torch":
         executor = None  # CompiledModel runs the graph directly on tensors
     return executor, lowered, record
+
+
+def _lower_once(gm: fx.GraphModule, example_inputs: tuple, target: str, tune: int, tune_options, dynamic: bool):
+    """(executor or None, build products or None, IR text, extra, note) for one lowering."""
+    lowered = None
+    ir = None
+    extra: dict = {}
+    note = ""
+    executor = None
+    if target in ("llvm", "cuda"):
+        lowered = build_tvm(gm, example_inputs, target, tune, tune_options, dynamic_batch=dynamic)
+        from fxpress.codegen import gpu_available
+        from fxpress.runtime.backends import TVMExecutor
+
+        ir = lowered.relax.ir_text
+        extra["ir_after"] = dict(getattr(lowered.built, "ir_after", {}) or {})
+        if target == "cuda" and not gpu_available():
+            note = "CUDA code built; not executed (no GPU on this machine)"
+        else:
+            executor = TVMExecutor.from_built(lowered.built.executable, lowered.relax.params,
+                                              "cuda" if target == "cuda" else "cpu")
+    elif target == "onnx":
+        from fxpress.lowering import to_onnx
+        from fxpress.runtime.backends import ORTExecutor
+
+        # The session is built from bytes: nothing stays behind in a temp dir.
+        with tempfile.TemporaryDirectory(prefix="fxpress-onnx-") as tmp:
+            model = to_onnx(gm, example_inputs, os.path.join(tmp, "model.onnx"), dynamic_batch=dynamic)
+            with open(model.path, "rb") as f:
+                data = f.read()
+            ir = _onnx_text(model.path)
+        executor = ORTExecutor(data)
+    return executor, lowered, ir, extra, note
+
+
+def batch_size(example_inputs: tuple) -> int | None:
+    """The shared size of dim 0 of every input, or None when the inputs have none in common."""
+    sizes = {int(x.shape[0]) for x in example_inputs if isinstance(x, torch.Tensor) and x.dim() > 0}
+    if len(sizes) != 1 or any(isinstance(x, torch.Tensor) and x.dim() == 0 for x in example_inputs):
+        return None
+    return sizes.pop()
+
+
+def rebatch(example_inputs: tuple, size: int) -> tuple:
+    """The example inputs cycled along dim 0 to ``size`` rows (index inputs keep their valid values)."""
+    b = batch_size(example_inputs)
+    rows = [i % b for i in range(size)]
+    return tuple(x[rows].clone() for x in example_inputs)
+
+
+def _check_other_batch(gm: fx.GraphModule, example_inputs: tuple, executor) -> None:
+    """A dynamic-batch build must also match the graph at another batch size (the example's is checked
+    later); raises when it does not, so the caller builds for the example's batch instead."""
+    if executor is None:
+        return
+    other = rebatch(example_inputs, batch_size(example_inputs) + 1)
+    _, err = output_error(_run_executor(executor, other), run_graph(gm, other))
+    if err > LOSSLESS_RTOL:
+        raise LoweringError(f"with a symbolic batch the lowered model is off by {err:.3g} at batch {other[0].shape[0]}")
+
+
+def _run_executor(executor, example_inputs: tuple) -> list[torch.Tensor]:
+    import numpy as np
+
+    outs = executor.run([x.detach().cpu().numpy().copy() for x in example_inputs])
+    return [torch.from_numpy(np.array(o)) for o in outs]
+
+
+def _lower_for_probe(gm: fx.GraphModule, example_inputs: tuple, target: str):
+    """Lower ``gm`` the way ``lower`` does (no tuning) and return its outputs on the example inputs."""
+    if target in ("llvm", "cuda"):
+        from fxpress.runtime.backends import TVMExecutor
+
+        built = build_tvm(gm, example_inputs, target)
+        executor = TVMExecutor.from_built(built.built.executable, built.relax.params,
+                                          "cuda" if target == "cuda" else "cpu")
+    elif target == "onnx":
+        from fxpress.lowering import to_onnx
+        from fxpress.runtime.backends import ORTExecutor
+
+        with tempfile.TemporaryDirectory(prefix="fxpress-onnx-") as tmp:
+            model = to_onnx(gm, example_inputs, os.path.join(tmp, "model.onnx"), dynamic_batch=False)
+            with open(model.path, "rb") as f:
+                executor = ORTExecutor(f.read())
+    else:
+        executor = _TorchExecutor(gm)
+    return _run_executor(executor, example_inputs)
 
 
 class _TorchExecutor:

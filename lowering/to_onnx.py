@@ -17,6 +17,7 @@ import torch
 from fxpress.errors import LoweringError
 
 from .registry import onnx_translations
+from .torch_semantics import views_as_reshapes
 
 OPSET = 18
 MAX_IR_VERSION = 10  # highest IR version ONNX Runtime 1.31 accepts
@@ -28,6 +29,7 @@ class OnnxModel:
     input_names: list[str]
     output_names: list[str]
     opset: int
+    dynamic_batch: bool = False  # dim 0 of every input is symbolic ("batch")
 
 
 def _failure_detail(err: BaseException, gm) -> str:
@@ -55,21 +57,36 @@ def _failure_detail(err: BaseException, gm) -> str:
     return "\n".join(lines) + "\n"
 
 
-def to_onnx(gm: torch.nn.Module, example_inputs: tuple, path: str, opset: int = OPSET) -> OnnxModel:
+def to_onnx(gm: torch.nn.Module, example_inputs: tuple, path: str, opset: int = OPSET,
+            dynamic_batch: bool | None = None) -> OnnxModel:
+    """``dynamic_batch``: True exports dim 0 of every input as one symbolic batch (torch's error when the
+    graph fixes it), False exports the example's shapes, None tries dynamic and falls back to static."""
+    if dynamic_batch is None:
+        try:
+            return to_onnx(gm, example_inputs, path, opset, dynamic_batch=True)
+        except Exception:  # noqa: BLE001 - the graph fixes the batch (or dynamic export fails): static
+            return to_onnx(gm, example_inputs, path, opset, dynamic_batch=False)
     import onnx
+    from torch.export import Dim
 
     n_in = len(example_inputs)
     input_names = [f"input_{i}" for i in range(n_in)]
     # The exporter logs progress and registry warnings (torchvision ops) at import; keep the
     # user's terminal for the report.
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    extra = {}
+    if dynamic_batch:
+        batch = Dim("batch", min=1, max=1 << 20)
+        extra["dynamic_shapes"] = [{0: batch} if x.dim() > 0 else None for x in example_inputs]
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             prog = torch.onnx.export(
-                gm, tuple(example_inputs), dynamo=True, opset_version=opset, input_names=input_names,
+                views_as_reshapes(gm), tuple(example_inputs), dynamo=True, opset_version=opset, input_names=input_names,
                 custom_translation_table=onnx_translations() or None, optimize=True, verbose=False,
-                external_data=False)
+                external_data=False, **extra)
     except Exception as e:  # noqa: BLE001
+        if dynamic_batch:
+            raise
         msg = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()  # the exporter colours its text
         raise LoweringError(
             f"ONNX export failed: {type(e).__name__}: {msg[0] if msg else ''}\n{_failure_detail(e, gm)}"
@@ -85,4 +102,5 @@ def to_onnx(gm: torch.nn.Module, example_inputs: tuple, path: str, opset: int = 
     onnx.save(model, tmp)
     os.replace(tmp, path)
     return OnnxModel(path=path, input_names=[i.name for i in model.graph.input],
-                     output_names=[o.name for o in model.graph.output], opset=opset)
+                     output_names=[o.name for o in model.graph.output], opset=opset,
+                     dynamic_batch=bool(dynamic_batch))

@@ -18,6 +18,8 @@ from fxpress.errors import LoweringError
 from fxpress.passes.trace import node_source
 
 from .registry import relax_converters
+from .index_checks import INDEX_CONVERTERS, guard_indices
+from .torch_semantics import NAN_CONVERTERS, promote_dtypes, views_as_reshapes
 
 
 @dataclass
@@ -30,9 +32,25 @@ class RelaxModule:
     notes: list[str] = field(default_factory=list)
 
 
-def export_program(gm: torch.nn.Module, example_inputs: tuple) -> torch.export.ExportedProgram:
+def batch_dynamic_shapes(example_inputs: tuple):
+    """torch.export ``dynamic_shapes`` making dim 0 of every input one shared symbolic batch size."""
+    from torch.export import Dim
+
+    # No upper bound: the importer turns one into tir_var_upper_bound, and memory planning then
+    # allocates every buffer for the largest batch (std::bad_alloc).
+    batch = Dim("batch", min=1)
+    return [{0: batch} if isinstance(x, torch.Tensor) and x.dim() > 0 else None for x in example_inputs]
+
+
+def export_program(gm: torch.nn.Module, example_inputs: tuple, dynamic_batch: bool = False) -> torch.export.ExportedProgram:
+    """``dynamic_batch``: capture dim 0 of every input as one symbolic size. Raises torch's error
+    (not a LoweringError) when the graph fixes the batch, so the caller can fall back to static shapes."""
+    if dynamic_batch:
+        ep = torch.export.export(views_as_reshapes(gm), tuple(example_inputs), strict=False,
+                                 dynamic_shapes=batch_dynamic_shapes(example_inputs))
+        return ep.run_decompositions()
     try:
-        ep = torch.export.export(gm, tuple(example_inputs), strict=False)
+        ep = torch.export.export(views_as_reshapes(gm), tuple(example_inputs), strict=False)
         return ep.run_decompositions()
     except Exception as e:  # noqa: BLE001
         raise LoweringError(f"torch.export could not capture the graph for lowering: {type(e).__name__}: "
@@ -49,6 +67,15 @@ def _origin(ep_node: fx.Node, gm: fx.GraphModule) -> fx.Node | None:
         src = src.from_node[-1]
     by_name = {n.name: n for n in gm.graph.nodes}
     return by_name.get(src.name)
+
+
+def _describe(ep_node: fx.Node, gm) -> str:
+    """'node NAME at FILE:LINE: CODE' for the user's node an exported node came from."""
+    origin = _origin(ep_node, gm) if isinstance(gm, fx.GraphModule) else None
+    if origin is None:
+        return f"node '{ep_node.name}'"
+    where = node_source(origin)
+    return f"node '{origin.name}'" + (f" at {where}" if where else "")
 
 
 def check_supported(ep: torch.export.ExportedProgram, gm: fx.GraphModule, custom: dict) -> None:
@@ -97,15 +124,17 @@ def expand_alpha(ep: torch.export.ExportedProgram) -> None:
         ep.graph_module.recompile()
 
 
-def to_relax(gm: torch.nn.Module, example_inputs: tuple) -> RelaxModule:
+def to_relax(gm: torch.nn.Module, example_inputs: tuple, dynamic_batch: bool = False) -> RelaxModule:
     import tvm  # noqa: F401 - imported here so that importing fxpress.lowering stays light
     from tvm import relax
     from tvm.relax.frontend import detach_params
     from tvm.relax.frontend.torch import from_exported_program
 
-    ep = export_program(gm, example_inputs)
+    ep = export_program(gm, example_inputs, dynamic_batch)
     expand_alpha(ep)
-    custom = relax_converters()
+    promote_dtypes(ep.graph_module)
+    guard_indices(ep.graph_module, lambda node: _describe(node, gm))
+    custom = {**NAN_CONVERTERS, **INDEX_CONVERTERS, **relax_converters()}
     check_supported(ep, gm, custom)
     try:
         mod = from_exported_program(ep, keep_params_as_input=True, unwrap_unit_return_tuple=False,

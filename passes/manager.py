@@ -20,7 +20,7 @@ from fxpress.errors import PassError
 from .base import Pass, PassContext, PassResult
 from .graph import flatten_outputs
 from .stats import count_params, graph_costs, graph_table, op_histogram
-from .trace import annotate_shapes, copy_graph_module
+from .trace import LOSSLESS_RTOL, annotate_shapes, clone_inputs, copy_graph_module
 
 
 @dataclass
@@ -91,8 +91,8 @@ def output_error(outputs: Sequence[torch.Tensor], reference: Sequence[torch.Tens
 
 
 def run_graph(gm: torch.nn.Module, inputs: tuple) -> list[torch.Tensor]:
-    with torch.no_grad():
-        return [t.detach() for t in flatten_outputs(gm(*inputs))]
+    with torch.no_grad():  # on copies: a graph may update an input in place (``x.add_(1)`` in forward)
+        return [t.detach() for t in flatten_outputs(gm(*clone_inputs(inputs)))]
 
 
 def snapshot(name: str, kind: str, gm: fx.GraphModule, reference: list[torch.Tensor],
@@ -154,6 +154,20 @@ class PassManager:
                             f"{type(e).__name__}: {e}") from e
         status = "applied" if result.changed else "unchanged"
         record = snapshot(p.name, "pass", new, reference, ctx.example_inputs, status, seconds, result=result)
+        if not getattr(p, "lossy", False) and result.changed:
+            # A lossless pass (fuse, split_branches) must compute what the graph before it did.
+            _, drift = output_error(run_graph(new, ctx.example_inputs), run_graph(gm, ctx.example_inputs))
+            if drift > LOSSLESS_RTOL:
+                record.status = "rolled back"
+                record.note = (f"{p.name} should not change the numbers but changed them by relative error "
+                               f"{drift:.3g} (> {LOSSLESS_RTOL:g}); kept the graph from before it. Please report "
+                               f"this; passes without {p.name!r} avoid it")
+                record.extra["attempted"] = {"max_rel_error": record.max_rel_error, "drift": drift}
+                kept = snapshot(p.name, "pass", gm, reference, ctx.example_inputs)
+                for k in ("params", "param_bytes", "macs", "multiplies", "nodes", "max_abs_error",
+                          "max_rel_error", "code", "table", "ops"):
+                    setattr(record, k, getattr(kept, k))
+                return record, gm
         if self.tolerance is not None and record.max_rel_error > self.tolerance:
             record.status = "rolled back"
             record.note = (f"error {record.max_rel_error:.3g} > tolerance {self.tolerance:g}; "

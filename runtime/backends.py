@@ -12,7 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from fxpress.errors import ArtifactError, TargetUnavailableError
+from fxpress.errors import ArtifactError, InputError, TargetUnavailableError
+
+_INDEX_CHECK = "fxpress index check:"  # prefix of the message of a compiled index check (lowering/index_checks.py)
 
 
 # Bytes. TVM allocates every tensor at this alignment (kAllocAlignment), and the kernels it generates assume
@@ -95,7 +97,7 @@ class TVMExecutor:
             return self._run_copying(inputs)
         shared: list[tuple[int, int]] = []  # address ranges of the caller's arrays handed over without a copy
         args = [self._input(x, shared) for x in inputs]
-        out = self._main(*args, *self.params)
+        out = self._call(args)
         flat: list[np.ndarray] = []
         if hasattr(out, "numpy"):
             flat.append(self._output(out, 1, shared))
@@ -107,8 +109,17 @@ class TVMExecutor:
         """The copying path: every input into a new TVM tensor, every output out with ``.numpy()``."""
         tvm = self._tvm
         args = [tvm.runtime.tensor(np.asarray(x, order="C"), self.device) for x in inputs]  # keeps 0-d arrays 0-d
-        out = self._main(*args, *self.params)
+        out = self._call(args)
         return _flatten_tvm(out)
+
+    def _call(self, args):
+        try:
+            return self._main(*args, *self.params)
+        except Exception as e:  # noqa: BLE001 - only the compiled index checks' failure is the caller's input
+            text = str(e)
+            if _INDEX_CHECK in text:
+                raise InputError(text[text.index(_INDEX_CHECK) + len(_INDEX_CHECK):].strip().splitlines()[0]) from None
+            raise
 
     def _input(self, x, shared: list[tuple[int, int]]):
         a = np.asarray(x)  # keeps 0-d arrays 0-d; no copy for an ndarray

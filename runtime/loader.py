@@ -26,11 +26,14 @@ def check_inputs(inputs: Sequence[Any], specs: list[dict[str, Any]], convert=np.
     for i, (x, spec) in enumerate(zip(inputs, specs)):
         x = convert(x)
         shape, dtype = tuple(x.shape), str(x.dtype).replace("torch.", "")
-        if list(shape) != list(spec["shape"]) or dtype != spec["dtype"]:
+        dynamic = spec.get("dynamic_dims") or ()  # dims compiled as symbolic (any size >= 1)
+        if len(shape) != len(spec["shape"]) or dtype != spec["dtype"] or any(
+                a != b and not (d in dynamic and a >= 1) for d, (a, b) in enumerate(zip(shape, spec["shape"]))):
+            free = f" (dim {', '.join(map(str, dynamic))} may take any size)" if dynamic else ""
             raise InputError(
-                f"input {i} ('{spec['name']}'): expected shape {tuple(spec['shape'])} dtype {spec['dtype']}, "
-                f"got shape {shape} dtype {dtype}. The model was compiled for fixed shapes: pass inputs of "
-                "that shape, or compile again with example inputs of the new shape.")
+                f"input {i} ('{spec['name']}'): expected shape {tuple(spec['shape'])}{free} dtype {spec['dtype']}, "
+                f"got shape {shape} dtype {dtype}. The model was compiled for {'these' if dynamic else 'fixed'} "
+                "shapes: pass inputs of that shape, or compile again with example inputs of the new shape.")
         if spec.get("range") and (x.numel() if hasattr(x, "numel") else x.size):
             lo, hi = spec["range"]
             x_min, x_max = int(x.min()), int(x.max())
