@@ -8,6 +8,8 @@ return the graph it wants kept. Passes register by name so users can write
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
@@ -15,7 +17,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import fx
 
-from fxpress.errors import UnknownPassError
+from fxpress.errors import PassError, UnknownPassError
 
 log = logging.getLogger("fxpress.passes")
 
@@ -55,9 +57,42 @@ class PassResult:
     layers: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
+    # Layer coverage: which Linear/Conv layers the pass looked at and how many it rewrote
+    # (set by ``count_layers``; the manager shows ``headline()`` in the report's notes).
+    coverage: dict[str, Any] = field(default_factory=dict)
+
     @property
     def changed(self) -> bool:
         return bool(self.rewrites)
+
+    def count_layers(self, found: int, rewritten: int, body: int | None = None, body_rewritten: int | None = None,
+                     nothing: str | None = None, layer_nodes: Iterable[str] = ()) -> None:
+        """Record "rewrote ``rewritten`` of the ``found`` Linear/Conv layers" (``body``: of those that are not
+        the stem / head, see weight_ops.stems_and_heads); ``nothing`` says what the graph held when it had none."""
+        self.coverage = {"layers_found": found, "layers_rewritten": rewritten}
+        if body is not None:
+            self.coverage.update(body_layers=body, body_rewritten=body_rewritten)
+        if nothing:
+            self.coverage["nothing_found"] = nothing
+        self.coverage["layer_nodes"] = sorted(layer_nodes)
+
+    def headline(self) -> str:
+        """One line for the report: "applied 3/5 layers" / "unchanged: ..." with the per-layer reasons."""
+        cov = self.coverage
+        if not cov:
+            return ""
+        if cov.get("nothing_found"):
+            return cov["nothing_found"]
+        found, done = cov["layers_found"], cov["layers_rewritten"]
+        text = f"{'applied' if self.changed else 'unchanged'}: {done}/{found} layers rewritten"
+        layer_nodes = set(cov.get("layer_nodes", ()))
+        # reasons for the layers left alone first, then the rest (embeddings, near misses)
+        skips = sorted(self.skipped, key=lambda k: k.node not in layer_nodes)
+        if skips and (done < found or not self.changed):
+            reasons = "; ".join(str(k) for k in skips[:4])
+            more = f" (+{len(skips) - 4} more, see details)" if len(skips) > 4 else ""
+            text += f"; left alone: {reasons}{more}"
+        return text
 
     def rewrite(self, kind: str, consumed: Iterable, produced: Iterable = (), **detail) -> Rewrite:
         r = Rewrite(kind, [_name(n) for n in consumed], [_name(n) for n in produced], detail)
@@ -90,26 +125,138 @@ class PassContext:
     def options_for(self, pass_name: str) -> dict[str, Any]:
         return dict(self.options.get(pass_name, {}))
 
-    def calibration_batches(self, limit: int | None = None) -> list[tuple[torch.Tensor, ...]]:
-        """Calibration inputs if the user gave some, else the example inputs (one batch)."""
+    def calibration_batches(self, limit: int | None = None, gm: fx.GraphModule | None = None) -> list[tuple[torch.Tensor, ...]]:
+        """Calibration inputs if the user gave some, else the example inputs (one batch).
+
+        With ``gm``: a graph captured by torch.export may have the example's batch size baked in
+        (``view(x, [100, 3136])``). When a calibration batch of another size does not run through
+        ``gm``, every batch is re-cut to the example's batch size (samples concatenated, the last
+        chunk filled up with samples from the start), so calibration works with any batch size.
+        """
         batches = list(self.calibration) if self.calibration else [self.example_inputs]
+        if gm is not None and self.calibration:
+            batches = rebatch_if_needed(gm, batches, self.example_inputs)
         return batches[:limit] if limit else batches
+
+
+def _batch_size(batch: tuple) -> int | None:
+    sizes = {t.shape[0] for t in batch if isinstance(t, torch.Tensor) and t.dim() > 0}
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def rebatch(batches: list[tuple], size: int) -> list[tuple]:
+    """The samples of ``batches`` re-cut into batches of ``size`` (the last one completed with samples from
+    the start, so no batch is short)."""
+    cols = list(zip(*batches))
+    joined = [torch.cat(list(c)) if isinstance(c[0], torch.Tensor) and c[0].dim() > 0 else c[0] for c in cols]
+    total = next(j.shape[0] for j in joined if isinstance(j, torch.Tensor))
+    out = []
+    for start in range(0, total, size):
+        idx = torch.arange(start, start + size) % total
+        out.append(tuple(j[idx] if isinstance(j, torch.Tensor) and j.dim() > 0 else j for j in joined))
+    return out
+
+
+def rebatch_if_needed(gm: fx.GraphModule, batches: list[tuple], example: tuple) -> list[tuple]:
+    want = _batch_size(example)
+    odd = next((b for b in batches if _batch_size(b) != want), None)
+    if want is None or odd is None or any(_batch_size(b) is None for b in batches):
+        return batches
+    try:
+        with torch.no_grad():
+            gm(*odd)
+        return batches  # the graph takes other batch sizes
+    except Exception:  # noqa: BLE001 - a baked-in batch size shows up as any shape error
+        log.info("calibration batches re-cut to the example's batch size %d (the graph fixes it)", want)
+        return rebatch(batches, want)
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option a pass declares: its type(s), allowed values or range, default and meaning.
+
+    ``types`` may hold ``None`` (the option may be unset). ``low``/``high`` bound numbers (inclusive
+    unless ``open_low``/``open_high``); ``choices`` lists the allowed values of a string option.
+    """
+
+    types: tuple = (object,)
+    default: Any = None
+    choices: tuple | None = None
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+    open_high: bool = False
+    doc: str = ""
+
+    def check(self, pass_name: str, key: str, value: Any) -> None:
+        if value is None and (type(None) in self.types or self.default is None):
+            return
+        types = tuple(t for t in self.types if t is not type(None))
+        ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types and
+                                               any(t in (int, float) for t in types))
+        if not ok:
+            names = " or ".join(getattr(t, "__name__", str(t)) for t in self.types)
+            raise PassError(f"pass {pass_name!r}: option {key!r} must be {names}, got {type(value).__name__} {value!r}"
+                            + (f" ({self.doc})" if self.doc else ""))
+        if self.choices is not None and isinstance(value, str) and value not in self.choices:
+            near = difflib.get_close_matches(value, [str(c) for c in self.choices], n=1)
+            hint = f" Did you mean {near[0]!r}?" if near else ""
+            raise PassError(f"pass {pass_name!r}: unknown {key} {value!r} (option {key!r}); choose one of "
+                            f"{', '.join(map(repr, self.choices))}.{hint}")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            lo_bad = self.low is not None and (value <= self.low if self.open_low else value < self.low)
+            hi_bad = self.high is not None and (value >= self.high if self.open_high else value > self.high)
+            if lo_bad or hi_bad:
+                lo = "" if self.low is None else f"{'>' if self.open_low else '>='} {self.low:g}"
+                hi = "" if self.high is None else f"{'<' if self.open_high else '<='} {self.high:g}"
+                raise PassError(f"pass {pass_name!r}: option {key}={value!r} is out of range: it must be "
+                                f"{' and '.join(x for x in (lo, hi) if x)}" + (f" ({self.doc})" if self.doc else ""))
+
+
+# Sections of ``compile(options=...)`` that are not passes.
+NON_PASS_SECTIONS = {"tune"}
+
+
+def check_option_sections(options: dict[str, Any]) -> None:
+    """Every key of ``compile(options=...)`` must name a pass (or a known non-pass section)."""
+    known = set(available_passes()) | NON_PASS_SECTIONS
+    for key, value in options.items():
+        if key not in known:
+            near = difflib.get_close_matches(str(key), sorted(known), n=1)
+            hint = f" Did you mean {near[0]!r}?" if near else ""
+            raise PassError(f"options: {key!r} names no pass.{hint} Known: {', '.join(sorted(known))}")
+        if not isinstance(value, dict):
+            raise PassError(f"options[{key!r}] must be a dict of that pass's options, got {type(value).__name__}")
 
 
 class Pass:
     """Base class for passes. Subclasses set ``name`` and implement ``run``.
 
-    ``lossy`` passes change the function (low rank, shift/add, quantize): the manager reports
-    their error and the tolerance guard may roll them back. Lossless passes are still checked.
+    The base class wraps every subclass's ``run`` (``__init_subclass__``) so each pass, however it is
+    called, gets the same contract: its declared ``OPTIONS`` are checked (unknown names get the nearest
+    known one as a suggestion; types and ranges are checked), functional / ATen layers are lifted to
+    modules when ``lift_layers`` (weight_ops.lift_to_modules: every pass sees one layer form), and the
+    returned graph is finalized with the in-place-aware dead-code elimination (graph.finalize).
+
+    ``lossy`` passes change the function (low rank, shift/add, quantize); lossless ones should not.
     """
 
     name: str = ""
     lossy: bool = False
     # Whether the pass needs calibration data to do its best (it still runs without).
     wants_calibration: bool = False
+    # name -> Option. ``None``: the pass checks its own options.
+    OPTIONS: dict[str, Option] | None = None
+    # Lift functional / ATen Linear, Conv and BatchNorm ops into modules before ``run``.
+    lift_layers: bool = True
 
     def __init__(self, **options: Any):
         self.options = options
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "run" in cls.__dict__ and not getattr(cls.__dict__["run"], "_fxpress_wrapped", False):
+            cls.run = _contract(cls.__dict__["run"])
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> tuple[fx.GraphModule, PassResult]:
         raise NotImplementedError
@@ -117,15 +264,55 @@ class Pass:
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> tuple[fx.GraphModule, PassResult]:
         return self.run(gm, ctx)
 
+    def check_options(self, ctx: PassContext) -> None:
+        """Unknown names (with a suggestion), wrong types and out-of-range values are errors."""
+        if ctx.options:
+            check_option_sections(ctx.options)
+        if self.OPTIONS is None:
+            return
+        given = {**ctx.options_for(self.name), **self.options}
+        for key, value in given.items():
+            spec = self.OPTIONS.get(key)
+            if spec is None:
+                near = difflib.get_close_matches(str(key), list(self.OPTIONS), n=1)
+                hint = f" Did you mean {near[0]!r}?" if near else ""
+                raise PassError(f"pass {self.name!r}: unknown option {key!r}.{hint} Known: {', '.join(self.OPTIONS)}")
+            spec.check(self.name, key, value)
+
     def option(self, ctx: PassContext, key: str, default: Any = None) -> Any:
-        """Option lookup: explicit constructor options win over ``compile(options=...)``."""
+        """Option lookup: explicit constructor options win over ``compile(options=...)``; then the declared default."""
         if key in self.options:
             return self.options[key]
-        return ctx.options_for(self.name).get(key, default)
+        opts = ctx.options_for(self.name)
+        if key in opts:
+            return opts[key]
+        if default is None and self.OPTIONS is not None and key in self.OPTIONS:
+            return self.OPTIONS[key].default
+        return default
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
         return f"{type(self).__name__}({opts})"
+
+
+def _contract(run):
+    """requires → run → ensures, for every pass (see ``Pass``)."""
+
+    @functools.wraps(run)
+    def checked(self: Pass, gm: fx.GraphModule, ctx: PassContext):
+        from .graph import finalize
+        from .weight_ops import lift_to_modules
+
+        self.check_options(ctx)
+        if self.lift_layers:
+            lift_to_modules(gm)
+        new, result = run(self, gm, ctx)
+        if isinstance(new, fx.GraphModule):
+            finalize(new)
+        return new, result
+
+    checked._fxpress_wrapped = True
+    return checked
 
 
 class FunctionPass(Pass):

@@ -110,12 +110,43 @@ def eliminate_dead_code(gm: fx.GraphModule) -> None:
 
 
 def finalize(gm: fx.GraphModule) -> fx.GraphModule:
-    """Drop dead code (keeping in-place writes) and unused submodules, lint, recompile: call at the end of every pass."""
+    """Drop dead code (keeping in-place writes), unused submodules and parameters, lint, recompile.
+
+    The pass base class runs it on every pass's output; passes may call it too (it is idempotent)."""
     eliminate_dead_code(gm)
     gm.delete_all_unused_submodules()
+    drop_unused_attributes(gm)
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def drop_unused_attributes(gm: fx.GraphModule) -> int:
+    """Delete parameters / buffers that no node reads any more (a replaced layer's old weight), so the
+    report's parameter count is the graph's. Returns how many went."""
+    used_attrs = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+    used_mods = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+
+    def used(path: str) -> bool:
+        if path in used_attrs or any(a.startswith(path + ".") for a in used_attrs):
+            return True
+        parts = path.split(".")
+        return any(".".join(parts[:i]) in used_mods for i in range(1, len(parts)))
+
+    gone = 0
+    for path, _ in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
+        if used(path):
+            continue
+        owner_path, _, leaf = path.rpartition(".")
+        owner = gm.get_submodule(owner_path) if owner_path else gm
+        if leaf in owner._parameters:
+            del owner._parameters[leaf]
+        elif leaf in owner._buffers:
+            del owner._buffers[leaf]
+        else:
+            continue
+        gone += 1
+    return gone
 
 
 def flatten_outputs(out) -> list[torch.Tensor]:

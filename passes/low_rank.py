@@ -43,7 +43,7 @@ from torch import fx, nn
 from fxpress.errors import PassError
 
 from . import low_rank_ops  # noqa: F401 - registers fxpress::lowrank_* and their costs
-from .base import Pass, PassContext, PassResult, register_pass
+from .base import Option, Pass, PassContext, PassResult, register_pass
 from .graph import finalize, flatten_outputs, unique_name
 from .low_rank_factor import METHODS, Factorization, LayerStats, factorize
 from .low_rank_rank import (LayerChoice, State, candidate_ranks, select_budget, select_target_error,
@@ -51,6 +51,7 @@ from .low_rank_rank import (LayerChoice, State, candidate_ranks, select_budget, 
 from .manager import output_error
 from .stats import count_params, graph_costs, node_cost, shape_of
 from .trace import annotate_shapes
+from .weight_ops import CONV, CONV_T, EMBEDDING, LINEAR, WeightOp, as_conv2d, find_weight_ops, stems_and_heads
 
 _LINEAR_OP = torch.ops.fxpress.lowrank_linear.default
 _CONV_OP = torch.ops.fxpress.lowrank_conv2d.default
@@ -67,6 +68,7 @@ class _Layer:
     out: int
     d: int
     conv: dict[str, Any] = field(default_factory=dict)  # stride, padding, dilation, kernel
+    conv1d: bool = False  # a Conv1d handled as a 1 x k Conv2d (input unsqueezed at dim 2, output squeezed)
     stats: LayerStats | None = None
     fact: Factorization | None = None
     candidates: list[int] = field(default_factory=list)
@@ -81,30 +83,15 @@ class _Layer:
         return b.numel() if b is not None else 0
 
 
-def _conv_padding(mod: nn.Conv2d) -> tuple[int, int] | None:
-    """Symmetric integer padding of a conv, or None when it has none (e.g. 'same' with an even kernel)."""
-    p = mod.padding
-    if isinstance(p, str):
-        if p == "valid":
-            return (0, 0)
-        if p == "same":
-            pads = []
-            for k, dl in zip(mod.kernel_size, mod.dilation):
-                total = dl * (k - 1)
-                if total % 2:
-                    return None
-                pads.append(total // 2)
-            return tuple(pads)
-        return None
-    return tuple(int(v) for v in p)
-
-
 def _lowrank_apply(layer: _Layer, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor):
     """The op the rewritten graph will run, on this layer's own factors (used for trial runs)."""
     if layer.kind == "linear":
         return torch.ops.fxpress.lowrank_linear(x, A, B, bias)
     c = layer.conv
-    return torch.ops.fxpress.lowrank_conv2d(x, A, B, bias, list(c["stride"]), list(c["padding"]), list(c["dilation"]))
+    if layer.conv1d:
+        x = x.unsqueeze(2)
+    y = torch.ops.fxpress.lowrank_conv2d(x, A, B, bias, list(c["stride"]), list(c["padding"]), list(c["dilation"]))
+    return y.squeeze(2) if layer.conv1d else y
 
 
 @register_pass("low_rank", default=False)
@@ -119,11 +106,12 @@ class LowRankPass(Pass):
         params_before, _ = count_params(gm)
         macs_before, _ = graph_costs(gm)
         with torch.no_grad():
-            before_outs = [flatten_outputs(gm(*b)) for b in self._eval_batches(ctx)]
+            before_outs = [flatten_outputs(gm(*b)) for b in self._eval_batches(ctx, gm)]
 
         layers = self._find_layers(gm, opt, result)
         if not layers:
-            result.notes.append("no eligible Linear/Conv2d layer")
+            result.notes.append("no eligible Linear/Conv layer")
+            self._count(result, {})
             return finalize(gm), result
 
         self._collect_activations(gm, layers, ctx, opt)
@@ -152,13 +140,14 @@ class LowRankPass(Pass):
                 continue
             self._rewrite(gm, L, r, result)
         finalize(gm)
+        self._count(result, ranks)
 
         # ---- numbers for the report
         annotate_shapes(gm, ctx.example_inputs)
         params_after, _ = count_params(gm)
         macs_after, _ = graph_costs(gm)
         with torch.no_grad():
-            after_outs = [flatten_outputs(gm(*b)) for b in self._eval_batches(ctx)]
+            after_outs = [flatten_outputs(gm(*b)) for b in self._eval_batches(ctx, gm)]
         cos = min(_cosine(a, b) for ao, bo in zip(after_outs, before_outs) for a, b in zip(ao, bo))
         rel = max(output_error(ao, bo)[1] for ao, bo in zip(after_outs, before_outs))
         eligible = sum(L.weight_params for L in layers)
@@ -180,6 +169,31 @@ class LowRankPass(Pass):
         return gm, result
 
     # ------------------------------------------------------------------ options
+    OPTIONS = {
+        "method": Option((str,), "svd", choices=tuple(METHODS)),
+        "whitening": Option((str,), "cholesky", choices=("cholesky", "scale")),
+        "damping": Option((int, float), 1e-2, low=0),
+        "shrinkage": Option((bool,), True),
+        "alpha": Option((int, float), 0.5, low=0),
+        "loss_fn": Option((object,), None),
+        "labels": Option((list, tuple, type(None)), None),
+        "fisher_samples": Option((int,), 256, low=1),
+        "fisher_floor": Option((int, float), 1e-2, low=0),
+        "rank": Option((int, dict, type(None)), None, low=1, doc="an int for every layer, or {layer: rank}"),
+        "budget": Option((int, float, type(None)), None, low=0, high=1, open_low=True,
+                         doc="fraction of the eligible layers' weights to keep"),
+        "budget_scope": Option((str,), "layers", choices=("layers", "model")),
+        "budget_on": Option((str,), "params", choices=("params", "macs")),
+        "target_error": Option((int, float, type(None)), None, low=0, open_low=True),
+        "energy": Option((int, float, type(None)), None, low=0, high=1, open_low=True),
+        "sensitivity": Option((str,), "layer", choices=("layer", "model")),
+        "snap": Option((int,), 8, low=1),
+        "min_layer_size": Option((int,), 1024, low=0),
+        "min_saving": Option((int, float), 0.1, low=0, high=1, open_high=True),
+        "exclude": Option((list, tuple, str, type(None)), None),
+        "max_rows": Option((int,), 65536, low=1),
+    }
+
     def _options(self, ctx: PassContext) -> dict[str, Any]:
         o = lambda k, d=None: self.option(ctx, k, d)  # noqa: E731
         method = o("method", "svd")
@@ -192,7 +206,8 @@ class LowRankPass(Pass):
             budget_scope=o("budget_scope", "layers"), budget_on=o("budget_on", "params"),
             target_error=o("target_error"), energy=o("energy"),
             sensitivity=o("sensitivity", "layer"), snap=int(o("snap", 8)), min_layer_size=int(o("min_layer_size", 1024)),
-            min_saving=float(o("min_saving", 0.1)), exclude=list(o("exclude", []) or []),
+            min_saving=float(o("min_saving", 0.1)),
+            exclude=[o("exclude")] if isinstance(o("exclude"), str) else list(o("exclude", []) or []),
             max_rows=int(o("max_rows", 65536)))
         if opt["whitening"] not in ("cholesky", "scale"):
             raise PassError(f"low_rank: unknown whitening {opt['whitening']!r}; choose 'cholesky' or 'scale'")
@@ -206,6 +221,10 @@ class LowRankPass(Pass):
             raise PassError(f"low_rank: sensitivity must be 'layer' or 'model', got {opt['sensitivity']!r}")
         if opt["energy"] is not None and not 0 < float(opt["energy"]) <= 1:
             raise PassError(f"low_rank: energy must be in (0, 1], got {opt['energy']!r}")
+        if isinstance(opt["rank"], dict):
+            bad = {k: v for k, v in opt["rank"].items() if not isinstance(v, int) or isinstance(v, bool) or v < 1}
+            if bad:
+                raise PassError(f"low_rank: option rank gives {bad}; every rank must be an int >= 1")
         if opt["rank"] is not None:
             opt["selection"] = "rank"
         elif opt["budget"] is not None:
@@ -224,60 +243,85 @@ class LowRankPass(Pass):
         return opt
 
     @staticmethod
-    def _eval_batches(ctx: PassContext) -> list[tuple]:
+    def _eval_batches(ctx: PassContext, gm: fx.GraphModule) -> list[tuple]:
         batches = [ctx.example_inputs]
         if ctx.calibration:
-            batches += ctx.calibration_batches(4)
+            batches += ctx.calibration_batches(4, gm)
         return batches
 
     # ------------------------------------------------------------------ eligibility
     def _find_layers(self, gm: fx.GraphModule, opt: dict, result: PassResult) -> list[_Layer]:
+        scan = find_weight_ops(gm)
+        for name, reason in scan.near_misses:
+            result.skip(name, reason)
+        self._ops = [w for w in scan.ops if w.kind in (LINEAR, CONV, CONV_T)]
+        self._stems_heads = stems_and_heads(gm, scan.ops)
+        self._nothing = None if self._ops else scan.nothing_found()
         by_key: dict[str, _Layer] = {}
         rejected: set[str] = set()
-        for node in gm.graph.nodes:
-            if node.op != "call_module":
+        for w in scan.ops:
+            if w.kind == EMBEDDING:
+                result.skip(w.node, f"{w.label}: embedding (a lookup table, not factored)")
                 continue
-            mod = gm.get_submodule(node.target)
-            if not isinstance(mod, (nn.Linear, nn.Conv2d)):
-                continue
-            key = str(node.target)
+            key = w.key
             if key in rejected:
                 continue
-                continue
             if key in by_key:
-                by_key[key].nodes.append(node)
+                by_key[key].nodes.append(w.node)
                 continue
-            reason = self._reject_reason(mod, node, key, opt)
+            reason = self._reject_reason(w, opt)
             if reason:
                 rejected.add(key)
-                result.skip(key, reason)
+                result.skip(w.node, f"{w.label}: {reason}")
                 continue
-            if isinstance(mod, nn.Linear):
-                L = _Layer(key, mod, [node], "linear", mod.out_features, mod.in_features)
+            if w.kind == LINEAR:
+                L = _Layer(key, w.module, [w.node], "linear", w.weight.shape[0], w.weight.shape[1])
             else:
-                kh, kw = mod.kernel_size
-                L = _Layer(key, mod, [node], "conv2d", mod.out_channels, mod.in_channels * kh * kw,
-                           conv=dict(stride=tuple(mod.stride), padding=_conv_padding(mod),
-                                     dilation=tuple(mod.dilation), kernel=(kh, kw)))
+                weight, g = as_conv2d(w)
+                kh, kw = g["kernel"]
+                L = _Layer(key, w.module, [w.node], "conv2d", weight.shape[0], weight.shape[1] * kh * kw,
+                           conv=dict(stride=tuple(g["stride"]), padding=tuple(g["padding"]),
+                                     dilation=tuple(g["dilation"]), kernel=(kh, kw)), conv1d=w.conv.dims == 1)
             by_key[key] = L
         return list(by_key.values())
 
+    def _count(self, result: PassResult, ranks: dict) -> None:
+        stems, heads = self._stems_heads
+        done = {c for r in result.rewrites for c in r.consumed}
+        body = [w for w in self._ops if w.node.name not in stems | heads]
+        result.count_layers(len(self._ops), len(done), len(body), sum(1 for w in body if w.node.name in done),
+                            nothing=self._nothing, layer_nodes=[w.node.name for w in self._ops])
+        result.metrics["body_weight_params_before"] = sum(w.weight_params for w in body)
+        after = 0
+        for w in body:
+            r = ranks.get(w.key)
+            if r is None or w.node.name not in done:
+                after += w.weight_params
+            else:
+                out = w.weight.shape[0]
+                after += r * (out + w.weight_params // out)
+        result.metrics["body_weight_params_after"] = after
+
     @staticmethod
-    def _reject_reason(mod: nn.Module, node: fx.Node, key: str, opt: dict) -> str | None:
-        if any(fnmatch.fnmatchcase(key, p) for p in opt["exclude"]):
+    def _reject_reason(w: WeightOp, opt: dict) -> str | None:
+        if w.module is None:
+            return f"{w.form} could not be lifted to a module"
+        if any(fnmatch.fnmatchcase(w.label, p) or fnmatch.fnmatchcase(w.key, p) for p in opt["exclude"]):
             return "excluded by the 'exclude' option"
-        w = mod.weight
-        if not w.is_floating_point() or w.dtype not in (torch.float32, torch.float64):
-            return f"weight dtype {w.dtype} (only float32/float64 layers are factored)"
-        if isinstance(mod, nn.Conv2d):
-            if mod.groups != 1:
-                return f"grouped/depthwise conv (groups={mod.groups}) has no useful low-rank form"
-            if mod.padding_mode != "zeros":
-                return f"padding_mode={mod.padding_mode!r} (only zero padding is supported)"
-            if _conv_padding(mod) is None:
-                return f"padding={mod.padding!r} is not symmetric"
-        if w.numel() < opt["min_layer_size"]:
-            return f"{w.numel()} weight values < min_layer_size {opt['min_layer_size']}"
+        wt = w.weight
+        if not wt.is_floating_point() or wt.dtype not in (torch.float32, torch.float64):
+            return f"weight dtype {wt.dtype} (only float32/float64 layers are factored)"
+        if w.kind == CONV_T:
+            return f"{w.describe()}: transposed convolutions are not factored"
+        if w.kind == CONV:
+            if w.conv.dims == 3:
+                return f"{w.describe()}: 3-D convolutions are not factored"
+            if w.conv.groups != 1:
+                return f"grouped/depthwise conv (groups={w.conv.groups}) has no useful low-rank form"
+            if as_conv2d(w) is None:
+                return f"padding={w.conv.padding!r} is not symmetric"
+        if wt.numel() < opt["min_layer_size"]:
+            return f"{wt.numel()} weight values < min_layer_size {opt['min_layer_size']}"
         return None
 
     @staticmethod
@@ -298,6 +342,7 @@ class LowRankPass(Pass):
                     rows = x.reshape(-1, L.d)
                 else:
                     c = L.conv
+                    x = x.unsqueeze(2) if L.conv1d else x
                     patches = F.unfold(x, c["kernel"], dilation=c["dilation"], padding=c["padding"], stride=c["stride"])
                     rows = patches.transpose(1, 2).reshape(-1, L.d)
                 L.stats.add(rows[: opt["max_rows"] - L.stats.n])
@@ -308,7 +353,7 @@ class LowRankPass(Pass):
         handles = [L.module.register_forward_pre_hook(hook_for(L)) for L in layers]
         try:
             with torch.no_grad():
-                for batch in ctx.calibration_batches():
+                for batch in ctx.calibration_batches(gm=gm):
                     gm(*batch)
         finally:
             for h in handles:
@@ -317,7 +362,7 @@ class LowRankPass(Pass):
     def _collect_fisher(self, gm: fx.GraphModule, layers: list[_Layer], ctx: PassContext, opt: dict) -> None:
         """Σ over calibration samples of (∂loss/∂W)², one backward per sample (FWSVD's empirical Fisher)."""
         loss_fn, labels = opt["loss_fn"], opt["labels"]
-        batches = ctx.calibration_batches()
+        batches = ctx.calibration_batches(gm=gm)
         if labels is not None and len(labels) != len(batches):
             raise PassError(f"low_rank: 'labels' has {len(labels)} entries; give one per calibration batch "
                             f"({len(batches)})")
@@ -334,14 +379,16 @@ class LowRankPass(Pass):
         seen = 0
         try:
             with torch.enable_grad():
+                per_sample = _takes_batch_of_one(gm, batches[0])
                 for b, batch in enumerate(batches):
-                    n = batch[0].shape[0]
+                    n = batch[0].shape[0] if per_sample else 1
                     for i in range(n):
                         if seen >= opt["fisher_samples"]:
                             break
-                        xs = tuple(t[i:i + 1] for t in batch)
+                        # a graph with its batch size baked in takes whole batches: Fisher per batch then
+                        xs = tuple(t[i:i + 1] for t in batch) if per_sample else batch
                         out = gm(*xs)
-                        lab = labels[b][i:i + 1] if labels is not None else None
+                        lab = (labels[b][i:i + 1] if per_sample else labels[b]) if labels is not None else None
                         loss = self._loss(out, xs, lab, loss_fn)
                         grads = torch.autograd.grad(loss, weights, allow_unused=True)
                         for L, g in zip(layers, grads):
@@ -460,7 +507,7 @@ class LowRankPass(Pass):
         # "model": the model's squared relative output error with only this layer truncated, measured at up
         # to 8 candidate ranks per layer and interpolated between them.
         trial = _Trial(gm, layers)
-        batch = ctx.calibration_batches(1)[0]
+        batch = ctx.calibration_batches(1, gm)[0]
         with torch.no_grad():
             ref = flatten_outputs(gm(*batch))
         out = []
@@ -499,8 +546,11 @@ class LowRankPass(Pass):
                     new = gm.graph.call_function(_LINEAR_OP, (node.args[0], u, v, b))
                 else:
                     c = L.conv
-                    new = gm.graph.call_function(_CONV_OP, (node.args[0], u, v, b, list(c["stride"]),
+                    x = gm.graph.call_function(torch.unsqueeze, (node.args[0], 2)) if L.conv1d else node.args[0]
+                    new = gm.graph.call_function(_CONV_OP, (x, u, v, b, list(c["stride"]),
                                                             list(c["padding"]), list(c["dilation"])))
+                    if L.conv1d:
+                        new = gm.graph.call_function(torch.squeeze, (new, 2))
             new.meta.update({k: val for k, val in node.meta.items() if k in ("tensor_meta", "stack_trace")})
             mb, _ = node_cost(node, gm)
             macs_before += mb
@@ -518,6 +568,15 @@ class LowRankPass(Pass):
                    output_error=round(err, 6), energy=round(L.fact.energy(rank), 6), method=L.fact.method)
         result.layers.append(row)
         result.rewrite("low_rank", L.nodes, produced, layer=L.key, rank=rank, error=round(err, 5))
+
+
+def _takes_batch_of_one(gm: fx.GraphModule, batch: tuple) -> bool:
+    try:
+        with torch.no_grad():
+            gm(*(t[:1] for t in batch))
+        return True
+    except Exception:  # noqa: BLE001 - e.g. view(x, [100, 3136]) from a torch.export capture
+        return False
 
 
 def _rows(L: _Layer) -> int:

@@ -153,7 +153,8 @@ class PassManager:
             raise PassError(f"pass {p.name!r} produced a graph that does not run on the example inputs: "
                             f"{type(e).__name__}: {e}") from e
         status = "applied" if result.changed else "unchanged"
-        record = snapshot(p.name, "pass", new, reference, ctx.example_inputs, status, seconds, result=result)
+        record = snapshot(p.name, "pass", new, reference, ctx.example_inputs, status, seconds, result=result,
+                          note=result.headline())
         if not getattr(p, "lossy", False) and result.changed:
             # A lossless pass (fuse, split_branches) must compute what the graph before it did.
             _, drift = output_error(run_graph(new, ctx.example_inputs), run_graph(gm, ctx.example_inputs))

@@ -41,8 +41,9 @@ from torch import fx, nn
 
 from fxpress.errors import PassError
 
-from .base import Pass, PassContext, PassResult, register_pass
-from .graph import finalize, flatten_outputs, unique_name
+from .base import Option, Pass, PassContext, PassResult, register_pass
+from .graph import eliminate_dead_code, finalize, flatten_outputs, is_inplace, unique_name
+from .weight_ops import CONV, CONV_T, EMBEDDING, LINEAR, WeightOp, as_conv2d, find_weight_ops, stems_and_heads
 from .quantize_observers import ACT_OBSERVERS, WEIGHT_CLIPS, Observer, quantize_weight, weight_clip
 from .quantize_ops import qmax_for_bits
 from .quantize_splitquant import cluster_masks
@@ -51,8 +52,6 @@ log = logging.getLogger("fxpress.passes.quantize")
 
 OPS = torch.ops.fxpress
 MODES = ("static", "dynamic", "weight_only")
-_LINEAR_FNS = {F.linear, torch.ops.aten.linear.default}
-_CONV_FNS = {F.conv2d, torch.ops.aten.conv2d.default}
 _MATMUL_FNS = {torch.matmul, operator.matmul, torch.bmm, torch.ops.aten.matmul.default, torch.ops.aten.bmm.default}
 INT32_MAX = 2**31 - 1
 
@@ -68,6 +67,7 @@ class Site:
     weight: torch.Tensor | None = None
     bias: torch.Tensor | None = None
     conv: dict[str, Any] = field(default_factory=dict)  # stride, padding, dilation, groups
+    conv1d: bool = False          # a Conv1d run as a 1 x k Conv2d (input unsqueezed at dim 2, output squeezed)
     plan: dict[str, Any] = field(default_factory=dict)  # quantized tensors and report numbers
     sample: list[torch.Tensor] | None = None             # inputs of one calibration batch
 
@@ -84,16 +84,16 @@ class Quantize(Pass):
             _fold_conv_bn(gm, result)
         sites = self._find_sites(gm, opts, result)
         if not sites:
-            result.notes.append("no Conv2d / Linear / MatMul to quantize")
+            result.notes.append("no Conv / Linear / MatMul to quantize")
             return finalize(gm), result
 
         if opts["mode"] == "static":
-            batches = ctx.calibration_batches(opts["max_calibration_batches"])
+            batches = ctx.calibration_batches(opts["max_calibration_batches"], gm)
             observers = self._calibrate(gm, sites, batches, opts)
             result.metrics["calibration_batches"] = len(batches)
         else:
             observers = {}
-            batches = ctx.calibration_batches(1)
+            batches = ctx.calibration_batches(1, gm)
             _collect_samples(gm, sites, batches[0])
         for s in list(sites):
             reason = self._plan(s, observers, opts)
@@ -101,6 +101,7 @@ class Quantize(Pass):
                 result.skip(s.name, reason)
                 sites.remove(s)
         if not sites:
+            self._count(result, [])
             return finalize(gm), result
 
         reference = ctx.reference_outputs
@@ -126,6 +127,7 @@ class Quantize(Pass):
                 err = _output_error(qgm, ctx.example_inputs, reference)
 
         self._report(gm, sites, chosen, sensitivity, opts, err, result)
+        self._count(result, chosen)
         for s in chosen:
             produced = [n.name for n in qgm.graph.nodes if n.meta.get("fxpress_quantize_site") == s.name]
             result.rewrite(f"quantize_{s.kind}", [s.name], produced, bits=s.plan["bits"],
@@ -133,13 +135,24 @@ class Quantize(Pass):
         return finalize(qgm), result
 
     # ------------------------------------------------------------------ options
-    OPTIONS = ("mode", "bits", "observer", "weight_clip", "percentile", "per_channel", "splitquant", "matmul", "conv",
-               "fold_bn", "skip", "max_calibration_batches", "progress", "tolerance")
+    OPTIONS = {
+        "mode": Option((str,), "static", choices=MODES, doc="static | dynamic | weight_only"),
+        "bits": Option((int,), 8, low=2, high=8, doc="weight bits"),
+        "observer": Option((str,), "minmax", choices=tuple(ACT_OBSERVERS)),
+        "weight_clip": Option((str, type(None)), None, choices=tuple(WEIGHT_CLIPS)),
+        "percentile": Option((int, float), 99.99, low=0, high=100, open_low=True),
+        "per_channel": Option((bool,), True),
+        "splitquant": Option((bool,), False),
+        "matmul": Option((bool,), True, doc="quantize activation x activation matmuls (static mode)"),
+        "conv": Option((bool,), True),
+        "fold_bn": Option((bool,), True),
+        "skip": Option((list, tuple, set, str, type(None)), None, doc="layer labels / node names kept in fp32"),
+        "max_calibration_batches": Option((int, type(None)), None, low=1),
+        "progress": Option((bool, type(None)), None),
+        "tolerance": Option((int, float, type(None)), None, low=0, open_low=True),
+    }
 
     def _options(self, ctx: PassContext) -> dict[str, Any]:
-        unknown = sorted((set(self.options) | set(ctx.options_for(self.name))) - set(self.OPTIONS))
-        if unknown:
-            raise PassError(f"quantize: unknown option(s) {unknown}; known: {', '.join(self.OPTIONS)}")
         mode = self.option(ctx, "mode", "static")
         if mode not in MODES:
             raise PassError(f"quantize: unknown mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -161,7 +174,7 @@ class Quantize(Pass):
             "matmul": bool(self.option(ctx, "matmul", True)),
             "conv": bool(self.option(ctx, "conv", True)),
             "fold_bn": bool(self.option(ctx, "fold_bn", True)),
-            "skip": set(self.option(ctx, "skip", ()) or ()),
+            "skip": _as_set(self.option(ctx, "skip", ())),
             "max_calibration_batches": self.option(ctx, "max_calibration_batches", None),
             "progress": self.option(ctx, "progress", None),
             "tolerance": float(tol) if tol is not None else ctx.tolerance,
@@ -169,9 +182,16 @@ class Quantize(Pass):
 
     # ------------------------------------------------------------------ finding layers
     def _find_sites(self, gm: fx.GraphModule, opts: dict, result: PassResult) -> list[Site]:
+        scan = find_weight_ops(gm)
+        by_node = {w.node: w for w in scan.ops}
+        for name, reason in scan.near_misses:
+            result.skip(name, reason)
+        self._layers = [w for w in scan.ops if w.kind in (LINEAR, CONV, CONV_T)]
+        self._stems_heads = stems_and_heads(gm, scan.ops)
+        self._nothing = None if self._layers else scan.nothing_found()
         sites: list[Site] = []
         for n in gm.graph.nodes:
-            site = _site_of(gm, n)
+            site = _site_of_weight_op(by_node[n]) if n in by_node else _matmul_site(gm, n)
             if site is None:
                 continue
             if isinstance(site, str):
@@ -184,7 +204,7 @@ class Quantize(Pass):
                 result.skip(n, "activation x activation matmul: quantized only in static mode (matmul=True)")
                 continue
             if site.kind == "conv2d" and (opts["mode"] == "dynamic" or not opts["conv"]):
-                result.skip(n, "conv2d: dynamic mode quantizes Linear only (as ONNX Runtime's quantize_dynamic)"
+                result.skip(n, "conv: dynamic mode quantizes Linear only (as ONNX Runtime's quantize_dynamic)"
                             if opts["mode"] == "dynamic" else "conv quantization turned off (conv=False)")
                 continue
             dt = [_dtype(gm, i) for i in site.inputs]
@@ -193,6 +213,14 @@ class Quantize(Pass):
                 continue
             sites.append(site)
         return sites
+
+    def _count(self, result: PassResult, chosen: list[Site]) -> None:
+        """Coverage: Linear/Conv layers found vs quantized (matmuls are not layers); body = not stem/head."""
+        stems, heads = self._stems_heads
+        done = {s.name for s in chosen if s.kind != "matmul"}
+        body = [w.node.name for w in self._layers if w.node.name not in stems | heads]
+        result.count_layers(len(self._layers), len(done), len(body), sum(1 for b in body if b in done),
+                            nothing=self._nothing, layer_nodes=[w.node.name for w in self._layers])
 
     # ------------------------------------------------------------------ calibration
     def _calibrate(self, gm: fx.GraphModule, sites: list[Site], batches: list[tuple], opts: dict) -> dict[str, Observer]:
@@ -322,87 +350,45 @@ class Quantize(Pass):
 
 # ----------------------------------------------------------------------------- finding layers
 
-def _attr(gm: fx.GraphModule, target: str) -> Any:
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def _const(gm: fx.GraphModule, a) -> torch.Tensor | None:
-    if isinstance(a, fx.Node) and a.op == "get_attr":
-        v = _attr(gm, a.target)
-        return v if isinstance(v, torch.Tensor) else None
-    return None
-
-
 def _dtype(gm: fx.GraphModule, name: str) -> torch.dtype | None:
     n = next((m for m in gm.graph.nodes if m.name == name), None)
     tm = n.meta.get("tensor_meta") if n is not None else None
     return getattr(tm, "dtype", None)
 
 
-def _conv_padding(mod_padding, kernel, dilation) -> list[int] | None:
-    if isinstance(mod_padding, str):
-        if mod_padding == "valid":
-            return [0, 0]
-        total = [d * (k - 1) for k, d in zip(kernel, dilation)]
-        if any(t % 2 for t in total):
-            return None  # asymmetric 'same' padding
-        return [t // 2 for t in total]
-    return [int(p) for p in mod_padding]
+def _as_set(v) -> set[str]:
+    if v is None:
+        return set()
+    return {v} if isinstance(v, str) else set(v)
 
 
-def _site_of(gm: fx.GraphModule, n: fx.Node) -> Site | str | None:
-    """A Site for a quantizable node, a reason string for a near miss, or None."""
-    if n.op == "call_module":
-        mod = gm.get_submodule(n.target)
-        if type(mod) is nn.Linear:
-            if not isinstance(n.args[0], fx.Node):
-                return None
-            return Site(n.name, n.target, "linear", [n.args[0].name], mod.weight, mod.bias)
-        if type(mod) is nn.Conv2d:
-            if mod.padding_mode != "zeros":
-                return f"Conv2d with padding_mode={mod.padding_mode!r}: only zero padding is quantized"
-            pad = _conv_padding(mod.padding, mod.kernel_size, mod.dilation)
-            if pad is None:
-                return "Conv2d with asymmetric 'same' padding"
-            return Site(n.name, n.target, "conv2d", [n.args[0].name], mod.weight, mod.bias,
-                        conv={"stride": list(mod.stride), "padding": pad, "dilation": list(mod.dilation),
-                              "groups": mod.groups})
-        if isinstance(mod, (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
-            return f"{type(mod).__name__} is not quantized (Conv2d, Linear and MatMul are)"
-        return None
-    if n.op != "call_function":
-        if n.op == "call_method" and n.target == "matmul" and len(n.args) == 2 and all(isinstance(a, fx.Node) for a in n.args):
+def _site_of_weight_op(w: WeightOp) -> Site | str | None:
+    """A Site for a Linear / Conv1d / Conv2d (any spelling, see weight_ops), or why it is left alone."""
+    if w.kind == EMBEDDING:
+        return "embedding: kept in fp32 (quantize converts Linear / Conv / MatMul)"
+    if w.x is None:
+        return "layer without a graph input"
+    if w.kind == LINEAR:
+        return Site(w.node.name, w.label, "linear", [w.x.name], w.weight, w.bias)
+    if w.kind == CONV_T:
+        return f"{w.describe()}: transposed convolution is not quantized (Conv1d/Conv2d, Linear and MatMul are)"
+    geo = as_conv2d(w)
+    if geo is None:
+        return (f"{w.describe()}: conv{w.conv.dims}d is not quantized (Conv1d/Conv2d are)" if w.conv.dims == 3
+                else f"{w.describe()}: asymmetric 'same' padding")
+    weight, g = geo
+    return Site(w.node.name, w.label, "conv2d", [w.x.name], weight, w.bias,
+                conv={"stride": g["stride"], "padding": g["padding"], "dilation": g["dilation"], "groups": g["groups"]},
+                conv1d=w.conv.dims == 1)
+
+
+def _matmul_site(gm: fx.GraphModule, n: fx.Node) -> Site | str | None:
+    """Activation x activation matmuls (attention) for static quantization."""
+    if n.op == "call_method":
+        if n.target == "matmul" and len(n.args) == 2 and all(isinstance(a, fx.Node) for a in n.args):
             return Site(n.name, n.name, "matmul", [n.args[0].name, n.args[1].name])
         return None
-    if n.target in _LINEAR_FNS:
-        args = list(n.args) + [n.kwargs.get("weight"), n.kwargs.get("bias")][len(n.args) - 1:]
-        x, w = args[0], _const(gm, args[1])
-        b = _const(gm, args[2]) if len(args) > 2 and args[2] is not None else None
-        if w is None or not isinstance(x, fx.Node):
-            return "linear whose weight is not a stored parameter"
-        return Site(n.name, n.name, "linear", [x.name], w, b)
-    if n.target in _CONV_FNS:
-        names = ["input", "weight", "bias", "stride", "padding", "dilation", "groups"]
-        defaults = [None, None, None, [1, 1], [0, 0], [1, 1], 1]
-        vals = list(n.args) + [n.kwargs.get(k, d) for k, d in zip(names[len(n.args):], defaults[len(n.args):])]
-        x, w = vals[0], _const(gm, vals[1])
-        if w is None or not isinstance(x, fx.Node) or w.dim() != 4:
-            return "conv2d whose weight is not a stored 4-D parameter"
-        b = _const(gm, vals[2]) if vals[2] is not None else None
-
-        def pair(v):
-            return [int(v), int(v)] if isinstance(v, int) else [int(i) for i in v]
-
-        dil = pair(vals[5])
-        pad = _conv_padding(vals[4], w.shape[2:], dil) if isinstance(vals[4], str) else pair(vals[4])
-        if pad is None:
-            return "conv2d with asymmetric 'same' padding"
-        return Site(n.name, n.name, "conv2d", [x.name], w, b,
-                    conv={"stride": pair(vals[3]), "padding": pad, "dilation": dil, "groups": int(vals[6])})
-    if n.target in _MATMUL_FNS:
+    if n.op == "call_function" and n.target in _MATMUL_FNS:
         if len(n.args) == 2 and all(isinstance(a, fx.Node) for a in n.args) and not n.kwargs:
             ranks = [len(getattr(a.meta.get("tensor_meta"), "shape", ())) for a in n.args]
             if min(ranks) < 2:
@@ -414,20 +400,38 @@ def _site_of(gm: fx.GraphModule, n: fx.Node) -> Site | str | None:
 # ----------------------------------------------------------------------------- calibration
 
 class _Tap(fx.Interpreter):
-    """Runs the graph and shows the outputs of chosen nodes to their observers."""
+    """Runs the graph and shows the outputs of chosen nodes to their observers.
+
+    A tensor written in place after it is made (``h.add_(1.0)``) is observed where its quantized consumers
+    read it instead, since that is the value they quantize."""
 
     def __init__(self, gm, observers: dict[str, Observer], keep_names: set[str], first: dict[str, torch.Tensor]):
         super().__init__(gm)
         self.observers, self.keep_names, self.first = observers, keep_names, first
         self.keep = False
+        self.mutated = mutated_sources(gm, set(observers))
+        # consumer node -> the mutated sources it reads
+        self.late = {u: [s for s in self.mutated if s in {a.name for a in u.all_input_nodes}]
+                     for n in gm.graph.nodes if n.name in self.mutated for u in n.users if not is_inplace(gm, u)}
 
     def run_node(self, n: fx.Node):
+        for src in self.late.get(n, ()):
+            self._see(src, self.env[next(a for a in n.all_input_nodes if a.name == src)])
         out = super().run_node(n)
-        if n.name in self.observers and isinstance(out, torch.Tensor):
-            self.observers[n.name].observe(out)
-            if self.keep and n.name in self.keep_names:
-                self.first[n.name] = out.detach().clone()
+        if n.name in self.observers and n.name not in self.mutated:
+            self._see(n.name, out)
         return out
+
+    def _see(self, name: str, out) -> None:
+        if isinstance(out, torch.Tensor):
+            self.observers[name].observe(out)
+            if self.keep and name in self.keep_names and name not in self.first:
+                self.first[name] = out.detach().clone()
+
+
+def mutated_sources(gm: fx.GraphModule, names: set[str]) -> set[str]:
+    """Names among ``names`` whose tensor some node writes in place."""
+    return {n.name for n in gm.graph.nodes if n.name in names and any(is_inplace(gm, u) for u in n.users)}
 
 
 def _collect_samples(gm: fx.GraphModule, sites: list[Site], batch: tuple) -> None:
@@ -470,13 +474,17 @@ def _apply(gm: fx.GraphModule, sites: list[Site], opts: dict) -> fx.GraphModule:
     qnodes: dict[str, fx.Node] = {}
     last_placeholder = [n for n in g.graph.nodes if n.op == "placeholder"][-1]
 
+    mutated = mutated_sources(g, {a["src"] for s in sites for a in s.plan.get("act", ())})
+
     def quantized(a: dict, site: Site) -> fx.Node:
         src = nodes[a["src"]]  # (a quantized layer's output is its replacement node by now)
         if a["src"] not in qnodes:
             anchor = last_placeholder if src.op == "placeholder" else src
             if src.op == "get_attr":
                 anchor = src
-            with g.graph.inserting_after(anchor):
+            # a tensor written in place later (h.add_(1.0)) is quantized where it is read, not where it is made
+            where = g.graph.inserting_before(nodes[site.name]) if a["src"] in mutated else g.graph.inserting_after(anchor)
+            with where:
                 q = g.graph.call_function(OPS.quantize.default, (src, a["scale"], a["zp"], 0, 255))
             q.meta["fxpress_quantize_site"] = site.name
             qnodes[a["src"]] = q
@@ -499,6 +507,8 @@ def _apply(gm: fx.GraphModule, sites: list[Site], opts: dict) -> fx.GraphModule:
                 if opts["mode"] == "static":
                     a = p["act"][0]
                     xq = quantized(a, s)
+                    if s.conv1d:
+                        xq = g.graph.call_function(torch.unsqueeze, (xq, 2))
                     bq = g.graph.get_attr(_param(g, f"{base}_qbias", p["bias_q"]))
                     if s.kind == "linear":
                         new = g.graph.call_function(OPS.qlinear.default, (xq, a["scale"], a["zp"], w, ws, bq, p["w_max"]))
@@ -506,6 +516,8 @@ def _apply(gm: fx.GraphModule, sites: list[Site], opts: dict) -> fx.GraphModule:
                         new = g.graph.call_function(OPS.qconv2d.default, (xq, a["scale"], a["zp"], w, ws, bq, *conv))
                 else:
                     b = g.graph.get_attr(_param(g, f"{base}_bias", p["bias"]))
+                    if s.conv1d:
+                        x = g.graph.call_function(torch.unsqueeze, (x, 2))
                     if opts["mode"] == "dynamic":
                         new = g.graph.call_function(OPS.qlinear_dynamic.default, (x, w, ws, b, p["w_max"]))
                     else:
@@ -513,6 +525,9 @@ def _apply(gm: fx.GraphModule, sites: list[Site], opts: dict) -> fx.GraphModule:
                         new = g.graph.call_function(op, (x, w, ws, b, *conv))
                 for extra in (w, ws):
                     extra.meta["fxpress_quantize_site"] = s.name
+                if s.conv1d:
+                    new.meta["fxpress_quantize_site"] = s.name
+                    new = g.graph.call_function(torch.squeeze, (new, 2))
         new.meta["fxpress_quantize_site"] = s.name
         for k in ("tensor_meta", "stack_trace"):
             if k in node.meta:
@@ -520,7 +535,7 @@ def _apply(gm: fx.GraphModule, sites: list[Site], opts: dict) -> fx.GraphModule:
         node.replace_all_uses_with(new)
         g.graph.erase_node(node)
         nodes[s.name] = new  # later layers that read this one's output
-    g.graph.eliminate_dead_code()
+    eliminate_dead_code(g)  # keeps in-place writes (fx's own DCE drops h.add_(1.0))
     g.delete_all_unused_submodules()
     g.recompile()
     return g
@@ -561,6 +576,8 @@ def _layer_error(s: Site, opts: dict) -> float | None:
             y = OPS.qmatmul(aq, a["scale"], a["zp"], bq, b["scale"], b["zp"])
         else:
             conv = [s.conv["stride"], s.conv["padding"], s.conv["dilation"], s.conv["groups"]] if s.kind == "conv2d" else []
+            if s.conv1d:
+                x = [x[0].unsqueeze(2)]
             w, b = s.weight.detach().float(), s.bias.detach().float() if s.bias is not None else None
             ref = F.linear(x[0], w, b) if s.kind == "linear" else F.conv2d(x[0], w, b, *conv)
             if opts["mode"] == "static":
@@ -608,7 +625,7 @@ def _fold_conv_bn(gm: fx.GraphModule, result: PassResult) -> None:
         n.replace_all_uses_with(prod)
         gm.graph.erase_node(n)
         result.rewrite("fold_bn", [prod.name, n.name], [prod.name], reason="BatchNorm folded into the conv before quantizing")
-    gm.graph.eliminate_dead_code()
+    eliminate_dead_code(gm)
     gm.delete_all_unused_submodules()
     gm.recompile()
 

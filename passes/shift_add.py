@@ -39,31 +39,29 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from fxpress.errors import PassError
 
 from . import shift_add_ops as ops
-from .base import Pass, PassContext, PassResult, register_pass
-from .graph import finalize, flatten_outputs, unique_name
+from .base import Option, Pass, PassContext, PassResult, register_pass
+from .graph import eliminate_dead_code, finalize, flatten_outputs, unique_name
 from .trace import copy_graph_module
 from .manager import output_error
 from .shift_add_attention import find_attention, rewrite_attention
 from .stats import count_params, graph_costs, node_cost, shape_of
+from .weight_ops import CONV, CONV_T, EMBEDDING, LINEAR, WeightOp, as_conv2d, find_weight_ops, stems_and_heads
 
 SHIFT_LINEAR = torch.ops.fxpress.shift_linear.default
 SHIFT_CONV2D = torch.ops.fxpress.shift_conv2d.default
 
-_F_LINEAR = {F.linear, torch.ops.aten.linear.default}
-_F_CONV2D = {F.conv2d, torch.ops.aten.conv2d.default}
 AUTO_INT_MIN_ROWS = 16  # mode "auto" on llvm: integer shifts for matmuls with at least this many rows
 SAFETY = 0.9  # selection aims at 0.9 × budget so the manager's guard does not roll the pass back
 
 
 @dataclass
 class _Layer:
-    key: str                      # module path, or the weight attribute for functional layers
+    key: str                      # module path (every layer is a module after weight_ops.lift_to_modules)
     kind: str                     # "linear" | "conv2d"
     nodes: list[fx.Node]
     weight: torch.Tensor
@@ -76,8 +74,7 @@ class _Layer:
     sensitivity: float | None = None
     frac_bits: int = -1
     mode: str = "float"
-    functional: bool = False      # F.linear / F.conv2d on get_attr weights (not a module)
-    attrs: tuple[str, ...] = ()   # functional layers: the weight / bias attributes read
+    conv1d: bool = False          # a Conv1d run as a 1 x k Conv2d (input unsqueezed at dim 2, output squeezed)
 
     @property
     def reduce_len(self) -> int:
@@ -87,48 +84,31 @@ class _Layer:
         return ops.decode_pow2(self.codes, self.scale).reshape(self.weight.shape).to(self.weight.dtype)
 
 
-def _attr(gm: nn.Module, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def _set_attr(gm: nn.Module, target: str, value) -> None:
-    *path, last = target.split(".")
-    obj = gm
-    for part in path:
-        obj = getattr(obj, part)
-    setattr(obj, last, value)
-
-
-def _conv_padding(padding, kernel, dilation) -> list[int] | None:
-    if isinstance(padding, str):
-        if padding == "valid":
-            return [0, 0]
-        if padding == "same" and all((d * (k - 1)) % 2 == 0 for k, d in zip(kernel, dilation)):
-            return [d * (k - 1) // 2 for k, d in zip(kernel, dilation)]
-        return None
-    return list(padding) if isinstance(padding, (tuple, list)) else [int(padding)] * 2
-
-
-def _pair(v) -> list[int]:
-    return list(v) if isinstance(v, (tuple, list)) else [int(v)] * 2
-
-
 @register_pass("shift_add", default=False)
 class ShiftAddPass(Pass):
     lossy = True
     wants_calibration = True  # integer path: activation ranges (falls back to the example inputs)
 
     # ------------------------------------------------------------------ options
+    OPTIONS = {
+        "terms": Option((int,), 1, low=1, high=2, doc="1 (5-bit codes) or 2 (two powers of two)"),
+        "exp_bits": Option((int,), ops.EXP_BITS, low=1, high=ops.EXP_BITS),
+        "mode": Option((str,), "auto", choices=("auto", "int", "float")),
+        "layers": Option((list, tuple, str, type(None)), None, doc="layer names / patterns to convert"),
+        "exclude": Option((list, tuple, str, type(None)), None),
+        "keep_first_last": Option((bool,), True, doc="keep the stem and the head dense"),
+        "tolerance": Option((int, float, type(None)), None, low=0, open_low=True),
+        "attention": Option((bool,), False),
+        "int_headroom": Option((int, float), 4.0, low=1),
+    }
+
     def _options(self, ctx: PassContext) -> dict[str, Any]:
         opt = {
             "terms": int(self.option(ctx, "terms", 1)),
             "exp_bits": int(self.option(ctx, "exp_bits", ops.EXP_BITS)),
             "mode": self.option(ctx, "mode", "auto"),
             "layers": self.option(ctx, "layers", None),
-            "exclude": list(self.option(ctx, "exclude", []) or []),
+            "exclude": _as_list(self.option(ctx, "exclude", [])),
             "keep_first_last": bool(self.option(ctx, "keep_first_last", True)),
             "tolerance": self.option(ctx, "tolerance", ctx.tolerance),
             "attention": bool(self.option(ctx, "attention", False)),
@@ -168,7 +148,11 @@ class ShiftAddPass(Pass):
         if opt["attention"]:
             att_error = self._attention(gm, ctx, opt, result)
         finalize(gm)
-        _drop_unused_weights(gm, [L for L in selected if L.functional])
+        done = {c for r in result.rewrites if r.kind.startswith("shift_") for c in r.consumed}
+        stems, heads = self._stems_heads
+        body = [w.node.name for w in self._ops if w.node.name not in stems | heads]
+        result.count_layers(len(self._ops), len(done), len(body), sum(1 for b in body if b in done),
+                            nothing=self._nothing, layer_nodes=[w.node.name for w in self._ops])
 
         params_after, bytes_after = count_params(gm)
         macs_after, mults_after = graph_costs(gm)
@@ -199,69 +183,49 @@ class ShiftAddPass(Pass):
 
     # ------------------------------------------------------------------ candidates
     def _find_layers(self, gm: fx.GraphModule, result: PassResult) -> list[_Layer]:
+        scan = find_weight_ops(gm)
+        for name, reason in scan.near_misses:
+            result.skip(name, reason)
+        self._ops = [w for w in scan.ops if w.kind in (LINEAR, CONV, CONV_T)]
+        self._stems_heads = stems_and_heads(gm, scan.ops)
+        self._nothing = None if self._ops else scan.nothing_found()
         by_key: dict[str, _Layer] = {}
         order: list[str] = []
-        for node in gm.graph.nodes:
-            L = self._layer_of(gm, node, result)
+        for w in scan.ops:
+            L = self._layer_of(w, result)
             if L is None:
                 continue
             if L.key in by_key:
-                by_key[L.key].nodes.append(node)
+                by_key[L.key].nodes.append(w.node)
             else:
                 by_key[L.key] = L
                 order.append(L.key)
         return [by_key[k] for k in order]
 
-    def _layer_of(self, gm: fx.GraphModule, node: fx.Node, result: PassResult) -> _Layer | None:
-        if node.op == "call_module":
-            mod = gm.get_submodule(node.target)
-            if type(mod) is nn.Linear:
-                if mod.weight.dtype != torch.float32:
-                    result.skip(node, f"weight dtype {mod.weight.dtype}; shift_add converts float32 layers")
-                    return None
-                return _Layer(node.target, "linear", [node], mod.weight.detach(), _detach(mod.bias),
-                              setter=_param_setter(mod))
-            if type(mod) is nn.Conv2d:
-                pad = _conv_padding(mod.padding, mod.kernel_size, mod.dilation)
-                if mod.padding_mode != "zeros" or pad is None:
-                    result.skip(node, f"padding {mod.padding!r} / mode {mod.padding_mode!r} not supported; stays dense")
-                    return None
-                if mod.weight.dtype != torch.float32:
-                    result.skip(node, f"weight dtype {mod.weight.dtype}; shift_add converts float32 layers")
-                    return None
-                conv = dict(stride=_pair(mod.stride), padding=pad, dilation=_pair(mod.dilation), groups=mod.groups)
-                return _Layer(node.target, "conv2d", [node], mod.weight.detach(), _detach(mod.bias), conv,
-                              setter=_param_setter(mod))
+    @staticmethod
+    def _layer_of(w: WeightOp, result: PassResult) -> _Layer | None:
+        if w.kind == EMBEDDING:
+            result.skip(w.node, f"{w.label}: embedding (a lookup table): stays fp32")
             return None
-        if node.op != "call_function" or node.target not in (_F_LINEAR | _F_CONV2D):
+        if w.kind == CONV_T:
+            result.skip(w.node, f"{w.describe()}: transposed convolution is not converted; stays dense")
             return None
-        args = list(node.args) + [None] * 7
-        w_node = args[1] if len(node.args) > 1 else node.kwargs.get("weight")
-        b_node = node.kwargs.get("bias", args[2])
-        if not isinstance(w_node, fx.Node) or w_node.op != "get_attr" or (
-                b_node is not None and (not isinstance(b_node, fx.Node) or b_node.op != "get_attr")):
-            result.skip(node, "weight or bias is computed in the graph, not a stored tensor; stays dense")
+        if w.module is None:
+            result.skip(w.node, f"{w.describe()}: could not be lifted to a module; stays dense")
             return None
-        w = _attr(gm, w_node.target)
-        b = _attr(gm, b_node.target) if b_node is not None else None
-        if w.dtype != torch.float32:
+        if w.weight.dtype != torch.float32:
+            result.skip(w.node, f"weight dtype {w.weight.dtype}; shift_add converts float32 layers")
             return None
-        setter = _attr_setter(gm, w_node.target)
-        attrs = (w_node.target,) + ((b_node.target,) if b_node is not None else ())
-        if node.target in _F_LINEAR:
-            return _Layer(w_node.target, "linear", [node], w.detach(), _detach(b), setter=setter, functional=True,
-                          attrs=attrs)
-        kernel = tuple(w.shape[2:])
-        stride = _pair(node.kwargs.get("stride", args[3] if args[3] is not None else 1))
-        dilation = _pair(node.kwargs.get("dilation", args[5] if args[5] is not None else 1))
-        pad = _conv_padding(node.kwargs.get("padding", args[4] if args[4] is not None else 0), kernel, dilation)
-        groups = int(node.kwargs.get("groups", args[6] if args[6] is not None else 1))
-        if pad is None or w.dim() != 4:
-            result.skip(node, "conv padding/shape not supported; stays dense")
+        if w.kind == LINEAR:
+            return _Layer(w.key, "linear", [w.node], w.weight.detach(), _detach(w.bias), setter=_param_setter(w.module))
+        geo = as_conv2d(w)
+        if geo is None:
+            result.skip(w.node, f"{w.describe()}: 3-D conv or asymmetric 'same' padding; stays dense")
             return None
-        return _Layer(w_node.target, "conv2d", [node], w.detach(), _detach(b),
-                      dict(stride=stride, padding=pad, dilation=dilation, groups=groups), setter=setter,
-                      functional=True, attrs=attrs)
+        weight, g = geo
+        conv = dict(stride=g["stride"], padding=g["padding"], dilation=g["dilation"], groups=g["groups"])
+        return _Layer(w.key, "conv2d", [w.node], weight.detach(), _detach(w.bias), conv,
+                      setter=_param_setter(w.module), conv1d=w.conv.dims == 1)
 
     # ------------------------------------------------------------------ selection
     def _choose(self, gm, layers: list[_Layer], ctx: PassContext, opt: dict, result: PassResult) -> list[_Layer]:
@@ -280,10 +244,11 @@ class ShiftAddPass(Pass):
         else:
             picked = list(layers)
             if opt["keep_first_last"]:
-                ends = {layers[0].key, layers[-1].key}
-                for L in [L for L in picked if L.key in ends]:
-                    result.skip(L.nodes[0], "first/last layer stays dense (keep_first_last=True)")
-                picked = [L for L in picked if L.key not in ends]
+                stems, heads = self._stems_heads
+                for L in [L for L in picked if L.nodes[0].name in stems | heads]:
+                    what = "stem (first layer on the raw input)" if L.nodes[0].name in stems else "head (last layer)"
+                    result.skip(L.nodes[0], f"{what} stays dense (keep_first_last=True)")
+                picked = [L for L in picked if L.nodes[0].name not in stems | heads]
         keep = [L for L in picked if any(fnmatch.fnmatchcase(L.key, p) for p in opt["exclude"])]
         for L in keep:
             result.skip(L.nodes[0], "excluded by option 'exclude'")
@@ -362,7 +327,7 @@ class ShiftAddPass(Pass):
                 return super().run_node(n)
 
         with torch.no_grad():
-            for batch in ctx.calibration_batches(8):
+            for batch in ctx.calibration_batches(8, gm):
                 _Probe(gm).run(*batch)
         for L in layers:
             L.frac_bits = ops.frac_bits_for(amax[L.key], opt["terms"], L.reduce_len, opt["int_headroom"])
@@ -392,9 +357,12 @@ class ShiftAddPass(Pass):
                     new = gm.graph.call_function(SHIFT_LINEAR, (node.args[0], c, s, b, frac))
                 else:
                     cv = L.conv
-                    new = gm.graph.call_function(SHIFT_CONV2D, (node.args[0], c, s, b, list(cv["stride"]),
+                    x = gm.graph.call_function(torch.unsqueeze, (node.args[0], 2)) if L.conv1d else node.args[0]
+                    new = gm.graph.call_function(SHIFT_CONV2D, (x, c, s, b, list(cv["stride"]),
                                                                 list(cv["padding"]), list(cv["dilation"]),
                                                                 int(cv["groups"]), frac))
+                    if L.conv1d:
+                        new = gm.graph.call_function(torch.squeeze, (new, 2))
             new.meta.update({k: v for k, v in node.meta.items() if k in ("tensor_meta", "stack_trace")})
             out = math.prod(shape_of(node) or (0,))
             dense_mults += dm
@@ -435,7 +403,7 @@ class ShiftAddPass(Pass):
         trial = copy_graph_module(gm)
         for mt in find_attention(trial):
             rewrite_attention(trial, mt)
-        trial.graph.eliminate_dead_code()
+        eliminate_dead_code(trial)  # keeps in-place writes
         trial.recompile()
         with torch.no_grad():
             after = flatten_outputs(trial(*ctx.example_inputs))
@@ -457,16 +425,6 @@ class ShiftAddPass(Pass):
         return err_after - err_before
 
 
-def _drop_unused_weights(gm: fx.GraphModule, layers: list[_Layer]) -> None:
-    """Delete the float weights (and biases) of converted functional layers nothing reads any more."""
-    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-    for target in {t for L in layers for t in L.attrs} - used:
-        *path, last = target.split(".")
-        owner = gm.get_submodule(".".join(path)) if path else gm
-        if hasattr(owner, last):
-            delattr(owner, last)
-
-
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double().flatten(), b.double().flatten()
     den = float(a.norm() * b.norm())
@@ -478,16 +436,14 @@ def _detach(t):
 
 
 def _param_setter(mod: nn.Module):
+    shape = mod.weight.shape  # a Conv1d's [out, in, k] takes the [out, in, 1, k] trial weight reshaped
+
     def set_weight(w: torch.Tensor) -> None:
-        mod.weight.data = w
+        mod.weight.data = w.reshape(shape)
     return set_weight
 
 
-def _attr_setter(gm: nn.Module, target: str):
-    def set_weight(w: torch.Tensor) -> None:
-        cur = _attr(gm, target)
-        if isinstance(cur, nn.Parameter):
-            cur.data = w
-        else:
-            _set_attr(gm, target, w)
-    return set_weight
+def _as_list(v) -> list:
+    if v is None:
+        return []
+    return [v] if isinstance(v, str) else list(v)

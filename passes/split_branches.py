@@ -51,6 +51,7 @@ class SplitBranches(Pass):
     """
 
     lossy = False
+    lift_layers = False  # a marker pass: its graph is not touched
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> tuple[fx.GraphModule, PassResult]:
         result = PassResult()
