@@ -6,6 +6,7 @@ import math
 import numbers
 import sys
 import time
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -101,10 +102,17 @@ class _Evaluator:
         return value
 
 
-def compile_auto(model, example_inputs: tuple, *, evaluate: Callable, max_drop: float, objective: str,
-                 target: str, tune: int, calibration: list[tuple] | None, tolerance: float | None,
-                 options: dict | None):
+def compile_auto(model, example_inputs: tuple, **kwargs):
     """The body of ``fxpress.compile(passes="auto", ...)``; arguments already checked by compile()."""
+    with warnings.catch_warnings():
+        # deep copies of traced graphs repeat torch's pytree deprecation notice once per copy
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        return _compile_auto(model, example_inputs, **kwargs)
+
+
+def _compile_auto(model, example_inputs: tuple, *, evaluate: Callable, max_drop: float, objective: str,
+                  target: str, tune: int, calibration: list[tuple] | None, tolerance: float | None,
+                  options: dict | None):
     from fxpress.api import compile as fx_compile
 
     opts, pass_options = _auto_options(options)
@@ -164,7 +172,8 @@ def compile_auto(model, example_inputs: tuple, *, evaluate: Callable, max_drop: 
         cost = latency
     else:
         cost = {k: {c: float(s) for c, s in row.items()} for k, row in sizes.items()}
-    costs = Costs(layers, errors, cost, sizes, base_size, latency, float(opts["max_layer_error"]))
+    costs = Costs(layers, errors, cost, sizes, base_size, latency, float(opts["max_layer_error"]),
+                  min_gain=0.05 if objective == "latency" else 0.0)
     seconds["costs"] = time.monotonic() - t0
 
     # ---- search, judged by evaluate on the eager-FX compile of each configuration

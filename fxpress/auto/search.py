@@ -46,14 +46,15 @@ class Costs:
 
     def __init__(self, layers: list[Layer], errors: dict[str, dict[str, float]], cost: dict[str, dict[str, float]],
                  sizes: dict[str, dict[str, int]], base_size: int, latency: dict[str, dict[str, float]] | None,
-                 max_error: float):
+                 max_error: float, min_gain: float = 0.0):
         self.layers, self.errors, self.cost = layers, errors, cost
         self.sizes, self.base_size, self.latency = sizes, base_size, latency
-        # Candidates whose estimate is useless (the pass failed) or hopeless are not moves at all.
+        # Candidates whose estimate is useless (the pass failed) or hopeless are not moves at all, nor are
+        # those that save less than ``min_gain`` of the layer's cost (within timing noise, for latency).
         self.allowed = {L.key: [c for c in L.candidates if c == FP32 or (
             math.isfinite(errors[L.key].get(c.name, math.inf)) and errors[L.key][c.name] <= max_error
             and math.isfinite(cost[L.key].get(c.name, math.inf))
-            and cost[L.key][c.name] < cost[L.key][FP32.name])] for L in layers}
+            and cost[L.key][c.name] < (1 - min_gain) * cost[L.key][FP32.name])] for L in layers}
 
     def gain(self, key: str, c: Candidate) -> float:
         return self.cost[key][FP32.name] - self.cost[key][c.name]
