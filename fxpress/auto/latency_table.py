@@ -4,7 +4,8 @@ Each (layer, candidate) is compiled as a one-layer model with the same pass the 
 run on it, on the layer's real input shape and calibration inputs, and timed through the CompiledModel.
 The call overhead is the same for every candidate of a layer, so it cancels in the gains the search uses.
 
-Results are cached like tuning records: a JSON file keyed by CPU (model name and the ISA flags that
+Results are cached like tuning records (with the load average at measurement: an entry timed on a busy
+machine is re-measured when the machine is quieter): a JSON file keyed by CPU (model name and the ISA flags that
 change codegen), TVM version, target, the layer's module repr, input shape and candidate, under
 ``$FXPRESS_CACHE_DIR`` or ``~/.cache/fxpress`` (``auto-latency.json``). They feed the search only; no test
 verdict may depend on them.
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -60,8 +60,11 @@ class _OneLayer(nn.Module):
         return self.layer(x)
 
 
-def time_callable(fn, x, min_round_s: float = 0.005, rounds: int = 7) -> float:
-    """Median seconds per call over ``rounds`` rounds of enough calls to last ``min_round_s``."""
+def time_callable(fn, x, min_round_s: float = 0.005, rounds: int = 9) -> float:
+    """Fastest round's seconds per call, over ``rounds`` rounds of enough calls to last ``min_round_s``.
+
+    The minimum, not the median: on a shared machine other processes only ever add time, and a single
+    inflated entry would steer the search away from a good kernel for as long as it is cached."""
     for _ in range(3):
         fn(x)
     n, t0 = 1, time.perf_counter()
@@ -74,7 +77,7 @@ def time_callable(fn, x, min_round_s: float = 0.005, rounds: int = 7) -> float:
         for _ in range(n):
             fn(x)
         samples.append((time.perf_counter() - t0) / n)
-    return statistics.median(samples)
+    return min(samples)
 
 
 class LatencyTable:
@@ -86,7 +89,8 @@ class LatencyTable:
         self.signature = cpu_signature()
         self.progress = progress
         self.measured = 0  # compiles done in this run (cache misses)
-        self._cache: dict[str, float] = {}
+        self._cache: dict[str, list[float]] = {}  # key -> [seconds, load average when measured]
+        self.load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
         if self.cache_path.exists():
             try:
                 self._cache = json.loads(self.cache_path.read_text())
@@ -94,7 +98,7 @@ class LatencyTable:
                 self._cache = {}  # a corrupt cache is re-measured, never trusted
 
     def _key(self, module: nn.Module, x: torch.Tensor, c: Candidate) -> str:
-        return f"{self.signature}|{self.target}|{module!r}|{tuple(x.shape)}|{c.name}"
+        return f"v2|{self.signature}|{self.target}|{module!r}|{tuple(x.shape)}|{c.name}"
 
     def measure(self, layer: Layer, module: nn.Module, x: torch.Tensor, calib: list[torch.Tensor]) -> dict[str, float]:
         from fxpress.api import compile as fx_compile
@@ -102,8 +106,8 @@ class LatencyTable:
         row: dict[str, float] = {}
         for c in layer.candidates:
             key = self._key(module, x, c)
-            if key in self._cache:
-                row[c.name] = self._cache[key]
+            if key in self._cache and not self._stale(self._cache[key]):
+                row[c.name] = self._cache[key][0]
                 continue
             one = Layer("layer", "layer", ["layer"], layer.kind, layer.out, layer.d, layer.weight_params, [c])
             try:
@@ -115,13 +119,21 @@ class LatencyTable:
                     self.progress(f"latency: {layer.label} {c.name}: not compiled ({type(e).__name__}: "
                                   f"{str(e).splitlines()[0][:120] if str(e) else ''})")
                 seconds = float("inf")
-            row[c.name] = self._cache[key] = seconds
+            row[c.name] = seconds
             self.measured += 1
+            self._cache[key] = [seconds, round(self.load, 2)]
         self._save()
         return row
 
+    def _stale(self, entry) -> bool:
+        """An entry timed on a machine busier than it has cores is re-measured once this one is half as busy."""
+        if not isinstance(entry, list) or len(entry) != 2:
+            return True
+        busy = entry[1] >= (os.cpu_count() or 1)
+        return busy and self.load < entry[1] / 2
+
     def _save(self) -> None:
-        finite = {k: v for k, v in self._cache.items() if v != float("inf")}
+        finite = {k: v for k, v in self._cache.items() if v[0] != float("inf")}
         self.cache_path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.cache_path.parent, prefix=self.cache_path.name, suffix=".tmp")
         try:
