@@ -20,7 +20,7 @@ from fxpress.passes.weight_ops import CONV, LINEAR, WeightOp, find_weight_ops
 
 TECHNIQUES = ("int8", "w4", "low_rank", "shift_add")
 # Fractions of the dense weight count a low-rank candidate keeps ((out + in) * r / (out * in)).
-LOW_RANK_KEEP = (0.25, 0.5)
+LOW_RANK_KEEP = (0.125, 0.25, 0.5)
 
 
 class WeightOnlyQuantize(Quantize):
