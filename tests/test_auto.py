@@ -147,3 +147,11 @@ def test_evaluate_without_auto_is_an_error():
     model = nn.Sequential(nn.Linear(4, 4)).eval()
     with pytest.raises(InputError, match="only with passes='auto'"):
         fxpress.compile(model, (torch.randn(2, 4),), passes="default", evaluate=lambda f: 1.0, max_drop=0.01)
+
+
+def test_html_report_shows_the_choice_and_the_front(chosen, tmp_path):
+    cm, _ = chosen
+    page = open(cm.html_report(str(tmp_path / "r.html")), encoding="utf-8").read()
+    assert "Auto search: per-layer choice and Pareto front" in page
+    for label, choice in cm.auto.chosen.items():
+        assert f"<b>{choice}</b>" in page

@@ -223,8 +223,12 @@ def _compile_auto(model, example_inputs: tuple, *, evaluate: Callable, max_drop:
                              for c, e in est[L.key].items()} for L in layers},
         seconds=seconds, notes=notes + [f"greedy path of {outcome.path_length} moves"])
     cm.auto = report
-    cm.report.records.append(StageRecord(name="auto", kind="search", status="applied", note=report.summary(),
-                                         seconds=sum(seconds.values()), extra={"auto": report.to_dict()}))
+    last = cm.report.records[-1]  # the row shows the final model's numbers, like the lowering row above it
+    cm.report.records.append(StageRecord(
+        name="auto", kind="search", status="applied", params=last.params, param_bytes=last.param_bytes,
+        macs=last.macs, multiplies=last.multiplies, nodes=last.nodes, max_abs_error=last.max_abs_error,
+        max_rel_error=last.max_rel_error, note=report.summary(), seconds=sum(seconds.values()),
+        extra={"auto": report.to_dict()}))
     say(report.summary())
     return cm
 

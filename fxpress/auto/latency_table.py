@@ -60,24 +60,27 @@ class _OneLayer(nn.Module):
         return self.layer(x)
 
 
-def time_callable(fn, x, min_round_s: float = 0.005, rounds: int = 9) -> float:
-    """Fastest round's seconds per call, over ``rounds`` rounds of enough calls to last ``min_round_s``.
+def time_interleaved(fns: dict, x, min_round_s: float = 0.003, rounds: int = 15) -> dict[str, float]:
+    """Fastest round's seconds per call of each callable; each round runs every callable in turn.
 
     The minimum, not the median: on a shared machine other processes only ever add time, and a single
     inflated entry would steer the search away from a good kernel for as long as it is cached."""
-    for _ in range(3):
-        fn(x)
-    n, t0 = 1, time.perf_counter()
-    fn(x)
-    one = max(time.perf_counter() - t0, 1e-7)
-    n = max(1, min(1000, int(min_round_s / one)))
-    samples = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        for _ in range(n):
+    calls: dict[str, int] = {}
+    for name, fn in fns.items():
+        for _ in range(3):
             fn(x)
-        samples.append((time.perf_counter() - t0) / n)
-    return min(samples)
+        t0 = time.perf_counter()
+        fn(x)
+        calls[name] = max(1, min(1000, int(min_round_s / max(time.perf_counter() - t0, 1e-7))))
+    best = {name: float("inf") for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            n = calls[name]
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn(x)
+            best[name] = min(best[name], (time.perf_counter() - t0) / n)
+    return best
 
 
 class LatencyTable:
@@ -101,9 +104,12 @@ class LatencyTable:
         return f"v2|{self.signature}|{self.target}|{module!r}|{tuple(x.shape)}|{c.name}"
 
     def measure(self, layer: Layer, module: nn.Module, x: torch.Tensor, calib: list[torch.Tensor]) -> dict[str, float]:
+        """Seconds per call of each candidate of ``layer``: compiled first, then timed in interleaved rounds
+        (every candidate once per round, the fastest round kept), so a burst of load elsewhere hits all alike."""
         from fxpress.api import compile as fx_compile
 
         row: dict[str, float] = {}
+        compiled: dict[str, object] = {}
         for c in layer.candidates:
             key = self._key(module, x, c)
             if key in self._cache and not self._stale(self._cache[key]):
@@ -111,19 +117,20 @@ class LatencyTable:
                 continue
             one = Layer("layer", "layer", ["layer"], layer.kind, layer.out, layer.d, layer.weight_params, [c])
             try:
-                cm = fx_compile(_OneLayer(module), (x,), passes=build_passes([one], {"layer": c})[1:],
-                                target=self.target, calibration=[(b,) for b in calib])
-                seconds = time_callable(cm, x)
+                compiled[c.name] = fx_compile(_OneLayer(module), (x,), passes=build_passes([one], {"layer": c})[1:],
+                                              target=self.target, calibration=[(b,) for b in calib])
             except Exception as e:  # noqa: BLE001 - a candidate that does not compile is no candidate
                 if self.progress:
                     self.progress(f"latency: {layer.label} {c.name}: not compiled ({type(e).__name__}: "
                                   f"{str(e).splitlines()[0][:120] if str(e) else ''})")
-                seconds = float("inf")
-            row[c.name] = seconds
+                row[c.name] = float("inf")
+        for name, seconds in time_interleaved(compiled, x).items():
+            row[name] = seconds
             self.measured += 1
-            self._cache[key] = [seconds, round(self.load, 2)]
+            self._cache[self._key(module, x, next(c for c in layer.candidates if c.name == name))] = \
+                [seconds, round(self.load, 2)]
         self._save()
-        return row
+        return {c.name: row[c.name] for c in layer.candidates}
 
     def _stale(self, entry) -> bool:
         """An entry timed on a machine busier than it has cores is re-measured once this one is half as busy."""
