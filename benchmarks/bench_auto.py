@@ -146,17 +146,29 @@ def bench_model(name, build, args):
     for k, r in rows.items():
         r["latency_ms"] = lat[k]
         del r["fn"]
+    return verdicts({"model": name, "baseline_held_out": base, "rows": rows,
+                     "held_out_samples": len(yh), "search_samples": len(ys)}, args.max_drop)
+
+
+NOISE = 0.05  # latencies within 5 % of each other count as a tie (one shared machine, one run)
+
+
+def verdicts(r: dict, max_drop: float) -> dict:
+    rows = r["rows"]
     peers = ("eager PyTorch fp32", "fxpress fp32", "ORT fp32")
-    best_peer = min(peers, key=lambda k: rows[k]["latency_ms"])
+    r["best_fp32_peer"] = best = min(peers, key=lambda k: rows[k]["latency_ms"])
     auto = rows["fxpress auto"]
-    singles = {k: r for k, r in rows.items() if k.endswith(" only")}
-    # "better than a single technique at the same budget": faster than every single-technique choice that
-    # met the budget on held-out data (a single technique that broke the budget is beaten by definition)
-    beats = all(auto["latency_ms"] < r["latency_ms"] or r["drop"] > args.max_drop for r in singles.values())
-    return {"model": name, "baseline_held_out": base, "rows": rows, "best_fp32_peer": best_peer,
-            "auto_vs_best_fp32_peer": auto["latency_ms"] / rows[best_peer]["latency_ms"],
-            "auto_within_budget": auto["drop"] <= args.max_drop, "auto_beats_every_single_technique": beats,
-            "held_out_samples": len(yh), "search_samples": len(ys)}
+    r["auto_vs_best_fp32_peer"] = auto["latency_ms"] / rows[best]["latency_ms"]
+    r["auto_within_budget"] = auto["drop"] <= max_drop
+    # Against each single-technique configuration at the same budget (a single technique whose choice broke
+    # the budget on held-out data is beaten by definition): faster by more than the noise, or within it.
+    singles = {k: v for k, v in rows.items() if k.endswith(" only")}
+    ok = lambda v: v["drop"] <= max_drop  # noqa: E731
+    r["auto_faster_than_every_single_technique"] = r["auto_within_budget"] and all(
+        not ok(v) or auto["latency_ms"] < (1 - NOISE) * v["latency_ms"] for v in singles.values())
+    r["auto_not_slower_than_any_single_technique"] = r["auto_within_budget"] and all(
+        not ok(v) or auto["latency_ms"] <= (1 + NOISE) * v["latency_ms"] for v in singles.values())
+    return r
 
 
 def write(results, args, path_md, path_json, meta):
@@ -181,11 +193,15 @@ def write(results, args, path_md, path_json, meta):
                          f"{choice} |")
         lines += ["", f"- auto within budget on held-out data: **{r['auto_within_budget']}**; "
                       f"auto / best fp32 peer ({r['best_fp32_peer']}): **{r['auto_vs_best_fp32_peer']:.2f}x**; "
-                      f"faster than every single technique that met the budget: **{r['auto_beats_every_single_technique']}**", ""]
+                      f"faster (by > {NOISE:.0%}) than every single technique that met the budget: "
+                      f"**{r['auto_faster_than_every_single_technique']}**; not slower (within {NOISE:.0%}) than any: "
+                      f"**{r['auto_not_slower_than_any_single_technique']}**", ""]
     goal1 = any(r["auto_within_budget"] and r["auto_vs_best_fp32_peer"] <= 0.5 for r in results)
-    goal2 = all(r["auto_beats_every_single_technique"] for r in results)
+    goal2 = all(r["auto_faster_than_every_single_technique"] for r in results)
+    goal2b = all(r["auto_not_slower_than_any_single_technique"] for r in results)
     lines += ["## Goals", "", f"- <= 0.5x the best fp32 peer at <= {args.max_drop} drop on at least one model: **{goal1}**",
-              f"- better than every single-technique configuration at the same budget on all models: **{goal2}**", ""]
+              f"- better than every single-technique configuration at the same budget on all models: **{goal2}** "
+              f"(not worse than any, within {NOISE:.0%}: **{goal2b}**)", ""]
     with open(path_md, "w") as f:
         f.write("\n".join(lines))
     print("\n".join(lines))
@@ -203,7 +219,16 @@ def main():
     ap.add_argument("--max-evaluations", type=int, default=12)
     ap.add_argument("--tag", default="")
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--render-only", action="store_true", help="rewrite auto<tag>.md from auto<tag>.json")
     args = ap.parse_args()
+    out = os.path.join(HERE, "results")
+    tag = f"-{args.tag}" if args.tag else ""
+    if args.render_only:
+        with open(os.path.join(out, f"auto{tag}.json")) as f:
+            saved = json.load(f)
+        write([verdicts(r, args.max_drop) for r in saved["results"]], args, os.path.join(out, f"auto{tag}.md"),
+              os.path.join(out, f"auto{tag}.json"), saved["meta"])
+        return
     import torch
 
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": platform.processor() or platform.machine(),
@@ -215,9 +240,7 @@ def main():
         pass
     results = [bench_model(n, MODELS[n], args) for n in args.models]
     meta["load_end"] = f"{os.getloadavg()[0]:.2f}"
-    out = os.path.join(HERE, "results")
     os.makedirs(out, exist_ok=True)
-    tag = f"-{args.tag}" if args.tag else ""
     write(results, args, os.path.join(out, f"auto{tag}.md"), os.path.join(out, f"auto{tag}.json"), meta)
 
 

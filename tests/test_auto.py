@@ -48,7 +48,7 @@ def _auto(d, max_drop=0.01, calls=None, **auto_opts):
         return batched_accuracy(f, *d["search"])
     return fxpress.compile(d["model"], d["example"], passes="auto", evaluate=evaluate, max_drop=max_drop,
                            objective="size", target="torch", calibration=d["calibration"],
-                           options={"auto": {"progress": False, **auto_opts}})
+                           options={"auto": {"progress": False, "calibration_batches": 2, **auto_opts}})
 
 
 def _stored_bytes(cm) -> int:
