@@ -109,6 +109,7 @@ def test_latency_table_is_measured_once_then_cached(tmp_path, monkeypatch):
     x = torch.randn(8, 32)
     cache = tmp_path / "lat.json"
 
+    @torch.no_grad()
     def evaluate(f):
         return -float((f(x) - model(x)).abs().mean())
 
@@ -155,3 +156,20 @@ def test_html_report_shows_the_choice_and_the_front(chosen, tmp_path):
     assert "Auto search: per-layer choice and Pareto front" in page
     for label, choice in cm.auto.chosen.items():
         assert f"<b>{choice}</b>" in page
+
+
+def test_time_bound_stops_the_search_and_says_so():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 4)).eval()
+    x = torch.randn(8, 32)
+    calls = []
+
+    @torch.no_grad()
+    def evaluate(f):
+        calls.append(1)
+        return -float((f(x) - model(x)).abs().mean())
+
+    cm = fxpress.compile(model, (x,), passes="auto", evaluate=evaluate, max_drop=1.0, objective="size",
+                         target="torch", options={"auto": {"progress": False, "time_s": 1e-3}})
+    assert any("time_s ran out" in n for n in cm.auto.notes), cm.auto.notes
+    assert set(cm.auto.chosen.values()) == {"fp32"} and len(calls) == 2  # baseline + the final check
