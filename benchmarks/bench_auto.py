@@ -177,6 +177,9 @@ def write(results, args, path_md, path_json, meta):
     lines = ["# passes=\"auto\" benchmark (issue #20)", "",
              f"{meta['date']} · {meta['cpu']} · {meta['threads']} threads · batch {args.batch} · "
              f"max_drop {args.max_drop} (accuracy) · load {meta['load_start']} -> {meta['load_end']}", "",
+             *([f"**Not for the record: the machine was busy (load average {meta['load_start']} -> {meta['load_end']}); "
+                "latencies are indicative only. Rerun through /work/shared/tools/quiet-run.**", ""]
+               if max(float(meta["load_start"]), float(meta.get("load_end", 0))) > 1.5 else []),
              "Accuracies on the held-out half of each test split (the search evaluated on the other half). "
              "Latency: median of interleaved calls, ms per batch. Size: stored bytes.", ""]
     for r in results:
