@@ -82,6 +82,9 @@ def compile(  # noqa: A001 - the public name the contract fixes
     calibration: Iterable | None = None,
     tolerance: float | None = None,
     options: dict[str, dict[str, Any]] | None = None,
+    evaluate=None,
+    max_drop: float | None = None,
+    objective: str = "latency",
 ) -> CompiledModel:
     """Compile ``model`` for ``target``; see docs/DESIGN.md for the stages.
 
@@ -92,6 +95,7 @@ def compile(  # noqa: A001 - the public name the contract fixes
     tolerance:   max relative output error allowed per pass; a pass that exceeds it is rolled back
     options:     per-pass options, e.g. {"low_rank": {"method": "svd", "energy": 0.99}}; "lower":
                  {"dynamic_batch": True} compiles one symbolic batch on llvm/cuda (onnx does by default)
+    evaluate, max_drop, objective: passes="auto" only, the per-layer search (fxpress/auto, docs/auto.md)
     """
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}; wrap functions in an nn.Module")
@@ -103,6 +107,11 @@ def compile(  # noqa: A001 - the public name the contract fixes
         raise InputError(f"tune must be a non-negative number of MetaSchedule trials, got {tune!r}")
     example_inputs = _as_input_tuple(example_inputs)
     calib = _check_calibration(calibration, example_inputs)
+    from .auto.driver import check_auto_arguments, compile_auto
+    check_auto_arguments(passes, evaluate, max_drop, objective)
+    if passes == "auto":
+        return compile_auto(model, example_inputs, evaluate=evaluate, max_drop=max_drop, objective=objective,
+                            target=target, tune=tune, calibration=calib, tolerance=tolerance, options=options)
     pass_list = resolve_passes(passes)  # unknown names fail before any slow work
     # compile() is pure for the caller: it works on a copy of the model (buffers a forward updates,
     # train/eval mode) and of the example inputs (a forward may update them in place).

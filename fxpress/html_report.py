@@ -375,6 +375,9 @@ def render_html(cm, title: str | None = None, plots: Sequence[str | tuple[str, b
         ("graphs", "FX graphs", graphs),
         ("ir", "Lowered module", _lowering_irs(model, report, relax_fallback)),
     ]
+    if getattr(model, "auto", None) is not None:  # passes="auto": the search's choices (fxpress/auto/html.py)
+        from .auto.html import auto_section_html
+        sections.insert(1, ("auto", "Auto search: per-layer choice and Pareto front", auto_section_html(model.auto)))
     nav = " ".join(f'<a href="#{sid}">{_e(t)}</a>' for sid, t, _ in sections) + (
         ' <a href="#bench">Benchmark</a>' if bench_html else "")
     body = "\n".join(f'<h2 id="{sid}">{_e(t)}</h2>\n{content}' for sid, t, content in sections)
