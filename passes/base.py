@@ -225,8 +225,9 @@ class Option:
                                 f"{' and '.join(x for x in (lo, hi) if x)}" + (f" ({self.doc})" if self.doc else ""))
 
 
-# Sections of ``compile(options=...)`` that are not passes.
-NON_PASS_SECTIONS = {"tune"}
+# Sections of ``compile(options=...)`` that are not passes: tuning, the lowering (dynamic_batch), the
+# passes="auto" search.
+NON_PASS_SECTIONS = {"tune", "lower", "auto"}
 
 
 def check_option_sections(options: dict[str, Any]) -> None:
