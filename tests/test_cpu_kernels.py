@@ -243,6 +243,13 @@ def test_avx512_tile_rule_keeps_whole_vectors():
     assert tile_sizes(7, 128, 16) == (7, 8)     # nothing whole fits
 
 
+def _host_has_avx2() -> bool:
+    from fxpress.runtime import cpu
+
+    return cpu.is_x86() and {"avx2", "fma"} <= (cpu.host_flags() or set())
+
+
+@pytest.mark.skipif(not _host_has_avx2(), reason="runs AVX2 code: this CPU has no AVX2/FMA")
 def test_avx2_code_for_another_mcpu(attention, monkeypatch):
     """FXPRESS_LLVM_MCPU=znver3 builds AVX2 code (it runs on any AVX2 machine, this one included)."""
     m, x, ref = attention

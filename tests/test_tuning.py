@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 
 import numpy as np
 import pytest
@@ -94,12 +93,10 @@ def test_tune_persists_and_second_compile_reuses(tmp_path):
     db = TuningDatabase(resolve_target("llvm"), tmp_path)
     (entry,) = db.entries().values()
     assert entry["trials"] >= 1 and entry["records"] and "default_secs" in entry
-    # second compile: nothing to tune, only a build
-    t0 = time.perf_counter()
+    # second compile: nothing to tune, only a build (what is asserted is that no task was tuned again,
+    # not how long it took: a timing bound fails on a slow or busy CI machine)
     again = tune(mod, "llvm", 4, database_dir=tmp_path, progress=False)
     assert again.tuning.tuned == [] and again.tuning.reused == ["fused_matmul_relu"]
-    assert again.tuning.seconds < 10, again.tuning.seconds
-    assert time.perf_counter() - t0 < 60
     np.testing.assert_allclose(_run(again, x, w), ref, rtol=1e-5, atol=1e-5)
 
 
