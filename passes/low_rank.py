@@ -48,7 +48,7 @@ from .graph import cosine, finalize, flatten_outputs, unique_name
 from .low_rank_factor import METHODS, Factorization, LayerStats, factorize
 from .low_rank_rank import (LayerChoice, State, candidate_ranks, select_budget, select_target_error,
                             snap_up)
-from .manager import output_error
+from .measure import output_error
 from .stats import count_params, graph_costs, node_cost, shape_of
 from .trace import annotate_shapes
 from .weight_ops import (CONV, CONV_T, EMBEDDING, LINEAR, WeightOp, as_conv2d, find_weight_ops, replace_weight_op,

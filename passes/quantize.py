@@ -512,7 +512,7 @@ def _weight_param(s: Site) -> torch.Tensor:
 
 
 def _output_error(gm: fx.GraphModule, inputs: tuple, reference: list[torch.Tensor]) -> float:
-    from .manager import output_error
+    from .measure import output_error
 
     with torch.no_grad():
         outs = [t.detach() for t in flatten_outputs(gm(*inputs))]

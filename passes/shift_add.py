@@ -47,7 +47,7 @@ from . import shift_add_ops as ops
 from .base import Option, Pass, PassContext, PassResult, register_pass
 from .graph import cosine, eliminate_dead_code, finalize, flatten_outputs, unique_name
 from .trace import copy_graph_module
-from .manager import output_error
+from .measure import output_error
 from .shift_add_attention import find_attention, rewrite_attention
 from .stats import count_params, graph_costs, node_cost, shape_of
 from .weight_ops import (CONV, CONV_T, EMBEDDING, LINEAR, WeightOp, as_conv2d, find_weight_ops, replace_weight_op,

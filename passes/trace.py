@@ -140,7 +140,7 @@ def _mismatch(gm: fx.GraphModule, example_inputs: tuple, reference: list[torch.T
     if reference is None:
         return None
     from .graph import flatten_outputs
-    from .manager import output_error
+    from .measure import output_error
 
     with torch.no_grad():
         outs = [t.detach() for t in flatten_outputs(gm(*clone_inputs(example_inputs)))]

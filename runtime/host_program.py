@@ -264,7 +264,7 @@ class HostProgramRuntime:
         self.last_trace: Trace | None = None
 
     def check(self, inputs: Sequence[Any]) -> list[np.ndarray]:
-        from .loader import check_inputs
+        from .executors import check_inputs
 
         if self.interpreter.batch != "per_sample":
             return check_inputs(inputs, self.inputs)
@@ -303,7 +303,7 @@ def load_host_program(root: str, manifest: dict[str, Any], backend: str = "auto"
                       device: str | None = None) -> HostProgramRuntime:
     """Build the runtime of an artifact whose manifest has a ``host_program`` entry (hashes already
     verified by ``read_manifest``)."""
-    from .loader import _pick_backend, make_executor
+    from .executors import _pick_backend, make_executor
     from .manifest import artifact_file
 
     entry = manifest["host_program"]

@@ -15,7 +15,7 @@ from torch import nn
 
 import fxpress
 from fxpress.errors import ArtifactError, TargetUnavailableError
-from fxpress.runtime import cpu, load, loader
+from fxpress.runtime import cpu, executors, load
 from fxpress.runtime import manifest as manifest_mod
 from fxpress.runtime.manifest import read_manifest, sha256_file
 
@@ -244,8 +244,10 @@ def test_auto_follows_what_the_export_was_made_for(tmp_path, tvm_art):
 
 
 def _no_tvm(monkeypatch):
-    real = loader.importlib.util.find_spec
-    monkeypatch.setattr(loader.importlib.util, "find_spec", lambda name, *a: None if name == "tvm" else real(name, *a))
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tvm" else real(name, *a))
 
 
 def test_auto_falls_back_when_tvm_is_missing_and_says_so(tvm_art, monkeypatch, caplog):
@@ -416,7 +418,7 @@ def test_export_refuses_to_write_what_load_would_refuse(tmp_path):
 
 def test_cuda_library_on_a_machine_without_gpu_falls_back(tvm_art, tmp_path, caplog):
     pytest.importorskip("tvm")
-    if loader._cuda_present():
+    if executors._cuda_present():
         pytest.skip("this machine has a CUDA GPU")
     art = _copy(tvm_art, tmp_path)
     _edit(art, lambda m: m["backends"]["tvm"].update(device="cuda"))
