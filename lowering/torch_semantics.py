@@ -385,19 +385,13 @@ def nan_aware_max(gm: torch.nn.Module) -> torch.nn.Module:
             (n.op == "call_method" and n.target == "max")
             or (n.op == "call_function" and n.target in (torch.max, aten.max.dim)))
 
-    names = {n.name for n in gm.graph.nodes if is_max_dim(n)}
-    if not names:
-        return gm
-    from fxpress.passes.trace import copy_graph_module
+    def args_of(n):
+        if not is_max_dim(n):
+            return None
+        dim = n.args[1] if len(n.args) > 1 else n.kwargs["dim"]
+        return n.args[0], dim, n.args[2] if len(n.args) > 2 else n.kwargs.get("keepdim", False)
 
-    new = copy_graph_module(gm)
-    for n in new.graph.nodes:
-        if n.name in names:
-            dim = n.args[1] if len(n.args) > 1 else n.kwargs["dim"]
-            keep = n.args[2] if len(n.args) > 2 else n.kwargs.get("keepdim", False)
-            n.op, n.target, n.args, n.kwargs = "call_function", _nan_max_dim, (n.args[0], dim, keep), {}
-    new.recompile()
-    return new
+    return _calls_replaced(gm, args_of, _nan_max_dim)
 
 
 def _clamp_where(x, lo=None, hi=None):
@@ -435,16 +429,21 @@ def exact_clamps(gm: torch.nn.Module) -> torch.nn.Module:
         return (meta is not None and meta.dtype.is_floating_point
                 and all(b is None or isinstance(b, (int, float)) for b in (lo, hi)))
 
-    names = {n.name for n in gm.graph.nodes if fits(n)}
-    if not names:
+    return _calls_replaced(gm, lambda n: (n.args[0], *bounds(n)) if fits(n) else None, _clamp_where)
+
+
+def _calls_replaced(gm: fx.GraphModule, args_of, fn) -> fx.GraphModule:
+    """A copy of ``gm`` in which every node that ``args_of(node)`` gives arguments for calls
+    ``fn(*arguments)`` instead (``gm`` itself when there is none)."""
+    found = {n.name: a for n in gm.graph.nodes if (a := args_of(n)) is not None}
+    if not found:
         return gm
     from fxpress.passes.trace import copy_graph_module
 
     new = copy_graph_module(gm)
     for n in new.graph.nodes:
-        if n.name in names:
-            lo, hi = bounds(n)
-            n.op, n.target, n.args, n.kwargs = "call_function", _clamp_where, (n.args[0], lo, hi), {}
+        if n.name in found:
+            n.op, n.target, n.args, n.kwargs = "call_function", fn, tuple(found[n.name]), {}
     new.recompile()
     return new
 
