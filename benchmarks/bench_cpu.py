@@ -35,6 +35,9 @@ import subprocess
 import sys
 import time
 
+# this folder is on sys.path when the script runs: one ratio-to-best-peer step for both benchmarks
+from bench_tuning import model_result  # noqa: E402
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 MODELS = ("resnet18", "bert_small", "hf_bert")
@@ -169,15 +172,6 @@ def per_gemm(cm, inputs, peak: float, datapath: float, calls: int = 10) -> list[
                      "pct_peak_formula": round(100 * gflops / peak, 1),
                      "pct_peak_datapath": round(100 * gflops / datapath, 1)})
     return rows
-
-
-def model_result(desc: str, rows: list[dict]) -> dict:
-    peers_ok = [r for r in rows if r.get("ok") and not r["peer"].startswith("fxpress")]
-    best = min(peers_ok, key=lambda r: r["median_ms"]) if peers_ok else None
-    for r in rows:
-        if best and r.get("ok"):
-            r["ratio_to_best_peer"] = round(r["median_ms"] / best["median_ms"], 2)
-    return {"description": desc, "best_peer": best and best["peer"], "rows": rows}
 
 
 def run(args) -> dict:
