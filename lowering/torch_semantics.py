@@ -441,9 +441,13 @@ def _calls_replaced(gm: fx.GraphModule, args_of, fn) -> fx.GraphModule:
     from fxpress.passes.trace import copy_graph_module
 
     new = copy_graph_module(gm)
+    # ``found`` holds the original graph's nodes: point the arguments at the copy's nodes of the same name.
+    by_name = {n.name: n for n in new.graph.nodes}
     for n in new.graph.nodes:
         if n.name in found:
-            n.op, n.target, n.args, n.kwargs = "call_function", fn, tuple(found[n.name]), {}
+            args = fx.node.map_arg(tuple(found[n.name]), lambda a: by_name[a.name])
+            n.op, n.target, n.args, n.kwargs = "call_function", fn, args, {}
+    new.graph.lint()
     new.recompile()
     return new
 

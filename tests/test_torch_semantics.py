@@ -31,6 +31,13 @@ class ClampMin(nn.Module):
         return x.clamp(min=0.0)
 
 
+class SoftmaxThenMaxAndClamp(nn.Module):
+    """max and clamp of intermediate values: the rewrite must re-point them at the copied graph's nodes."""
+    def forward(self, x):
+        p = torch.softmax(x * 2.0, dim=-1)
+        return p.max(dim=-1).values, (x - 0.5).clamp(min=0.0)
+
+
 class Emb(nn.Module):
     def __init__(self):
         super().__init__()
@@ -73,6 +80,13 @@ def test_clamp_keeps_infinities_and_nan(target):
     y, ref = cm(x), ClampMin()(x)
     assert y[0, 0] == math.inf and y[0, 1] == 0.0 and math.isnan(y[1, 2])
     assert torch.equal(y[~torch.isnan(y)], ref[~torch.isnan(ref)])
+
+
+def test_rewrites_of_intermediate_values_export_to_onnx():
+    x = torch.randn(3, 5)
+    cm = fxpress.compile(SoftmaxThenMaxAndClamp(), (x,), passes="none", target="onnx")
+    for got, ref in zip(cm(x), SoftmaxThenMaxAndClamp()(x)):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("target", ["llvm", "onnx"])
