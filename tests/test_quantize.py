@@ -7,9 +7,9 @@ from torch import nn
 
 import fxpress
 from fxpress import models
-from fxpress.passes.quantize_observers import Observer, quantize_weight, weight_clip
-from fxpress.passes.quantize_ops import qparams_asym
-from fxpress.passes.quantize_splitquant import cluster_masks, kmeans_1d
+from fxpress.passes.quantize.observers import Observer, quantize_weight, weight_clip
+from fxpress.passes.quantize.ops import qparams_asym
+from fxpress.passes.quantize.splitquant import cluster_masks, kmeans_1d
 
 from helpers import rel_err
 

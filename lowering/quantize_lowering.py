@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-import fxpress.passes.quantize_ops  # noqa: F401 - the ops must exist before torch.ops.fxpress.* is read
+import fxpress.passes.quantize.ops  # noqa: F401 - the ops must exist before torch.ops.fxpress.* is read
 from fxpress.errors import LoweringError
 
 from .registry import register_onnx_translation, register_relax_converter

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .fusion_common import FuseState, eliminate_dead_code, has_inplace, is_inplace, kind_of, module_of
-from .graph import unique_name
-from .stats import dtype_of, shape_of
+from .common import FuseState, eliminate_dead_code, has_inplace, is_inplace, kind_of, module_of
+from ..graph import unique_name
+from ..stats import dtype_of, shape_of
 
 DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 # functional dropout → (position, keyword) of its "training" flag and the flag's default.

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-from .fusion_common import (AFFINE_LAYER_TYPES, BN_TYPES, CONV_TYPES, CONVT_TYPES, FuseState, is_inplace, kind_of,
+from .common import (AFFINE_LAYER_TYPES, BN_TYPES, CONV_TYPES, CONVT_TYPES, FuseState, is_inplace, kind_of,
                             module_of, own_module, rank, set_param)
 
 

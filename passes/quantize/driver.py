@@ -14,7 +14,7 @@ bar shows progress on a terminal. Weights: ``weight_clip="minmax" | "mse"`` (def
 bits, mse below), ``per_channel=True``.
 
 SplitQuant (``splitquant=True``): each layer's weights are split by 1-D k-means into lower / middle /
-upper clusters with their own scales (quantize_splitquant.py); the op holds the three clusters and
+upper clusters with their own scales (splitquant.py); the op holds the three clusters and
 lowers to one kernel.
 
 Sensitivity: with a tolerance (``compile(tolerance=...)`` or the ``tolerance`` option) the pass
@@ -41,13 +41,13 @@ from torch import fx, nn
 
 from fxpress.errors import PassError
 
-from .base import Option, Pass, PassContext, PassResult, register_pass
-from .graph import eliminate_dead_code, finalize, flatten_outputs, unique_name
-from .weight_ops import CONV, CONV_T, EMBEDDING, LINEAR, WeightOp, as_conv2d, find_weight_ops, stems_and_heads
-from .quantize_observers import (ACT_OBSERVERS, WEIGHT_CLIPS, Observer, Tap, mutated_sources, quantize_weight,
+from ..base import Option, Pass, PassContext, PassResult, register_pass
+from ..graph import eliminate_dead_code, finalize, flatten_outputs, unique_name
+from ..weight_ops import CONV, CONV_T, EMBEDDING, LINEAR, WeightOp, as_conv2d, find_weight_ops, stems_and_heads
+from .observers import (ACT_OBSERVERS, WEIGHT_CLIPS, Observer, Tap, mutated_sources, quantize_weight,
                                  weight_clip)
-from .quantize_ops import qmax_for_bits
-from .quantize_splitquant import cluster_masks
+from .ops import qmax_for_bits
+from .splitquant import cluster_masks
 
 log = logging.getLogger("fxpress.passes.quantize")
 
@@ -74,9 +74,8 @@ class Site:
 
 
 @register_pass("quantize", default=False)
-class Quantize(Pass):
+class QuantizePass(Pass):
     lossy = True
-    wants_calibration = True
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> tuple[fx.GraphModule, PassResult]:
         result = PassResult()
@@ -512,7 +511,7 @@ def _weight_param(s: Site) -> torch.Tensor:
 
 
 def _output_error(gm: fx.GraphModule, inputs: tuple, reference: list[torch.Tensor]) -> float:
-    from .measure import output_error
+    from ..measure import output_error
 
     with torch.no_grad():
         outs = [t.detach() for t in flatten_outputs(gm(*inputs))]

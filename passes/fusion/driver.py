@@ -5,16 +5,16 @@ until none changes the graph:
 
 =================  =====================================================================
 cleanup            drop eval-mode dropout, nn.Identity, contiguous, no-op reshapes/casts,
-                   x+0 / x*1 (fusion_cleanup)
-fold_constants     evaluate subgraphs that read only parameters/buffers once (fusion_cleanup)
+                   x+0 / x*1 (cleanup.py)
+fold_constants     evaluate subgraphs that read only parameters/buffers once (cleanup.py)
 bn                 fold eval-mode BatchNorm into the Conv/ConvTranspose/Linear before it, or
-                   exactly into the Conv/Linear layers after it (fusion_bn); ``bn_before``
+                   exactly into the Conv/Linear layers after it (bn.py); ``bn_before``
                    turns off the second form only
-scale              fold ``c * (layer output through reshapes/matmuls)`` into the layer (fusion_linear)
+scale              fold ``c * (layer output through reshapes/matmuls)`` into the layer (linear.py)
 linear_chains      Linear → Linear with nothing between → one Linear when it saves MACs
 parallel_linears   Linears on the same input (Q, K, V) → one Linear + split
 activations        move an activation up to its Conv/Linear across reshapes/transposes, and give
-                   a rank > 2 Linear followed by an activation a 2-D input (fusion_act)
+                   a rank > 2 Linear followed by an activation a 2-D input (act.py)
 =================  =====================================================================
 
 Then each Conv/Linear directly followed by its activation is tagged as a fused region
@@ -32,14 +32,14 @@ from torch import fx
 
 from fxpress.errors import PassError
 
-from .base import Pass, PassContext, PassResult, register_pass
-from .fusion_act import flatten_linear_regions, hoist_activations, mark_regions
-from .fusion_bn import fold_batchnorm
-from .fusion_cleanup import fold_constants, remove_noops
-from .fusion_common import FuseState, bn_count, eliminate_dead_code, finalize, is_tuple_getitem
-from .fusion_linear import fold_scalar_scales, merge_linear_chains, merge_parallel_linears
-from .stats import count_params, graph_costs, op_histogram
-from .trace import annotate_shapes
+from ..base import Pass, PassContext, PassResult, register_pass
+from .act import flatten_linear_regions, hoist_activations, mark_regions
+from .bn import fold_batchnorm
+from .cleanup import fold_constants, remove_noops
+from .common import FuseState, bn_count, eliminate_dead_code, finalize, is_tuple_getitem
+from .linear import fold_scalar_scales, merge_linear_chains, merge_parallel_linears
+from ..stats import count_params, graph_costs, op_histogram
+from ..trace import annotate_shapes
 
 STEPS = [
     ("cleanup", remove_noops),

@@ -11,7 +11,7 @@
     (the 1×1 conv back to ``out_channels``). Groups are always 1.
 
 Both ops have a reference (eager) implementation, a fake (meta) kernel for tracing/export, and a
-registered cost so the report counts their MACs. They lower to Relax in ``lowering/low_rank_ops.py``.
+registered cost so the report counts their MACs. They lower to Relax in ``lowering/low_rank_lowering.py``.
 The bias is always present (zeros when the original layer had none) so every backend sees one signature.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from .stats import arg_shape, numel, register_cost
+from ..stats import arg_shape, numel, register_cost
 
 __all__ = ["lowrank_linear", "lowrank_conv2d", "lowrank_linear_macs", "lowrank_conv2d_macs"]
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from fxpress.errors import LoweringError
-from fxpress.passes import shift_add_ops as ops  # registers torch.ops.fxpress.shift_* (and their costs)
+from fxpress.passes.shift_add import ops  # registers torch.ops.fxpress.shift_* (and their costs)
 
 from .registry import register_onnx_translation, register_relax_converter
 

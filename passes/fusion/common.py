@@ -1,7 +1,7 @@
 """Shared pieces of the ``fuse`` pass family: op classification, module bookkeeping, step state.
 
-The fuse steps (fusion_cleanup, fusion_bn, fusion_linear, fusion_act) each take a ``FuseState`` and
-edit ``state.gm`` in place; the driver in fusion.py runs them to a fixed point.
+The fuse steps (cleanup, bn, linear, act) each take a ``FuseState`` and
+edit ``state.gm`` in place; the driver in driver.py runs them to a fixed point.
 """
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .base import PassResult
-from .graph import eliminate_dead_code, finalize, has_inplace, is_inplace  # noqa: F401 - re-exported for fusion modules
-from .graph import is_module as _is_module
-from .graph import module_of
-from .stats import shape_of
+from ..base import PassResult
+from ..graph import eliminate_dead_code, finalize, has_inplace, is_inplace  # noqa: F401 - re-exported for fusion modules
+from ..graph import is_module as _is_module
+from ..graph import module_of
+from ..stats import shape_of
 
 # ----------------------------------------------------------------------------- op classes
 

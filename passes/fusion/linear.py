@@ -16,9 +16,9 @@ from collections import defaultdict
 import torch
 from torch import fx, nn
 
-from .fusion_common import (FuseState, activation_signature, add_module, copy_meta, is_activation, is_affine_layer,
+from .common import (FuseState, activation_signature, add_module, copy_meta, is_activation, is_affine_layer,
                             is_module, is_shape_op, module_of, node_order, own_module, path_for, set_param)
-from .stats import shape_of
+from ..stats import shape_of
 
 
 def _linear(gm: fx.GraphModule, node) -> nn.Linear | None:

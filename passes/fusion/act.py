@@ -17,9 +17,9 @@ from __future__ import annotations
 
 from torch import fx, nn
 
-from .fusion_common import (FuseState, copy_meta, is_activation, is_affine_layer, is_module,
+from .common import (FuseState, copy_meta, is_activation, is_affine_layer, is_module,
                             is_shape_op, kind_of)
-from .stats import shape_of
+from ..stats import shape_of
 
 
 def hoist_activations(state: FuseState) -> bool:

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from .stats import numel, register_cost, shape_of
+from ..stats import numel, register_cost, shape_of
 
 __all__ = [
     "quantize", "dequantize", "qlinear", "qconv2d", "qmatmul", "qlinear_dynamic", "wlinear", "wconv2d",

@@ -25,8 +25,8 @@ import math
 import torch
 from torch import fx
 
-from .graph import is_inplace
-from .quantize_ops import qparams_asym
+from ..graph import is_inplace
+from .ops import qparams_asym
 
 ACT_OBSERVERS = ("minmax", "percentile", "mse")
 WEIGHT_CLIPS = ("minmax", "mse")

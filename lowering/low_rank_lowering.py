@@ -15,7 +15,7 @@ import os
 
 import torch
 
-import fxpress.passes.low_rank_ops  # noqa: F401 - the ops must exist before torch.ops.fxpress.* is read
+import fxpress.passes.low_rank.ops  # noqa: F401 - the ops must exist before torch.ops.fxpress.* is read
 
 from .registry import register_onnx_translation, register_relax_converter
 

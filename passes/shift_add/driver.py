@@ -43,14 +43,14 @@ from torch import fx, nn
 
 from fxpress.errors import PassError
 
-from . import shift_add_ops as ops
-from .base import Option, Pass, PassContext, PassResult, register_pass
-from .graph import cosine, eliminate_dead_code, finalize, flatten_outputs, unique_name
-from .trace import copy_graph_module
-from .measure import output_error
-from .shift_add_attention import find_attention, rewrite_attention
-from .stats import count_params, graph_costs, node_cost, shape_of
-from .weight_ops import (CONV, CONV_T, EMBEDDING, LINEAR, WeightOp, as_conv2d, find_weight_ops, replace_weight_op,
+from . import ops as ops
+from ..base import Option, Pass, PassContext, PassResult, register_pass
+from ..graph import cosine, eliminate_dead_code, finalize, flatten_outputs, unique_name
+from ..trace import copy_graph_module
+from ..measure import output_error
+from .attention import find_attention, rewrite_attention
+from ..stats import count_params, graph_costs, node_cost, shape_of
+from ..weight_ops import (CONV, CONV_T, EMBEDDING, LINEAR, WeightOp, as_conv2d, find_weight_ops, replace_weight_op,
                          stems_and_heads)
 
 SHIFT_LINEAR = torch.ops.fxpress.shift_linear.default
@@ -87,7 +87,6 @@ class _Layer:
 @register_pass("shift_add", default=False)
 class ShiftAddPass(Pass):
     lossy = True
-    wants_calibration = True  # integer path: activation ranges (falls back to the example inputs)
 
     # ------------------------------------------------------------------ options
     OPTIONS = {

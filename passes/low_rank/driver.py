@@ -42,16 +42,16 @@ from torch import fx, nn
 
 from fxpress.errors import PassError
 
-from . import low_rank_ops  # noqa: F401 - registers fxpress::lowrank_* and their costs
-from .base import Option, Pass, PassContext, PassResult, register_pass, runs_with_batch_of_one
-from .graph import cosine, finalize, flatten_outputs, unique_name
-from .low_rank_factor import METHODS, Factorization, LayerStats, factorize
-from .low_rank_rank import (LayerChoice, State, candidate_ranks, select_budget, select_target_error,
+from . import ops  # noqa: F401 - registers fxpress::lowrank_* and their costs
+from ..base import Option, Pass, PassContext, PassResult, register_pass, runs_with_batch_of_one
+from ..graph import cosine, finalize, flatten_outputs, unique_name
+from .factor import METHODS, Factorization, LayerStats, factorize
+from .ranks import (LayerChoice, State, candidate_ranks, select_budget, select_target_error,
                             snap_up)
-from .measure import output_error
-from .stats import count_params, graph_costs, node_cost, shape_of
-from .trace import annotate_shapes
-from .weight_ops import (CONV, CONV_T, EMBEDDING, LINEAR, WeightOp, as_conv2d, find_weight_ops, replace_weight_op,
+from ..measure import output_error
+from ..stats import count_params, graph_costs, node_cost, shape_of
+from ..trace import annotate_shapes
+from ..weight_ops import (CONV, CONV_T, EMBEDDING, LINEAR, WeightOp, as_conv2d, find_weight_ops, replace_weight_op,
                          stems_and_heads)
 
 _LINEAR_OP = torch.ops.fxpress.lowrank_linear.default
@@ -98,7 +98,6 @@ def _lowrank_apply(layer: _Layer, x: torch.Tensor, A: torch.Tensor, B: torch.Ten
 @register_pass("low_rank", default=False)
 class LowRankPass(Pass):
     lossy = True
-    wants_calibration = True
 
     # ------------------------------------------------------------------ entry point
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> tuple[fx.GraphModule, PassResult]:

@@ -43,7 +43,10 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from .stats import arg_shape, numel, register_cost
+# The code format lives in a torch-free leaf module the TIR kernels read too; re-exported here.
+from fxpress.shift_codes import EXP_BITS, SIGN_BIT, ZERO_EXP, frac_bits_for, int_clamp_limit  # noqa: F401
+
+from ..stats import arg_shape, numel, register_cost
 
 __all__ = [
     "EXP_BITS", "ZERO_EXP", "pack_codes", "unpack_codes", "encode_pow2", "encode_with_scale", "decode_pow2",
@@ -51,12 +54,6 @@ __all__ = [
     "frac_bits_for", "linear_codes", "conv_codes", "linear_weight", "conv_weight", "pack_bitstream",
     "unpack_bitstream", "shift_linear", "shift_conv2d", "binary_attention",
 ]
-
-EXP_BITS = 4                      # exponent field width of the default 5-bit code
-ZERO_EXP = (1 << EXP_BITS) - 1    # 15: exponent value reserved for the weight 0
-MAX_EXP = ZERO_EXP - 1            # 14: smallest non-zero magnitude is 2^-14 * scale
-SIGN_BIT = 1 << EXP_BITS          # 16
-INT_LIMIT_CAP = 1 << 24           # |xq| <= 2^24: exact in float32, so clamping in float is exact
 
 
 # ----------------------------------------------------------------------------- code packing
@@ -211,22 +208,6 @@ def unpack_bitstream(stream: torch.Tensor, count: int, bits: int = 1 + EXP_BITS)
 
 
 # ----------------------------------------------------------------------------- integer path helpers
-
-def int_clamp_limit(terms: int, reduce_len: int) -> int:
-    """Largest |xq| such that the int32 accumulator of ``terms * reduce_len`` shifted terms cannot overflow.
-
-    Each rounded shift ``(xq + 2^(e-1)) >> e`` has magnitude <= |xq| + 1, so
-    ``terms * reduce_len * (L + 1) <= 2^31 - 1``; capped at 2^24 so L is exact in float32.
-    """
-    return max(1, min(INT_LIMIT_CAP, (2**31 - 1) // max(1, terms * reduce_len) - 1))
-
-
-def frac_bits_for(amax: float, terms: int, reduce_len: int, headroom: float = 4.0) -> int:
-    """Fraction bits F for the integer path: ``amax * headroom`` (calibration max × margin) maps to <= L."""
-    lim = int_clamp_limit(terms, reduce_len)
-    amax = max(float(amax), 1e-12) * headroom
-    return int(max(0, min(30, math.floor(math.log2(lim / amax)))))
-
 
 def _quantize_int(x: torch.Tensor, frac_bits: int, limit: int) -> torch.Tensor:
     v = torch.floor(x.float() * float(2.0**frac_bits) + 0.5)

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from . import shift_add_ops  # noqa: F401 - registers fxpress::binary_attention
-from .stats import shape_of
+from . import ops  # noqa: F401 - registers fxpress::binary_attention
+from ..stats import shape_of
 
 BINARY_ATTENTION = torch.ops.fxpress.binary_attention.default
 
