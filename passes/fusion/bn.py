@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
+from ..base import PassResult
 from .common import (AFFINE_LAYER_TYPES, BN_TYPES, CONV_TYPES, CONVT_TYPES, FuseState, is_inplace, kind_of,
                             module_of, own_module, rank, set_param)
 
@@ -158,7 +159,18 @@ def _fold_before(state: FuseState, bn_node: fx.Node, bn: nn.Module) -> None:
                          layers=[type(module_of(gm, u)).__name__ for u in users])
 
 
-# ----------------------------------------------------------------------------- step
+# ----------------------------------------------------------------------------- steps
+
+def fold_into_producers(gm: fx.GraphModule, result: PassResult) -> bool:
+    """The ``bn`` step's first form alone, outside the fuse pass: fold every eval-mode BN into the
+    Conv/ConvTranspose/Linear before it whose output only it reads (quantize does this so that it
+    quantizes the folded layer). Rewrites are recorded in ``result``."""
+    if not fold_batchnorm(FuseState(gm, result, {"bn_before": False})):
+        return False
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return True
+
 
 def fold_batchnorm(state: FuseState) -> bool:
     gm, changed = state.gm, False

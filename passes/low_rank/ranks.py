@@ -34,10 +34,6 @@ def candidate_ranks(out: int, d: int, full_rank: int, snap: int, min_saving: flo
     return [r for r in range(step, full_rank, step) if lowrank_weight_params(out, d, r) <= limit]
 
 
-def break_even_rank(out: int, d: int) -> float:
-    return out * d / (out + d)
-
-
 @dataclass
 class LayerChoice:
     """What the selector knows about one eligible layer."""

@@ -43,7 +43,10 @@ from fxpress.errors import PassError
 
 from ..base import Option, Pass, PassContext, PassResult, register_pass
 from ..graph import eliminate_dead_code, finalize, flatten_outputs, unique_name
-from ..weight_ops import CONV, CONV_T, EMBEDDING, LINEAR, WeightOp, as_conv2d, find_weight_ops, stems_and_heads
+from ..fusion.bn import fold_into_producers
+from ..layer_scan import LayerScan
+from ..measure import output_error
+from ..weight_ops import CONV_T, EMBEDDING, LINEAR, WeightOp, as_conv2d
 from .observers import (ACT_OBSERVERS, WEIGHT_CLIPS, Observer, Tap, mutated_sources, quantize_weight,
                                  weight_clip)
 from .ops import qmax_for_bits
@@ -81,7 +84,7 @@ class QuantizePass(Pass):
         result = PassResult()
         opts = self._options(ctx)
         if opts["fold_bn"]:
-            _fold_conv_bn(gm, result)
+            fold_into_producers(gm, result)  # the fuse pass's BN folding, so the folded layer is quantized
         sites = self._find_sites(gm, opts, result)
         if not sites:
             result.notes.append("no Conv / Linear / MatMul to quantize")
@@ -182,13 +185,8 @@ class QuantizePass(Pass):
 
     # ------------------------------------------------------------------ finding layers
     def _find_sites(self, gm: fx.GraphModule, opts: dict, result: PassResult) -> list[Site]:
-        scan = find_weight_ops(gm)
-        by_node = {w.node: w for w in scan.ops}
-        for name, reason in scan.near_misses:
-            result.skip(name, reason)
-        self._layers = [w for w in scan.ops if w.kind in (LINEAR, CONV, CONV_T)]
-        self._stems_heads = stems_and_heads(gm, scan.ops)
-        self._nothing = None if self._layers else scan.nothing_found()
+        self._scan = LayerScan.of(gm, result)
+        by_node = self._scan.by_node
         sites: list[Site] = []
         for n in gm.graph.nodes:
             site = _site_of_weight_op(by_node[n]) if n in by_node else _matmul_site(gm, n)
@@ -216,11 +214,7 @@ class QuantizePass(Pass):
 
     def _count(self, result: PassResult, chosen: list[Site]) -> None:
         """Coverage: Linear/Conv layers found vs quantized (matmuls are not layers); body = not stem/head."""
-        stems, heads = self._stems_heads
-        done = {s.name for s in chosen if s.kind != "matmul"}
-        body = [w.node.name for w in self._layers if w.node.name not in stems | heads]
-        result.count_layers(len(self._layers), len(done), len(body), sum(1 for b in body if b in done),
-                            nothing=self._nothing, layer_nodes=[w.node.name for w in self._layers])
+        self._scan.count(result, {s.name for s in chosen if s.kind != "matmul"})
 
     # ------------------------------------------------------------------ calibration
     def _calibrate(self, gm: fx.GraphModule, sites: list[Site], batches: list[tuple], opts: dict) -> dict[str, Observer]:
@@ -511,8 +505,7 @@ def _weight_param(s: Site) -> torch.Tensor:
 
 
 def _output_error(gm: fx.GraphModule, inputs: tuple, reference: list[torch.Tensor]) -> float:
-    from ..measure import output_error
-
+    """The relative output error of ``gm`` on ``inputs`` (measure.output_error, the manager's measure)."""
     with torch.no_grad():
         outs = [t.detach() for t in flatten_outputs(gm(*inputs))]
     return output_error(outs, reference)[1]
@@ -557,44 +550,3 @@ def _layer_error(s: Site, opts: dict) -> float | None:
                 y = op(x[0], p["w"], p["w_scale"], p["bias"], *conv)
     den = float(ref.double().norm())
     return float((y.double() - ref.double()).norm()) / den if den > 0 else float((y.double() - ref.double()).norm())
-
-
-# ----------------------------------------------------------------------------- BN folding
-
-def _fold_conv_bn(gm: fx.GraphModule, result: PassResult) -> None:
-    """Fold an eval-mode BatchNorm2d into the Conv2d before it (only reader of the conv output)."""
-    for n in list(gm.graph.nodes):
-        if n.op != "call_module" or not isinstance(gm.get_submodule(n.target), nn.BatchNorm2d):
-            continue
-        bn = gm.get_submodule(n.target)
-        prod = n.args[0]
-        if not (isinstance(prod, fx.Node) and prod.op == "call_module" and len(prod.users) == 1):
-            continue
-        conv = gm.get_submodule(prod.target)
-        if type(conv) is not nn.Conv2d or bn.training or bn.running_mean is None:
-            continue
-        if sum(1 for m in gm.graph.nodes if m.op == "call_module" and m.target == prod.target) != 1:
-            continue  # a shared conv module would change at its other call sites
-        var, mean = bn.running_var.double(), bn.running_mean.double()
-        gamma = bn.weight.double() if bn.weight is not None else torch.ones_like(var)
-        beta = bn.bias.double() if bn.bias is not None else torch.zeros_like(var)
-        s = gamma / torch.sqrt(var + bn.eps)
-        b = conv.bias.double() if conv.bias is not None else torch.zeros_like(var)
-        folded = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                           conv.dilation, conv.groups, True, conv.padding_mode)
-        with torch.no_grad():
-            folded.weight.copy_((conv.weight.double() * s.reshape(-1, 1, 1, 1)).float())
-            folded.bias.copy_(((b - mean) * s + beta).float())
-        folded.eval()
-        _set_sub(gm, prod.target, folded)
-        n.replace_all_uses_with(prod)
-        gm.graph.erase_node(n)
-        result.rewrite("fold_bn", [prod.name, n.name], [prod.name], reason="BatchNorm folded into the conv before quantizing")
-    eliminate_dead_code(gm)
-    gm.delete_all_unused_submodules()
-    gm.recompile()
-
-
-def _set_sub(gm: nn.Module, path: str, mod: nn.Module) -> None:
-    parent, _, leaf = path.rpartition(".")
-    setattr(gm.get_submodule(parent), leaf, mod)

@@ -50,8 +50,8 @@ from ..trace import copy_graph_module
 from ..measure import output_error
 from .attention import find_attention, rewrite_attention
 from ..stats import count_params, graph_costs, node_cost, shape_of
-from ..weight_ops import (CONV, CONV_T, EMBEDDING, LINEAR, WeightOp, as_conv2d, find_weight_ops, replace_weight_op,
-                         stems_and_heads)
+from ..layer_scan import LayerScan
+from ..weight_ops import CONV_T, EMBEDDING, LINEAR, WeightOp, as_conv2d, replace_weight_op
 
 SHIFT_LINEAR = torch.ops.fxpress.shift_linear.default
 SHIFT_CONV2D = torch.ops.fxpress.shift_conv2d.default
@@ -147,11 +147,7 @@ class ShiftAddPass(Pass):
         if opt["attention"]:
             att_error = self._attention(gm, ctx, opt, result)
         finalize(gm)
-        done = {c for r in result.rewrites if r.kind.startswith("shift_") for c in r.consumed}
-        stems, heads = self._stems_heads
-        body = [w.node.name for w in self._ops if w.node.name not in stems | heads]
-        result.count_layers(len(self._ops), len(done), len(body), sum(1 for b in body if b in done),
-                            nothing=self._nothing, layer_nodes=[w.node.name for w in self._ops])
+        self._scan.count(result, {c for r in result.rewrites if r.kind.startswith("shift_") for c in r.consumed})
 
         params_after, bytes_after = count_params(gm)
         macs_after, mults_after = graph_costs(gm)
@@ -182,13 +178,7 @@ class ShiftAddPass(Pass):
 
     # ------------------------------------------------------------------ candidates
     def _find_layers(self, gm: fx.GraphModule, result: PassResult) -> list[_Layer]:
-        scan = find_weight_ops(gm)
-        for name, reason in scan.near_misses:
-            result.skip(name, reason)
-        self._ops = [w for w in scan.ops if w.kind in (LINEAR, CONV, CONV_T)]
-        self._wops = {w.node: w for w in scan.ops}
-        self._stems_heads = stems_and_heads(gm, scan.ops)
-        self._nothing = None if self._ops else scan.nothing_found()
+        scan = self._scan = LayerScan.of(gm, result)
         by_key: dict[str, _Layer] = {}
         order: list[str] = []
         for w in scan.ops:
@@ -244,7 +234,7 @@ class ShiftAddPass(Pass):
         else:
             picked = list(layers)
             if opt["keep_first_last"]:
-                stems, heads = self._stems_heads
+                stems, heads = self._scan.stems, self._scan.heads
                 for L in [L for L in picked if L.nodes[0].name in stems | heads]:
                     what = "stem (first layer on the raw input)" if L.nodes[0].name in stems else "head (last layer)"
                     result.skip(L.nodes[0], f"{what} stays dense (keep_first_last=True)")
@@ -362,7 +352,7 @@ class ShiftAddPass(Pass):
             dm, _ = node_cost(node, gm)
             dense_mults += dm
             after_mults += math.prod(shape_of(node) or (0,))
-            produced.append(replace_weight_op(gm, self._wops[node], build))
+            produced.append(replace_weight_op(gm, self._scan.by_node[node], build))
         packed_bytes = (L.codes.numel() * (1 + opt["exp_bits"]) + 7) // 8  # ops.pack_bitstream's size
         row = dict(
             layer=L.key, op=L.kind, weight_shape=list(L.weight.shape), terms=opt["terms"],
