@@ -24,6 +24,7 @@ The servers' ``TVM_NUM_THREADS`` decides how many cores a measurement uses.
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 
