@@ -56,6 +56,17 @@ def unique_name(gm: nn.Module, base: str) -> str:
     return name
 
 
+def add_frozen_params(gm: nn.Module, base: str, tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Register a copy of each tensor as a parameter without grad named ``<base>_<suffix>`` (made unique, at
+    the root); returns the names, in order, for ``get_attr`` nodes."""
+    names = []
+    for suffix, t in tensors.items():
+        name = unique_name(gm, f"{base}_{suffix}")
+        gm.register_parameter(name, nn.Parameter(t.detach().clone().contiguous(), requires_grad=False))
+        names.append(name)
+    return names
+
+
 _INPLACE_FLAG_FUNCTIONS = {F.relu, F.relu6, F.elu, F.hardtanh, F.leaky_relu, F.silu, F.hardswish, F.mish, F.selu,
                            F.celu, F.rrelu, F.threshold}
 

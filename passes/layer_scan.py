@@ -7,11 +7,12 @@ n layers"). ``LayerScan`` is that prologue and epilogue, once.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 from torch import fx
 
 from .base import PassResult
-from .weight_ops import CONV, CONV_T, LINEAR, WeightOp, find_weight_ops, stems_and_heads
+from .weight_ops import CONV, CONV_T, LINEAR, WeightOp, find_weight_ops, replace_weight_op, stems_and_heads
 
 
 @dataclass
@@ -44,3 +45,12 @@ class LayerScan:
         body = self.body
         result.count_layers(len(self.layers), len(done), len(body), sum(1 for w in body if w.node.name in done),
                             nothing=self.nothing, layer_nodes=[w.node.name for w in self.layers])
+
+    def replace_calls(self, gm: fx.GraphModule, nodes: list[fx.Node], params: list[str],
+                      call: Callable[..., fx.Node]) -> list[fx.Node]:
+        """Replace each layer call in ``nodes`` by ``call(graph, x, *get_attr nodes of params)`` (x: the layer's
+        input, see weight_ops.replace_weight_op); returns the new nodes."""
+        def build(g: fx.Graph, x: fx.Node) -> fx.Node:
+            return call(g, x, *(g.get_attr(p) for p in params))
+
+        return [replace_weight_op(gm, self.by_node[n], build) for n in nodes]

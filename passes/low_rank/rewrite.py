@@ -5,13 +5,12 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import fx, nn
+from torch import fx
 
 from ..base import PassResult
-from ..graph import flatten_outputs, unique_name
+from ..graph import add_frozen_params, flatten_outputs
 from ..layer_scan import LayerScan
 from ..stats import node_cost, shape_of
-from ..weight_ops import replace_weight_op
 from . import ops  # noqa: F401 - registers fxpress::lowrank_* and their costs
 from .layers import Layer
 from .ranks import State
@@ -34,28 +33,17 @@ def lowrank_apply(layer: Layer, x: torch.Tensor, A: torch.Tensor, B: torch.Tenso
 def rewrite(gm: fx.GraphModule, L: Layer, rank: int, scan: LayerScan, result: PassResult) -> None:
     """Replace every call of ``L`` by the low-rank op at ``rank``, with a report row."""
     A, B, bias = factors(L, rank)
-    base = L.key.replace(".", "_")
-    names = []
-    for suffix, t in (("lr_U", A), ("lr_V", B), ("lr_bias", bias)):
-        name = unique_name(gm, f"{base}_{suffix}")
-        gm.register_parameter(name, nn.Parameter(t.contiguous(), requires_grad=False))
-        names.append(name)
-    macs_before = macs_after = 0
-    produced = []
+    names = add_frozen_params(gm, L.key, {"lr_U": A, "lr_V": B, "lr_bias": bias})
     c = L.conv
 
-    def build(g: fx.Graph, x: fx.Node) -> fx.Node:
-        u, v, b = (g.get_attr(n) for n in names)
+    def call(g: fx.Graph, x: fx.Node, u: fx.Node, v: fx.Node, b: fx.Node) -> fx.Node:
         if L.kind == "linear":
             return g.call_function(_LINEAR_OP, (x, u, v, b))
         return g.call_function(_CONV_OP, (x, u, v, b, list(c["stride"]), list(c["padding"]), list(c["dilation"])))
 
-    for node in L.nodes:
-        mb, _ = node_cost(node, gm)
-        macs_before += mb
-        out_numel = math.prod(shape_of(node) or (0,))
-        macs_after += (out_numel // L.out) * rank * (L.d + L.out)
-        produced.append(replace_weight_op(gm, scan.by_node[node], build))
+    macs_before = sum(node_cost(node, gm)[0] for node in L.nodes)
+    macs_after = sum((math.prod(shape_of(node) or (0,)) // L.out) * rank * (L.d + L.out) for node in L.nodes)
+    produced = scan.replace_calls(gm, L.nodes, names, call)
     err = L.fact.rel_error(rank)
     shape = [L.out, L.d] if L.kind == "linear" else [L.out, L.d // math.prod(L.conv["kernel"]), *L.conv["kernel"]]
     row = dict(layer=L.key, op=L.kind, weight_shape=shape, rank=rank, full_rank=L.fact.full_rank,

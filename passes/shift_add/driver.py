@@ -43,15 +43,15 @@ from torch import fx, nn
 
 from fxpress.errors import PassError
 
-from . import ops as ops
 from ..base import Option, Pass, PassContext, PassResult, register_pass
-from ..graph import cosine, eliminate_dead_code, finalize, flatten_outputs, unique_name
-from ..trace import copy_graph_module
-from ..measure import output_error
-from .attention import find_attention, rewrite_attention
-from ..stats import count_params, graph_costs, node_cost, shape_of
+from ..graph import add_frozen_params, cosine, eliminate_dead_code, finalize, flatten_outputs
 from ..layer_scan import LayerScan
-from ..weight_ops import CONV_T, EMBEDDING, LINEAR, WeightOp, as_conv2d, replace_weight_op
+from ..measure import output_error
+from ..stats import count_params, graph_costs, node_cost, shape_of
+from ..trace import copy_graph_module
+from ..weight_ops import CONV_T, EMBEDDING, LINEAR, WeightOp, as_conv2d
+from . import ops
+from .attention import find_attention, rewrite_attention
 
 SHIFT_LINEAR = torch.ops.fxpress.shift_linear.default
 SHIFT_CONV2D = torch.ops.fxpress.shift_conv2d.default
@@ -330,29 +330,19 @@ class ShiftAddPass(Pass):
             codes = ops.conv_codes(L.codes, L.weight.shape)
         out_ch = L.weight.shape[0]
         bias = L.bias if L.bias is not None else torch.zeros(out_ch, dtype=L.weight.dtype)
-        base = L.key.replace(".", "_")
-        names = []
-        for suffix, t in (("shift_codes", codes), ("shift_scale", L.scale), ("shift_bias", bias)):
-            name = unique_name(gm, f"{base}_{suffix}")
-            gm.register_parameter(name, nn.Parameter(t.detach().clone().contiguous(), requires_grad=False))
-            names.append(name)
+        names = add_frozen_params(gm, L.key, {"shift_codes": codes, "shift_scale": L.scale, "shift_bias": bias})
         frac = L.frac_bits if L.mode == "int" else -1
-        dense_mults = after_mults = 0
-        produced = []
         cv = L.conv
 
-        def build(g: fx.Graph, x: fx.Node) -> fx.Node:
-            c, s, b = (g.get_attr(n) for n in names)
+        def call(g: fx.Graph, x: fx.Node, c: fx.Node, s: fx.Node, b: fx.Node) -> fx.Node:
             if L.kind == "linear":
                 return g.call_function(SHIFT_LINEAR, (x, c, s, b, frac))
             return g.call_function(SHIFT_CONV2D, (x, c, s, b, list(cv["stride"]), list(cv["padding"]),
                                                   list(cv["dilation"]), int(cv["groups"]), frac))
 
-        for node in L.nodes:
-            dm, _ = node_cost(node, gm)
-            dense_mults += dm
-            after_mults += math.prod(shape_of(node) or (0,))
-            produced.append(replace_weight_op(gm, self._scan.by_node[node], build))
+        dense_mults = sum(node_cost(node, gm)[0] for node in L.nodes)
+        after_mults = sum(math.prod(shape_of(node) or (0,)) for node in L.nodes)  # one multiply per output
+        produced = self._scan.replace_calls(gm, L.nodes, names, call)
         packed_bytes = (L.codes.numel() * (1 + opt["exp_bits"]) + 7) // 8  # ops.pack_bitstream's size
         row = dict(
             layer=L.key, op=L.kind, weight_shape=list(L.weight.shape), terms=opt["terms"],
