@@ -2,12 +2,12 @@
 
 The pass registry (passes/base.py), the lowering registry (lowering/registry.py) and the kernel
 schedules (codegen/build.py) all read this one table, so adding a family is one row here plus its
-modules. Plain data and importlib only, like errors.py: every layer imports it, the torch-free
+modules. Plain data and the standard library only, like errors.py: every layer imports it, the torch-free
 codegen included.
 
-The row order is the canonical pass order (``passes=["quantize", "fuse"]`` runs fuse first): control
-flow is split first (so the rest see branch-free graphs), fusion before factorisation, quantization
-last.
+The row order is the canonical pass order (``available_passes()`` and ``passes="default"`` follow it):
+control flow is split first (so the rest see branch-free graphs), fusion before factorisation,
+quantization last.
 """
 from __future__ import annotations
 
