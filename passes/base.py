@@ -320,8 +320,8 @@ def _contract(run):
         from .weight_ops_lift import lift_to_modules
 
         self.check_options(ctx)
-        if self.lift_layers:
-            lift_to_modules(gm)
+        if self.lift_layers and lift_to_modules(gm):
+            finalize(gm)  # drop the replaced weights now, so the pass's own "before" counts each weight once
         new, result = run(self, gm, ctx)
         if isinstance(new, fx.GraphModule):
             finalize(new)

@@ -80,6 +80,9 @@ def mark_regions(state: FuseState) -> list[dict]:
             continue
         acts = [u for u in node.users if is_activation(gm, u) and u.args[0] is node]
         if not acts:
+            if node.name not in state.reasons:  # an earlier step's reason (e.g. BN) is the more specific one
+                readers = ", ".join(sorted(f"{u.name} ({kind_of(gm, u)})" for u in node.users)) or "nothing"
+                state.why_not(node, f"no BatchNorm or known activation follows: the output is read by {readers}")
             continue
         if len(node.users) > 1:
             others = sorted(u.name for u in node.users if u is not acts[0])
