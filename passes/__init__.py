@@ -1,7 +1,7 @@
 """FX → FX rewrites (fxpress.passes): the pass protocol, registry, manager and graph utilities.
 
-Built-in pass families live in one module each (fusion, low_rank, shift_add, split_branches,
-quantize) and register themselves by name when first looked up.
+Built-in pass families live in one module each (fusion, low_rank, shift_add, quantize) and register
+themselves by name when first looked up. (split_branches is a front end ahead of the passes: fxpress.frontends.)
 """
 from fxpress.errors import PassError, TraceError, UnknownPassError
 

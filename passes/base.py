@@ -226,8 +226,8 @@ class Option:
 
 
 # Sections of ``compile(options=...)`` that are not passes: tuning, the lowering (dynamic_batch), the
-# passes="auto" search.
-NON_PASS_SECTIONS = {"tune", "lower", "auto"}
+# passes="auto" search, the split_branches front end (fxpress.frontends; it checks its own section).
+NON_PASS_SECTIONS = {"tune", "lower", "auto", "split_branches"}
 
 
 def check_option_sections(options: dict[str, Any]) -> None:
@@ -343,9 +343,9 @@ class FunctionPass(Pass):
 
 # ----------------------------------------------------------------------------- registry
 
-# Canonical order when several passes are asked for by name: control flow is split first
-# (so the rest see branch-free graphs), fusion before factorisation, quantization last.
-CANONICAL_ORDER = ["split_branches", "fuse", "low_rank", "shift_add", "quantize"]
+# Canonical order when several passes are asked for by name: fusion before factorisation,
+# quantization last. (split_branches is a front end ahead of every pass: fxpress.frontends.)
+CANONICAL_ORDER = ["fuse", "low_rank", "shift_add", "quantize"]
 
 _REGISTRY: dict[str, type[Pass]] = {}
 # Passes that `passes="default"` runs, in canonical order. Lossy passes join only when they
@@ -354,7 +354,7 @@ _DEFAULT: list[str] = []
 
 # Modules that define the built-in passes; imported on first lookup so that importing
 # fxpress.passes stays cheap and a broken optional pass cannot break the others.
-_BUILTIN_MODULES = ["fusion", "low_rank", "shift_add", "split_branches", "quantize"]
+_BUILTIN_MODULES = ["fusion", "low_rank", "shift_add", "quantize"]
 _builtins_loaded = False
 
 

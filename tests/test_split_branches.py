@@ -15,8 +15,9 @@ from fxpress.compiled import CompiledModel
 from fxpress.dynamic import DynamicCompiledModel
 from fxpress.errors import InputError, TraceError
 from fxpress.models.registry import dynamic_names, get_dynamic, names
-from fxpress.passes import get_pass
-from fxpress.passes.split_branches_ir import HostProgram
+from fxpress.errors import UnknownPassError
+from fxpress.frontends.split_branches.ir import HostProgram
+from fxpress.passes import available_passes, get_pass
 from fxpress.runtime.host_program import HostInterpreter, HostProgramError
 
 # What the front end must find in each reference model, and the host program it must build.
@@ -112,7 +113,7 @@ def test_shape_branch_duplicates_the_join():
     assert (1, 512) in node_shapes(cm.regions["r2"].gm)  # fine: 8x8x8
 
 
-def test_report_graph_and_pass_registry():
+def test_report_graph_and_front_end_name():
     spec, model, cm = compile_torch("gated_skip")
     names_ = cm.report.names()
     assert names_[0] == "split_branches" and names_[-1] == "host:torch"
@@ -124,11 +125,10 @@ def test_report_graph_and_pass_registry():
     assert cm.graph("r1:trace") is cm.regions["r1"].graph("trace")
     with pytest.raises(KeyError, match="one graph per region"):
         cm.graph("fuse")
-    # the registered pass: a no-op on a graph that was already traced whole
-    p = get_pass("split_branches")
-    gm = torch.fx.symbolic_trace(nn.Linear(2, 2))
-    out, result = p.run(gm, None)
-    assert not result.changed
+    # a front end, not an FX pass: selected by its name in passes=, absent from the pass registry
+    assert "split_branches" not in available_passes()
+    with pytest.raises(UnknownPassError):
+        get_pass("split_branches")
 
 
 def test_regions_calibrate_on_what_reaches_them():
