@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import fxpress
-from fxpress.dynamic import DynamicCompiledModel
+from fxpress.dynamic_model import DynamicCompiledModel
 from fxpress.errors import TraceError
 from fxpress.models.registry import get_dynamic
 from fxpress.frontends.split_branches.counter_bound import counter_bound
