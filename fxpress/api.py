@@ -92,7 +92,9 @@ def compile(  # noqa: A001 - the public name the contract fixes
 ) -> CompiledModel:
     """Compile ``model`` for ``target``; see docs/DESIGN.md for the stages.
 
-    passes:      "default" | "none" | list of pass names or Pass objects (run in the given order)
+    passes:      "default" | "none" | list of pass names or Pass objects (run in the given order);
+                 "split_branches" in the list selects that front end (data-dependent control flow, runs
+                 ahead of every pass: docs/passes/split_branches.md)
     target:      "llvm" (CPU via TVM) | "cuda" (GPU via TVM) | "onnx" (ONNX Runtime) | "torch" (eager FX)
     tune:        MetaSchedule trials for TVM targets; 0 uses default schedules
     calibration: iterable of input tuples for passes that use data (quantize, activation-aware low rank)
@@ -117,7 +119,12 @@ def compile(  # noqa: A001 - the public name the contract fixes
         return compile_auto(model, example_inputs, evaluate=evaluate, max_drop=max_drop, objective=objective,
                             target=target, tune=tune, calibration=calib, tolerance=tolerance, options=options)
     front_ends, pass_names = _pick_front_ends(passes)
-    pass_list = resolve_passes(pass_names)  # unknown names fail before any slow work
+    try:
+        pass_list = resolve_passes(pass_names)  # unknown names fail before any slow work
+    except UnknownPassError as e:
+        if not str(e).startswith("unknown pass"):
+            raise
+        raise UnknownPassError(f"{e} Front ends, also named in passes=: {', '.join(FRONT_ENDS)}.") from None
     # compile() is pure for the caller: it works on a copy of the model (buffers a forward updates,
     # train/eval mode) and of the example inputs (a forward may update them in place).
     came_training = model.training

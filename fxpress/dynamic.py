@@ -117,7 +117,8 @@ def compile_dynamic(model: nn.Module, example_inputs: tuple, pass_list, settings
                            pass_list, settings, stages=[trace_record], trace_method=tr.method,
                            calibration=calib.get(name))
         regions[name] = cm
-        executors[name] = _TorchExecutor(cm.gm) if settings.target == "torch" else cm.executor
+        # the host program calls each region's executor on arrays (target torch: the graph itself)
+        executors[name] = _TorchExecutor(cm.gm) if settings.target == "torch" else cm._executor  # noqa: SLF001
         records += [dataclasses.replace(rec, name=f"{name}:{rec.name}") for rec in cm.report]
     runnable = all(e is not None for e in executors.values())
     interp = HostInterpreter(host_json, executors) if runnable else None

@@ -187,6 +187,11 @@ def test_split_options_defaults_come_from_the_declaration():
     assert split_options(defaults) is defaults
 
 
+def test_unknown_pass_error_names_the_front_end():
+    with pytest.raises(UnknownPassError, match="unknown pass 'split_branch'.*Front ends.*split_branches"):
+        fxpress.compile(nn.Linear(4, 4), (torch.randn(1, 4),), passes=["split_branch"], target="torch")
+
+
 def test_front_end_listed_twice_is_refused():
     with pytest.raises(UnknownPassError, match="more than once"):
         fxpress.compile(nn.Linear(4, 4), (torch.randn(1, 4),), passes=["split_branches", "split_branches"],
