@@ -94,10 +94,6 @@ class Outcome:
     cont: dict | None = None
 
 
-class NeedsDuplication(Exception):
-    pass
-
-
 class Explorer:
     """Runs the host program eagerly, both sides of every branch, to find every region's inputs."""
 
