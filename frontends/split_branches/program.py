@@ -100,7 +100,7 @@ def sp_children(n) -> list[list]:
 
 @dataclass
 class Analysis:
-    """What the front end found: the structured program and everything regions need to compile."""
+    """What the reader found: the structured program and everything regions need to compile."""
 
     program: list
     root_fn: FnInfo

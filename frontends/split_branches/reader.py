@@ -1,7 +1,7 @@
-"""split_branches, front end: find a model's data-dependent control flow in its Python source.
+"""Find a model's data-dependent control flow in its Python source (``analyze``).
 
 The forward's AST (and that of every submodule forward or ``self`` method it calls whose control
-flow depends on data, inlined) is lowered to a *structured program*: straight-line statements
+flow depends on data, inlined) is read into a *structured program*: straight-line statements
 (``SStmt``, which tracing handles, static Python control flow included) and the dynamic nodes the
 host program must run (``SIf``, ``SWhile``, ``SFor``, ``SUnrolled``, ``SBreak``, ``SContinue``,
 ``SReturn``).
@@ -42,7 +42,7 @@ MAX_UNROLL = 256
 
 
 class _Frame:
-    """Lowering state for one function body (the forward or an inlined callee)."""
+    """Reading state for one function body (the forward or an inlined callee)."""
 
     def __init__(self, fn: FnInfo, taint: Taint, self_name: str):
         self.fn = fn
@@ -108,7 +108,7 @@ class ProgramReader:
         frame = _Frame(fn, taint, "self")
         frame.shapes = {p: t for p, t in zip(params, self._shape_stand_ins) if t is not None}
         self._stack.append(fn.fn.__code__)
-        program = self.lower_block(fdef.body, frame)
+        program = self.read_block(fdef.body, frame)
         self._stack.pop()
         return Analysis(program=program, root_fn=fn, params=params, bindings=self.bindings, data=self.data,
                         varying=self.varying, def_sites=program_def_sites(program, params),
@@ -262,15 +262,15 @@ class ProgramReader:
             frames.append(f)
         return frames
 
-    # ------------------------------------------------------------------ lowering
-    def lower_block(self, stmts: list[ast.stmt], frame: _Frame) -> list:
+    # ------------------------------------------------------------------ reading statements
+    def read_block(self, stmts: list[ast.stmt], frame: _Frame) -> list:
         out: list = []
         for i, s in enumerate(stmts):
             if not self.needs_split(s, frame, False):
                 out.append(SStmt(s, frame.fn))
                 self._record_const(s, frame)
                 continue
-            out.extend(self.lower_stmt(s, frame, stmts[:i]))
+            out.extend(self.read_stmt(s, frame, stmts[:i]))
             if out and isinstance(out[-1], (SReturn, SBreak, SContinue)):
                 break  # the rest of the block is unreachable
         return out
@@ -286,7 +286,7 @@ class ProgramReader:
         if ok and isinstance(value, (bool, int, float, str, tuple, type(None), nn.Module)):
             frame.consts[name] = value
 
-    def lower_stmt(self, s: ast.stmt, frame: _Frame, preceding: list[ast.stmt] = ()) -> list:
+    def read_stmt(self, s: ast.stmt, frame: _Frame, preceding: list[ast.stmt] = ()) -> list:
         fn, t = frame.fn, frame.taint
         if isinstance(s, ast.Return):
             if s.value is not None and self._call_needs(s, frame):
@@ -307,7 +307,7 @@ class ProgramReader:
                 if _one_line(s):
                     self.notes.append(f"{fn.loc(s)}: the branch body shares the `if` line, so the decision trace "
                                       "cannot tell eager's branch from its test; put the body on its own line")
-                return [SIf(s.test, self.lower_block(s.body, frame), self.lower_block(s.orelse, frame), fn,
+                return [SIf(s.test, self.read_block(s.body, frame), self.read_block(s.orelse, frame), fn,
                             fn.loc(s), loc_line(fn, s.body), loc_line(fn, s.orelse))]
             ok, value = self.try_static_eval(s.test, frame)
             if not ok:
@@ -316,11 +316,11 @@ class ProgramReader:
                     "but its test could not be evaluated at compile time and does not read a tensor.\n"
                     "What to do: make the test depend only on module attributes and shapes, or compute it from "
                     "the input tensors so it is split as a dynamic branch.")
-            return self.lower_block(s.body if value else s.orelse, frame)
+            return self.read_block(s.body if value else s.orelse, frame)
         if isinstance(s, ast.While):
-            return self.lower_while(s, frame, preceding)
+            return self.read_while(s, frame, preceding)
         if isinstance(s, ast.For):
-            return self.lower_for(s, frame)
+            return self.read_for(s, frame)
         if isinstance(s, (ast.Assign, ast.Expr, ast.AnnAssign)):
             return self.inline(s, frame)
         what = type(s).__name__
@@ -330,7 +330,7 @@ class ProgramReader:
             "and calls of submodules).\nWhat to do: move the dynamic part out of the "
             f"`{what.lower()}` block.")
 
-    def lower_while(self, s: ast.While, frame: _Frame, preceding: list[ast.stmt] = ()) -> list:
+    def read_while(self, s: ast.While, frame: _Frame, preceding: list[ast.stmt] = ()) -> list:
         fn = frame.fn
         if s.orelse:
             raise TraceError(f"split_branches: {fn.loc(s)}: while ... else is not supported; move the else block after the loop")
@@ -352,10 +352,10 @@ class ProgramReader:
                     f"    while fxpress.bound({ast.unparse(s.test)}, max_iter=N):\n"
                     "or bound every such loop with compile(..., options={'split_branches': {'max_loop_iters': N}}).")
         self.dynamic_sites.append(f"{fn.loc(s)}: while {ast.unparse(test)} (at most {max_iter})")
-        return [SWhile(test, self.lower_block(s.body, frame), fn, fn.loc(s), loc_line(fn, s.body),
+        return [SWhile(test, self.read_block(s.body, frame), fn, fn.loc(s), loc_line(fn, s.body),
                        int(max_iter), on_exceed)]
 
-    def lower_for(self, s: ast.For, frame: _Frame) -> list:
+    def read_for(self, s: ast.For, frame: _Frame) -> list:
         fn, t = frame.fn, frame.taint
         if s.orelse:
             raise TraceError(f"split_branches: {fn.loc(s)}: for ... else is not supported; move the else block after the loop")
@@ -386,7 +386,7 @@ class ProgramReader:
         stop = it.args[-1]
         index = None if s.target.id == "_" else s.target.id
         self.dynamic_sites.append(f"{fn.loc(s)}: for {ast.unparse(s.target)} in {ast.unparse(it)} (at most {max_iter})")
-        return [SFor(index, start, stop, self.lower_block(s.body, frame), fn, fn.loc(s), loc_line(fn, s.body),
+        return [SFor(index, start, stop, self.read_block(s.body, frame), fn, fn.loc(s), loc_line(fn, s.body),
                      int(max_iter), on_exceed)]
 
     def unroll(self, s: ast.For, frame: _Frame) -> list:
@@ -419,7 +419,7 @@ class ProgramReader:
                 self.bindings[b] = value
                 mapping[name] = b
             body = [rename(copy.deepcopy(b), mapping) for b in s.body]
-            iterations.append(self.lower_block(body, frame))
+            iterations.append(self.read_block(body, frame))
         return [SUnrolled(iterations, fn.loc(s), loc_line(fn, s.body))]
 
     # ------------------------------------------------------------------ inlining
@@ -503,7 +503,7 @@ class ProgramReader:
         callee_frame = _Frame(info, taint, f"self__{k}")
         self._stack.append(info.fn.__code__)
         try:
-            body = self.lower_block(fdef.body, callee_frame)
+            body = self.read_block(fdef.body, callee_frame)
         finally:
             self._stack.pop()
         ret = f"ret__{k}"

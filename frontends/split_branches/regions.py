@@ -163,7 +163,7 @@ class Builder:
                 self._flush(pending, out)
                 out.append(ir.Continue(loc=n.loc))
                 terminated = True
-            else:  # pragma: no cover - the front end produces nothing else
+            else:  # pragma: no cover - the reader produces nothing else
                 raise TypeError(n)
             if terminated:
                 break

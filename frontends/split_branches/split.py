@@ -94,7 +94,7 @@ def split_model(model: nn.Module, example_inputs: Sequence[torch.Tensor],
                 options: SplitOptions | dict[str, Any] | None = None, out_spec=None, batch: str = "uniform",
                 analysis: Analysis | None = None) -> SplitProgram:
     """Cut ``model``'s forward into branch-free regions and a host program (see module docstring).
-    ``analysis``: the front end's result when the caller already has it (``analyze(model, options)``)."""
+    ``analysis``: the reader's result when the caller already has it (``analyze(model, options)``)."""
     options = split_options(options)
     analysis = analysis if analysis is not None else analyze(model, options, len(example_inputs), example_inputs)
     if len(analysis.params) != len(example_inputs):
