@@ -6,8 +6,8 @@ modules. Plain data and the standard library only, like errors.py: every layer i
 codegen included.
 
 The row order is the canonical pass order (``available_passes()`` and ``passes="default"`` follow it):
-control flow is split first (so the rest see branch-free graphs), fusion before factorisation,
-quantization last.
+fusion before factorisation, quantization last. (split_branches is a front end ahead of every pass, not
+a family: fxpress.frontends.)
 """
 from __future__ import annotations
 
@@ -25,7 +25,6 @@ class Family:
 
 
 FAMILIES: tuple[Family, ...] = (
-    Family("split_branches", passes="split_branches"),
     Family("fuse", passes="fusion"),
     Family("low_rank", passes="low_rank", lowering="low_rank_lowering", kernels="low_rank_kernels"),
     Family("shift_add", passes="shift_add", lowering="shift_add_lowering", kernels="shift_add_kernels"),

@@ -228,8 +228,8 @@ class Option:
 
 
 # Sections of ``compile(options=...)`` that are not passes: tuning, the lowering (dynamic_batch), the
-# passes="auto" search.
-NON_PASS_SECTIONS = {"tune", "lower", "auto"}
+# passes="auto" search, the split_branches front end (fxpress.frontends; it checks its own section).
+NON_PASS_SECTIONS = {"tune", "lower", "auto", "split_branches"}
 
 
 def check_option_sections(options: dict[str, Any]) -> None:

@@ -126,7 +126,7 @@ class PassManager:
         record = snapshot(p.name, "pass", new, reference, ctx.example_inputs, status, seconds, result=result,
                           note=result.headline())
         if not getattr(p, "lossy", False) and result.changed:
-            # A lossless pass (fuse, split_branches) must compute what the graph before it did.
+            # A lossless pass (fuse) must compute what the graph before it did.
             _, drift = output_error(run_graph(new, ctx.example_inputs), run_graph(gm, ctx.example_inputs))
             if drift > LOSSLESS_RTOL:
                 record.status = "rolled back"

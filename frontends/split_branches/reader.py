@@ -1,7 +1,7 @@
-"""split_branches, front end: find a model's data-dependent control flow in its Python source.
+"""Find a model's data-dependent control flow in its Python source (``analyze``).
 
 The forward's AST (and that of every submodule forward or ``self`` method it calls whose control
-flow depends on data, inlined) is lowered to a *structured program*: straight-line statements
+flow depends on data, inlined) is read into a *structured program*: straight-line statements
 (``SStmt``, which tracing handles, static Python control flow included) and the dynamic nodes the
 host program must run (``SIf``, ``SWhile``, ``SFor``, ``SUnrolled``, ``SBreak``, ``SContinue``,
 ``SReturn``).
@@ -20,498 +20,29 @@ import ast
 import builtins
 import copy
 import inspect
-import textwrap
 import types
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from fxpress.control import bound as bound_marker  # fxpress.bound(...): compared by identity
 from fxpress.errors import TraceError
 
-# Attribute reads / method calls / functions whose result is fixed by shapes (static at compile time).
-SHAPE_ATTRS = {"shape", "ndim", "dtype", "device", "is_cuda", "layout", "is_floating_point", "training"}
-SHAPE_METHODS = {"size", "dim", "numel", "ndimension", "element_size", "get_device", "is_floating_point",
-                 "is_contiguous", "type"}
-SHAPE_FUNCS = {"len", "isinstance", "type", "hasattr", "callable", "id"}
+from .counter_bound import counter_bound
+from .names import function_locals, rename, stored_names, target_names
+from .options import SplitOptions, split_options
+from .program import (Analysis, SBreak, SContinue, SFor, SIf, SReturn, SStmt, SUnrolled, SWhile, lift_returns, loc_line,
+                      program_def_sites)
+from .source import FnInfo, load_function
+from .taint import Taint, analyze_taint, child_blocks
+
+
 MAX_UNROLL = 256
 
 
-# ----------------------------------------------------------------------------- source
-
-@dataclass
-class FnInfo:
-    """One Python function whose source split_branches reads."""
-
-    fn: types.FunctionType
-    fdef: ast.FunctionDef
-    filename: str
-    globals: dict[str, Any]
-    closure: dict[str, Any]
-
-    @property
-    def qualname(self) -> str:
-        return getattr(self.fn, "__qualname__", self.fn.__name__)
-
-    def loc(self, node: ast.AST) -> str:
-        return f"{self.filename}:{getattr(node, 'lineno', '?')}"
-
-
-_SOURCE_CACHE: dict[types.CodeType, FnInfo] = {}
-
-
-def load_function(fn) -> FnInfo:
-    fn = inspect.unwrap(fn)
-    if isinstance(fn, types.MethodType):
-        fn = fn.__func__
-    code = getattr(fn, "__code__", None)
-    if code is None:
-        raise TraceError(f"split_branches: cannot read the Python source of {fn!r} (not a Python function)")
-    if code in _SOURCE_CACHE:
-        info = _SOURCE_CACHE[code]
-        return FnInfo(info.fn, copy.deepcopy(info.fdef), info.filename, info.globals, info.closure)
-    try:
-        lines, start = inspect.getsourcelines(fn)
-        filename = inspect.getsourcefile(fn) or code.co_filename
-    except (OSError, TypeError) as e:
-        raise TraceError(
-            f"split_branches: cannot read the source of {fn.__qualname__} ({code.co_filename}:{code.co_firstlineno}): {e}. "
-            "Dynamic-branch splitting reads the forward's Python source; define the model in a .py file.") from e
-    tree = ast.parse(textwrap.dedent("".join(lines)))
-    ast.increment_lineno(tree, start - 1)
-    fdef = tree.body[0]
-    if not isinstance(fdef, ast.FunctionDef):
-        raise TraceError(f"split_branches: {filename}:{start}: {fn.__qualname__} is not a plain `def` function")
-    fdef.decorator_list = []
-    try:
-        closure = dict(inspect.getclosurevars(fn).nonlocals)
-    except (TypeError, ValueError):
-        closure = {}
-    # The code object's file name is what tracebacks, fx stack traces and sys.settrace report.
-    info = FnInfo(fn, fdef, code.co_filename or filename, fn.__globals__, closure)
-    _SOURCE_CACHE[code] = info
-    return FnInfo(info.fn, copy.deepcopy(fdef), filename, info.globals, closure)
-
-
-# ----------------------------------------------------------------------------- names
-
-_SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef, ast.ListComp, ast.SetComp,
-           ast.DictComp, ast.GeneratorExp)
-
-
-def iter_child_nodes_same_scope(node: ast.AST):
-    """Children of ``node``, not descending into nested function/class/comprehension scopes."""
-    for child in ast.iter_child_nodes(node):
-        yield child
-        if not isinstance(child, _SCOPES):
-            yield from iter_child_nodes_same_scope(child)
-
-
-def stored_names(node: ast.AST) -> list[str]:
-    """Names bound by assignment targets in ``node`` (same scope)."""
-    out = []
-    nodes = [node] + list(iter_child_nodes_same_scope(node))
-    for n in nodes:
-        if isinstance(n, ast.Name) and isinstance(n.ctx, (ast.Store, ast.Del)):
-            out.append(n.id)
-        elif isinstance(n, ast.NamedExpr) and isinstance(n.target, ast.Name):
-            out.append(n.target.id)
-    return out
-
-
-def counter_bound(loop: ast.While, preceding, static_eval) -> int | None:
-    """The most iterations ``while ... and i < N:`` can take, read from the loop itself.
-
-    A conjunct ``i < N`` / ``i <= N`` (or ``N > i`` / ``N >= i``) bounds the loop when ``N`` is a
-    compile-time int, ``i`` was last set to a compile-time int before the loop (in ``preceding``, the
-    statements of the same block), and the body changes ``i`` only by one ``i += k`` (k > 0) at its top
-    level, with no ``continue`` that could skip it. ``static_eval(expr) -> (ok, value)``. None when no
-    conjunct qualifies.
-    """
-    conjuncts = loop.test.values if isinstance(loop.test, ast.BoolOp) and isinstance(loop.test.op, ast.And) \
-        else [loop.test]
-    best = None
-    for c in conjuncts:
-        found = _counter_compare(c)
-        if found is None:
-            continue
-        name, limit_expr, inclusive = found
-        ok, limit = static_eval(limit_expr)
-        start = _last_int_assignment(name, preceding, static_eval)
-        step = _only_increment(name, loop.body, static_eval)
-        if not ok or not _is_int(limit) or start is None or step is None:
-            continue
-        span = limit - start
-        trips = (span // step + 1 if span >= 0 else 0) if inclusive else max(0, -(-span // step))
-        best = trips if best is None else min(best, trips)
-    return best
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _counter_compare(c: ast.expr):
-    """(counter name, limit expr, inclusive) for ``i < N``, ``i <= N``, ``N > i``, ``N >= i``."""
-    if not (isinstance(c, ast.Compare) and len(c.ops) == 1):
-        return None
-    left, op, right = c.left, c.ops[0], c.comparators[0]
-    if isinstance(left, ast.Name) and isinstance(op, (ast.Lt, ast.LtE)):
-        return left.id, right, isinstance(op, ast.LtE)
-    if isinstance(right, ast.Name) and isinstance(op, (ast.Gt, ast.GtE)):
-        return right.id, left, isinstance(op, ast.GtE)
-    return None
-
-
-def _last_int_assignment(name: str, preceding, static_eval) -> int | None:
-    for s in reversed(list(preceding)):
-        if name not in stored_names(s):
-            continue
-        if (isinstance(s, ast.Assign) and len(s.targets) == 1 and isinstance(s.targets[0], ast.Name)
-                and s.targets[0].id == name):
-            ok, v = static_eval(s.value)
-            return v if ok and _is_int(v) else None
-        return None  # set some other way (in a branch, a loop, a tuple unpacking): not a known start
-    return None
-
-
-def _only_increment(name: str, body: list[ast.stmt], static_eval) -> int | None:
-    if any(isinstance(n, ast.Continue) for s in body for n in [s, *iter_child_nodes_same_scope(s)]):
-        return None
-    writers = [s for s in body if name in stored_names(s)]
-    if len(writers) != 1:
-        return None
-    s = writers[0]
-    if not (isinstance(s, ast.AugAssign) and isinstance(s.op, ast.Add) and isinstance(s.target, ast.Name)):
-        return None
-    ok, k = static_eval(s.value)
-    return k if ok and _is_int(k) and k > 0 else None
-
-
-# Methods that change their object in place: a region that calls one hands the object on as an output.
-_MUTATING_METHODS = {"append", "extend", "insert", "pop", "remove", "clear", "update", "setdefault",
-                     "popitem", "sort", "reverse", "__setitem__"}
-
-
-def mutated_names(node: ast.AST) -> list[str]:
-    """Names whose object ``node`` changes in place (same scope): ``outs.append(y)``, ``d[k] = v``,
-    ``h.add_(1)`` (torch's trailing-underscore in-place methods)."""
-    out = []
-    for n in [node, *iter_child_nodes_same_scope(node)]:
-        base = None
-        if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and isinstance(n.func.value, ast.Name):
-            attr = n.func.attr
-            if attr in _MUTATING_METHODS or (attr.endswith("_") and not attr.startswith("_")):
-                base = n.func.value.id
-        elif isinstance(n, (ast.Subscript, ast.Attribute)) and isinstance(n.ctx, ast.Store) \
-                and isinstance(n.value, ast.Name):
-            base = n.value.id
-        if base is not None and base not in out:
-            out.append(base)
-    return out
-
-
-def loaded_names(node: ast.AST) -> list[str]:
-    """Names read in ``node``, including free names read inside lambdas and comprehensions."""
-    return [n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)]
-
-
-def function_locals(fdef: ast.FunctionDef) -> set[str]:
-    names = {a.arg for a in fdef.args.posonlyargs + fdef.args.args + fdef.args.kwonlyargs}
-    for s in fdef.body:
-        names.update(stored_names(s))
-    return names
-
-
-def target_names(target: ast.expr) -> list[str]:
-    if isinstance(target, ast.Name):
-        return [target.id]
-    if isinstance(target, (ast.Tuple, ast.List)):
-        return [n for e in target.elts for n in target_names(e)]
-    if isinstance(target, ast.Starred):
-        return target_names(target.value)
-    return []
-
-
-class _Rename(ast.NodeTransformer):
-    def __init__(self, mapping: dict[str, str]):
-        self.mapping = mapping
-
-    def visit_Name(self, node: ast.Name):
-        if node.id in self.mapping:
-            return ast.copy_location(ast.Name(id=self.mapping[node.id], ctx=node.ctx), node)
-        return node
-
-    def visit_arg(self, node: ast.arg):
-        if node.arg in self.mapping:
-            node.arg = self.mapping[node.arg]
-        return node
-
-
-def rename(node, mapping: dict[str, str]):
-    return _Rename(mapping).visit(node)
-
-
-# ----------------------------------------------------------------------------- taint
-
-@dataclass
-class Taint:
-    """Which names of one function hold input-derived data and which vary between executions."""
-
-    data: set[str] = field(default_factory=set)
-    varying: set[str] = field(default_factory=set)
-
-    def expr(self, e: ast.AST | None) -> tuple[bool, bool]:
-        """(reads data, reads a varying name) for an expression."""
-        if e is None:
-            return False, False
-        return _expr_taint(e, self)
-
-    def dynamic(self, e: ast.AST | None) -> bool:
-        d, v = self.expr(e)
-        return d or v
-
-
-def _expr_taint(e: ast.AST, t: Taint) -> tuple[bool, bool]:
-    if isinstance(e, ast.Name):
-        return e.id in t.data, e.id in t.varying
-    # Shapes, dtypes, lengths and None-ness are fixed for a given region: a region is traced once per
-    # signature of its inputs (split_branches duplicates code after a branch whose sides differ), so
-    # a test on them is static even when the name itself is data or varying.
-    if isinstance(e, ast.Attribute) and e.attr in SHAPE_ATTRS:
-        return False, False
-    if isinstance(e, ast.Call):
-        f = e.func
-        if (isinstance(f, ast.Attribute) and f.attr in SHAPE_METHODS) or (
-                isinstance(f, ast.Name) and f.id in SHAPE_FUNCS):
-            return False, False
-    if isinstance(e, ast.Compare) and all(isinstance(op, (ast.Is, ast.IsNot)) for op in e.ops):
-        return False, False
-    d = v = False
-    for c in ast.iter_child_nodes(e):
-        cd, cv = _expr_taint(c, t)
-        d, v = d or cd, v or cv
-    return d, v
-
-
-def _def_counts(fdef: ast.FunctionDef) -> dict[str, int]:
-    """How many times each local may be (re)assigned; a def inside a loop counts twice."""
-    counts: dict[str, int] = {}
-    for a in fdef.args.posonlyargs + fdef.args.args + fdef.args.kwonlyargs:
-        counts[a.arg] = 1
-
-    def visit(stmts, in_loop):
-        for s in stmts:
-            if isinstance(s, (ast.For, ast.While)):
-                for n in (target_names(s.target) if isinstance(s, ast.For) else []):
-                    counts[n] = counts.get(n, 0) + 2
-                visit(s.body, True)
-                visit(s.orelse, in_loop)
-                continue
-            if isinstance(s, (ast.If, ast.With, ast.Try)):
-                for n in (stored_names(s.test) if isinstance(s, ast.If) else []):
-                    counts[n] = counts.get(n, 0) + (2 if in_loop else 1)
-                if isinstance(s, ast.With):
-                    for item in s.items:
-                        for n in target_names(item.optional_vars) if item.optional_vars else []:
-                            counts[n] = counts.get(n, 0) + (2 if in_loop else 1)
-                for block in _blocks(s):
-                    visit(block, in_loop)
-                continue
-            for n in stored_names(s):
-                counts[n] = counts.get(n, 0) + (2 if in_loop else 1)
-
-    visit(fdef.body, False)
-    return counts
-
-
-def _blocks(s: ast.stmt) -> list[list[ast.stmt]]:
-    if isinstance(s, ast.If):
-        return [s.body, s.orelse]
-    if isinstance(s, (ast.For, ast.While)):
-        return [s.body, s.orelse]
-    if isinstance(s, ast.With):
-        return [s.body]
-    if isinstance(s, ast.Try):
-        return [s.body, s.orelse, s.finalbody] + [h.body for h in s.handlers]
-    return []
-
-
-def analyze_taint(fdef: ast.FunctionDef, data_params: set[str]) -> Taint:
-    counts = _def_counts(fdef)
-    t = Taint(data=set(data_params), varying={n for n, c in counts.items() if c >= 2})
-
-    def assign(names, d, v):
-        changed = False
-        for n in names:
-            if d and n not in t.data:
-                t.data.add(n)
-                changed = True
-            if v and n not in t.varying:
-                t.varying.add(n)
-                changed = True
-        return changed
-
-    def visit(stmts) -> bool:
-        changed = False
-        for s in stmts:
-            if isinstance(s, ast.Assign):
-                d, v = t.expr(s.value)
-                changed |= assign([n for tg in s.targets for n in target_names(tg)], d, v)
-            elif isinstance(s, ast.AnnAssign) and s.value is not None:
-                d, v = t.expr(s.value)
-                changed |= assign(target_names(s.target), d, v)
-            elif isinstance(s, ast.AugAssign):
-                d1, v1 = t.expr(s.value)
-                d2, v2 = t.expr(s.target if not isinstance(s.target, ast.Name) else ast.Name(s.target.id, ast.Load()))
-                changed |= assign(target_names(s.target), d1 or d2, v1 or v2)
-            elif isinstance(s, ast.For):
-                d, v = t.expr(s.iter)
-                changed |= assign(target_names(s.target), d, v)
-            elif isinstance(s, ast.With):
-                for item in s.items:
-                    if item.optional_vars is not None:
-                        d, v = t.expr(item.context_expr)
-                        changed |= assign(target_names(item.optional_vars), d, v)
-            for node in iter_child_nodes_same_scope(s):
-                if isinstance(node, ast.NamedExpr) and isinstance(node.target, ast.Name):
-                    d, v = t.expr(node.value)
-                    changed |= assign([node.target.id], d, v)
-            for block in _blocks(s):
-                changed |= visit(block)
-        return changed
-
-    while visit(fdef.body):
-        pass
-    return t
-
-
-# ----------------------------------------------------------------------------- structured program
-
-@dataclass
-class SStmt:
-    stmt: ast.stmt
-    fn: FnInfo
-
-
-@dataclass
-class SIf:
-    test: ast.expr
-    body: list
-    orelse: list
-    fn: FnInfo
-    loc: str
-    then_line: str | None
-    else_line: str | None
-
-
-@dataclass
-class SWhile:
-    test: ast.expr
-    body: list
-    fn: FnInfo
-    loc: str
-    body_line: str | None
-    max_iter: int
-    on_exceed: str
-
-
-@dataclass
-class SFor:
-    index: str | None
-    start: ast.expr
-    stop: ast.expr
-    body: list
-    fn: FnInfo
-    loc: str
-    body_line: str | None
-    max_iter: int
-    on_exceed: str
-
-
-@dataclass
-class SUnrolled:
-    iterations: list
-    loc: str
-    body_line: str | None
-
-
-@dataclass
-class SBreak:
-    loc: str
-
-
-@dataclass
-class SContinue:
-    loc: str
-
-
-@dataclass
-class SReturn:
-    value: ast.expr | None
-    fn: FnInfo
-    loc: str
-    line: str | None
-
-
-STRUCTURED = (SIf, SWhile, SFor, SUnrolled, SBreak, SContinue, SReturn)
-
-
-def sp_walk(nodes):
-    for n in nodes:
-        yield n
-        for sub in sp_children(n):
-            yield from sp_walk(sub)
-
-
-def sp_children(n) -> list[list]:
-    if isinstance(n, SIf):
-        return [n.body, n.orelse]
-    if isinstance(n, (SWhile, SFor)):
-        return [n.body]
-    if isinstance(n, SUnrolled):
-        return list(n.iterations)
-    return []
-
-
-@dataclass
-class Analysis:
-    """What the front end found: the structured program and everything regions need to compile."""
-
-    program: list
-    root_fn: FnInfo
-    params: list[str]                      # forward's tensor parameters, in order
-    bindings: dict[str, Any]               # compile-time constants regions read by name
-    data: set[str]                         # data names (all functions, after renaming)
-    varying: set[str]
-    def_sites: dict[str, int]              # number of assignment sites per name, whole program
-    code_objects: set                      # functions whose lines the decision trace follows
-    dynamic_sites: list[str]               # "file:line: what" for every split point found
-    inlined: list[str]                     # "qualname (file:line)" of inlined callees
-    notes: list[str] = field(default_factory=list)
-
-    def namespace(self) -> dict[str, Any]:
-        ns = dict(self.root_fn.globals)
-        ns.update(self.root_fn.closure)
-        ns.update(self.bindings)
-        return ns
-
-    @property
-    def has_dynamic(self) -> bool:
-        return any(isinstance(n, STRUCTURED) and not _is_final_return(n, self.program) for n in sp_walk(self.program))
-
-
-def _is_final_return(n, program) -> bool:
-    return isinstance(n, SReturn) and program and program[-1] is n
-
-
-def _loc_line(fn: FnInfo, stmts: list[ast.stmt]) -> str | None:
-    return fn.loc(stmts[0]) if stmts else None
-
-
 class _Frame:
-    """Lowering state for one function body (the forward or an inlined callee)."""
+    """Reading state for one function body (the forward or an inlined callee)."""
 
     def __init__(self, fn: FnInfo, taint: Taint, self_name: str):
         self.fn = fn
@@ -521,11 +52,12 @@ class _Frame:
         self.shapes: dict[str, Any] = {}  # forward's inputs as meta tensors (shapes only), root frame only
 
 
-class Lowerer:
-    def __init__(self, root: nn.Module, options: dict[str, Any] | None = None, n_inputs: int | None = None,
-                 example_inputs=None):
+class ProgramReader:
+    """Reads the forward (and every dynamic callee it reaches, inlined) into a structured program."""
+
+    def __init__(self, root: nn.Module, options: SplitOptions, n_inputs: int | None = None, example_inputs=None):
         self.root = root
-        self.options = options or {}
+        self.options = options
         self.n_inputs = n_inputs
         # Shapes are fixed at compile time: `range(x.shape[0])` is a static loop. Meta tensors give
         # static evaluation the inputs' shapes and nothing else (a value read fails, as it must).
@@ -542,9 +74,6 @@ class Lowerer:
         self._counter = 0
         self._dyn_cache: dict[Any, bool] = {}
         self._stack: list[Any] = []
-        from fxpress.control import bound as _bound
-
-        self._bound = _bound
 
     def fresh(self, base: str) -> str:
         self._counter += 1
@@ -579,10 +108,10 @@ class Lowerer:
         frame = _Frame(fn, taint, "self")
         frame.shapes = {p: t for p, t in zip(params, self._shape_stand_ins) if t is not None}
         self._stack.append(fn.fn.__code__)
-        program = self.lower_block(fdef.body, frame)
+        program = self.read_block(fdef.body, frame)
         self._stack.pop()
         return Analysis(program=program, root_fn=fn, params=params, bindings=self.bindings, data=self.data,
-                        varying=self.varying, def_sites=_program_def_sites(program, params),
+                        varying=self.varying, def_sites=program_def_sites(program, params),
                         code_objects=self.code_objects, dynamic_sites=self.dynamic_sites, inlined=self.inlined,
                         notes=self.notes)
 
@@ -615,7 +144,7 @@ class Lowerer:
         if not isinstance(expr, ast.Call):
             return None
         ok, f = self.try_static_eval(expr.func, frame)
-        if not ok or f is not self._bound:
+        if not ok or f is not bound_marker:
             return None
         args = list(expr.args)
         kw = {k.arg: k.value for k in expr.keywords}
@@ -707,7 +236,7 @@ class Lowerer:
                 return True
             return any(self.needs_split(c, f, True) for f in self._iteration_frames(s, frame) for c in s.body + s.orelse)
         if isinstance(s, (ast.With, ast.Try)):
-            return any(self.needs_split(c, frame, loop_inside) for b in _blocks(s) for c in b)
+            return any(self.needs_split(c, frame, loop_inside) for b in child_blocks(s) for c in b)
         if isinstance(s, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)):
             return False
         return self._call_needs(s, frame)
@@ -733,15 +262,15 @@ class Lowerer:
             frames.append(f)
         return frames
 
-    # ------------------------------------------------------------------ lowering
-    def lower_block(self, stmts: list[ast.stmt], frame: _Frame) -> list:
+    # ------------------------------------------------------------------ reading statements
+    def read_block(self, stmts: list[ast.stmt], frame: _Frame) -> list:
         out: list = []
         for i, s in enumerate(stmts):
             if not self.needs_split(s, frame, False):
                 out.append(SStmt(s, frame.fn))
                 self._record_const(s, frame)
                 continue
-            out.extend(self.lower_stmt(s, frame, stmts[:i]))
+            out.extend(self.read_stmt(s, frame, stmts[:i]))
             if out and isinstance(out[-1], (SReturn, SBreak, SContinue)):
                 break  # the rest of the block is unreachable
         return out
@@ -757,7 +286,7 @@ class Lowerer:
         if ok and isinstance(value, (bool, int, float, str, tuple, type(None), nn.Module)):
             frame.consts[name] = value
 
-    def lower_stmt(self, s: ast.stmt, frame: _Frame, preceding: list[ast.stmt] = ()) -> list:
+    def read_stmt(self, s: ast.stmt, frame: _Frame, preceding: list[ast.stmt] = ()) -> list:
         fn, t = frame.fn, frame.taint
         if isinstance(s, ast.Return):
             if s.value is not None and self._call_needs(s, frame):
@@ -778,8 +307,8 @@ class Lowerer:
                 if _one_line(s):
                     self.notes.append(f"{fn.loc(s)}: the branch body shares the `if` line, so the decision trace "
                                       "cannot tell eager's branch from its test; put the body on its own line")
-                return [SIf(s.test, self.lower_block(s.body, frame), self.lower_block(s.orelse, frame), fn,
-                            fn.loc(s), _loc_line(fn, s.body), _loc_line(fn, s.orelse))]
+                return [SIf(s.test, self.read_block(s.body, frame), self.read_block(s.orelse, frame), fn,
+                            fn.loc(s), loc_line(fn, s.body), loc_line(fn, s.orelse))]
             ok, value = self.try_static_eval(s.test, frame)
             if not ok:
                 raise TraceError(
@@ -787,11 +316,11 @@ class Lowerer:
                     "but its test could not be evaluated at compile time and does not read a tensor.\n"
                     "What to do: make the test depend only on module attributes and shapes, or compute it from "
                     "the input tensors so it is split as a dynamic branch.")
-            return self.lower_block(s.body if value else s.orelse, frame)
+            return self.read_block(s.body if value else s.orelse, frame)
         if isinstance(s, ast.While):
-            return self.lower_while(s, frame, preceding)
+            return self.read_while(s, frame, preceding)
         if isinstance(s, ast.For):
-            return self.lower_for(s, frame)
+            return self.read_for(s, frame)
         if isinstance(s, (ast.Assign, ast.Expr, ast.AnnAssign)):
             return self.inline(s, frame)
         what = type(s).__name__
@@ -801,7 +330,7 @@ class Lowerer:
             "and calls of submodules).\nWhat to do: move the dynamic part out of the "
             f"`{what.lower()}` block.")
 
-    def lower_while(self, s: ast.While, frame: _Frame, preceding: list[ast.stmt] = ()) -> list:
+    def read_while(self, s: ast.While, frame: _Frame, preceding: list[ast.stmt] = ()) -> list:
         fn = frame.fn
         if s.orelse:
             raise TraceError(f"split_branches: {fn.loc(s)}: while ... else is not supported; move the else block after the loop")
@@ -810,7 +339,7 @@ class Lowerer:
         if bound is not None:
             test, max_iter, on_exceed = bound
         else:
-            max_iter, on_exceed = self.options.get("max_loop_iters"), self.options.get("on_exceed", "error")
+            max_iter, on_exceed = self.options.max_loop_iters, self.options.on_exceed
             inferred = counter_bound(s, preceding, lambda e: self.try_static_eval(e, frame))
             if inferred is not None:
                 # The condition itself caps the trip count: the loop can never want iteration max_iter + 1.
@@ -823,10 +352,10 @@ class Lowerer:
                     f"    while fxpress.bound({ast.unparse(s.test)}, max_iter=N):\n"
                     "or bound every such loop with compile(..., options={'split_branches': {'max_loop_iters': N}}).")
         self.dynamic_sites.append(f"{fn.loc(s)}: while {ast.unparse(test)} (at most {max_iter})")
-        return [SWhile(test, self.lower_block(s.body, frame), fn, fn.loc(s), _loc_line(fn, s.body),
+        return [SWhile(test, self.read_block(s.body, frame), fn, fn.loc(s), loc_line(fn, s.body),
                        int(max_iter), on_exceed)]
 
-    def lower_for(self, s: ast.For, frame: _Frame) -> list:
+    def read_for(self, s: ast.For, frame: _Frame) -> list:
         fn, t = frame.fn, frame.taint
         if s.orelse:
             raise TraceError(f"split_branches: {fn.loc(s)}: for ... else is not supported; move the else block after the loop")
@@ -842,13 +371,13 @@ class Lowerer:
                 "data-dependent sequence; split_branches compiles data-dependent for loops of the form "
                 "`for i in fxpress.bound(range(n), max_iter=N)` (n may be a tensor).")
         if bound is None:
-            if self.options.get("max_loop_iters") is None:
+            if self.options.max_loop_iters is None:
                 raise TraceError(
                     f"split_branches: {fn.loc(s)}: `for {ast.unparse(s.target)} in {ast.unparse(it)}:` has a "
                     "data-dependent trip count and no declared bound.\nWhat to do: declare the most iterations, e.g.\n"
                     f"    for {ast.unparse(s.target)} in fxpress.bound({ast.unparse(it)}, max_iter=N):\n"
                     "or bound every such loop with compile(..., options={'split_branches': {'max_loop_iters': N}}).")
-            max_iter, on_exceed = self.options["max_loop_iters"], self.options.get("on_exceed", "error")
+            max_iter, on_exceed = self.options.max_loop_iters, self.options.on_exceed
         else:
             _, max_iter, on_exceed = bound
         if not (isinstance(s.target, ast.Name)):
@@ -857,7 +386,7 @@ class Lowerer:
         stop = it.args[-1]
         index = None if s.target.id == "_" else s.target.id
         self.dynamic_sites.append(f"{fn.loc(s)}: for {ast.unparse(s.target)} in {ast.unparse(it)} (at most {max_iter})")
-        return [SFor(index, start, stop, self.lower_block(s.body, frame), fn, fn.loc(s), _loc_line(fn, s.body),
+        return [SFor(index, start, stop, self.read_block(s.body, frame), fn, fn.loc(s), loc_line(fn, s.body),
                      int(max_iter), on_exceed)]
 
     def unroll(self, s: ast.For, frame: _Frame) -> list:
@@ -890,8 +419,8 @@ class Lowerer:
                 self.bindings[b] = value
                 mapping[name] = b
             body = [rename(copy.deepcopy(b), mapping) for b in s.body]
-            iterations.append(self.lower_block(body, frame))
-        return [SUnrolled(iterations, fn.loc(s), _loc_line(fn, s.body))]
+            iterations.append(self.read_block(body, frame))
+        return [SUnrolled(iterations, fn.loc(s), loc_line(fn, s.body))]
 
     # ------------------------------------------------------------------ inlining
     def _nested_call_error(self, s: ast.stmt, frame: _Frame):
@@ -974,7 +503,7 @@ class Lowerer:
         callee_frame = _Frame(info, taint, f"self__{k}")
         self._stack.append(info.fn.__code__)
         try:
-            body = self.lower_block(fdef.body, callee_frame)
+            body = self.read_block(fdef.body, callee_frame)
         finally:
             self._stack.pop()
         ret = f"ret__{k}"
@@ -1010,66 +539,9 @@ def _destructure(target: ast.expr, item, fn: FnInfo) -> dict[str, Any]:
     raise TraceError(f"split_branches: {fn.loc(target)}: unsupported loop target `{ast.unparse(target)}`")
 
 
-def lift_returns(nodes: list, ret: str, fn: FnInfo) -> tuple[list, bool]:
-    """Inline a callee's returns: ``return e`` becomes ``ret = e``; code after a branch that returns
-    moves into the branch that does not. Returns (nodes, whether every path returned)."""
-    out: list = []
-    for i, n in enumerate(nodes):
-        if isinstance(n, SReturn):
-            value = n.value if n.value is not None else ast.Constant(None)
-            stmt = ast.Assign(targets=[ast.Name(ret, ast.Store())], value=value)
-            out.append(SStmt(ast.copy_location(stmt, value) if hasattr(value, "lineno") else _fix(stmt), n.fn))
-            return out, True
-        if isinstance(n, SIf):
-            then_has = any(isinstance(x, SReturn) for x in sp_walk(n.body))
-            else_has = any(isinstance(x, SReturn) for x in sp_walk(n.orelse))
-            if then_has or else_has:
-                rest = nodes[i + 1:]
-                then_b, then_r = lift_returns(n.body if not (else_has and not then_has) else n.body + rest, ret, fn)
-                else_b, else_r = lift_returns(n.orelse if not (then_has and not else_has) else n.orelse + rest, ret, fn)
-                if then_has and else_has and not (then_r and else_r):
-                    # both return on some paths only: the rest runs after either when it did not return
-                    raise TraceError(f"split_branches: {n.loc}: early returns on both sides of a branch that do not "
-                                     f"always return are not supported inside an inlined forward ({fn.qualname}); "
-                                     "restructure it so each branch either returns or falls through")
-                out.append(SIf(n.test, then_b, else_b, n.fn, n.loc, n.then_line, n.else_line))
-                return out, then_r and else_r
-            out.append(n)
-            continue
-        if isinstance(n, (SWhile, SFor, SUnrolled)) and any(isinstance(x, SReturn) for x in sp_walk([n])):
-            raise TraceError(f"split_branches: {n.loc}: a `return` inside a loop of an inlined forward "
-                             f"({fn.qualname}) is not supported; return from the loop in the model's top-level forward, "
-                             "or break and return after the loop")
-        out.append(n)
-    return out, False
-
-
-def _program_def_sites(program: list, params: list[str]) -> dict[str, int]:
-    counts: dict[str, int] = {p: 1 for p in params}
-
-    def visit(nodes, mult):
-        for n in nodes:
-            if isinstance(n, SStmt):
-                for name in stored_names(n.stmt):
-                    counts[name] = counts.get(name, 0) + mult
-            elif isinstance(n, (SWhile, SFor)):
-                if isinstance(n, SFor) and n.index:
-                    counts[n.index] = counts.get(n.index, 0) + 2
-                visit(n.body, 2)
-            elif isinstance(n, SIf):
-                visit(n.body, mult)
-                visit(n.orelse, mult)
-            elif isinstance(n, SUnrolled):
-                for it in n.iterations:
-                    visit(it, mult)
-
-    visit(program, 1)
-    return counts
-
-
-def analyze(model: nn.Module, options: dict[str, Any] | None = None, n_inputs: int | None = None,
+def analyze(model: nn.Module, options: SplitOptions | dict[str, Any] | None = None, n_inputs: int | None = None,
             example_inputs=None) -> Analysis:
     """Read ``model.forward`` (and the dynamic callees it reaches) into a structured program. With
     ``n_inputs``, forward parameters past the first ``n_inputs`` keep their default values; with
     ``example_inputs``, their shapes are compile-time constants (``for b in range(x.shape[0])``)."""
-    return Lowerer(model, options, n_inputs, example_inputs).run()
+    return ProgramReader(model, split_options(options), n_inputs, example_inputs).run()

@@ -1,20 +1,28 @@
-"""Dynamic-branch splitting (``split_branches``): compile models with data-dependent control flow.
+"""Cut a model's forward into branch-free regions and a host program: the front end's driver.
 
-After DyCL (Chen et al., ISSTA'23): the forward of a dynamic network is cut into branch-free regions,
-each traced to its own fx.GraphModule (then optimised and lowered like any graph), plus a small host
-program (``split_branches_ir``; JSON, not pickled Python) that evaluates the conditions on region
-outputs and calls the regions: branches, bounded loops (input-dependent trip counts included, with a
-declared bound, which DyCL could not handle) and early exits.
+After DyCL (Chen et al., ISSTA'23). ``split_model`` runs the steps in order:
 
-Entry points:
-- ``split_model(model, example_inputs, options)`` → ``SplitProgram`` (used by ``fxpress.dynamic``,
-  which ``fxpress.compile`` hands a model to when ``passes`` names ``split_branches``, or when
-  ``passes="default"`` and the model cannot be traced whole);
-- the registered pass ``split_branches``: on a graph that was already traced whole (so has no data-
-  dependent control flow) there is nothing to split and the pass leaves it unchanged;
-- ``eager_decisions(model, inputs, program)``: the decision trace of eager PyTorch, for comparing.
+1. ``reader.analyze``: the forward's source (and that of the dynamic callees it reaches) becomes a
+   structured program: straight-line statements plus the dynamic nodes the host program must run.
+2. ``regions.Builder``: every maximal run of straight-line statements becomes a region; a dynamic
+   test becomes an assignment ``_sb_cN = <test>`` at the end of the region before it, so a
+   condition is always a region output. Loops are rotated (the test is computed before the loop
+   and again at the end of the body) when the body has no ``continue``.
+3. ``liveness``: a control-flow graph of the host program (networkx) and a backward liveness
+   analysis give each region its inputs and outputs.
+4. ``explorer.Explorer``: runs the program eagerly on the example inputs, taking *both* sides of every
+   branch and every loop body once, so every region gets example inputs (for tracing and for
+   lowering with fixed shapes). Where a variable has a different shape, dtype or kind on the two
+   sides of a branch and is still needed after it, the code after the branch is duplicated into
+   both sides (``duplication``; each copy is traced with its own shapes) and the exploration starts again.
+5. ``region_module.RegionModule``: a region as an nn.Module that shares the model's submodules,
+   ready for fxpress's tracer, passes and lowering.
 
-See docs/passes/split_branches.md.
+Values that cross a region boundary are tensors, (lists/tuples of) tensors, Python numbers that
+differ by path (the host carries them; regions take them as 0-d tensors), or compile-time
+constants (a name assigned once from shapes and attributes: baked into the regions that read it).
+
+``eager_decisions(model, inputs, program)`` gives the decision trace of eager PyTorch, for comparing.
 """
 from __future__ import annotations
 
@@ -23,44 +31,24 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
-from torch import fx, nn
+from torch import nn
 
 from fxpress.errors import TraceError
 
-from . import split_branches_ir as ir
-from .base import Pass, PassContext, PassResult, register_pass
-from .graph import finalize
-from .split_branches_ast import Analysis, Taint, analyze
-from .split_branches_regions import (HELPERS, Builder, Explorer, RegionDef, RegionModule,
-                                     flat_input_names, flat_output_names, hoist_regions, liveness, merge_adjacent,
-                                     region_module, duplicate_continuation, uses_defs)
+from . import ir
+from .duplication import duplicate_continuation, hoist_regions, merge_adjacent
+from .explorer import Explorer
+from .liveness import liveness, uses_defs
+from .options import SplitOptions, split_options
+from .program import Analysis
+from .reader import analyze
+from .region_module import RegionModule, flat_input_names, flat_output_names, region_module
+from .regions import Builder, RegionDef
+from .semantics import HELPERS
+from .taint import Taint
 
 MAX_DUPLICATION_ROUNDS = 16
 
-
-@register_pass("split_branches")
-class SplitBranches(Pass):
-    """Marks a pipeline as dynamic-branch splitting; see the module docstring.
-
-    Options (``compile(options={"split_branches": {...}})`` or ``SplitBranches(**options)``):
-      per_sample      run the host program once per sample (regions compiled for batch 1); default False
-      max_loop_iters  bound for every data-dependent loop that declares none; default None (error)
-      on_exceed       what a loop given ``max_loop_iters`` does past it: "error" (default) or "stop"
-      lowering        "split" (default: regions + host program) or "native" (one graph with
-                      torch.cond → relax.If / ONNX If; branches only, loops unrolled to their bound)
-    """
-
-    lossy = False
-    lift_layers = False  # a marker pass: its graph is not touched
-
-    def run(self, gm: fx.GraphModule, ctx: PassContext) -> tuple[fx.GraphModule, PassResult]:
-        result = PassResult()
-        result.notes.append("the graph was traced whole, so it has no data-dependent control flow: nothing to split")
-        result.metrics["regions"] = 1
-        return finalize(gm), result
-
-
-# ----------------------------------------------------------------------------- the split program
 
 @dataclass
 class RegionBuild:
@@ -102,11 +90,12 @@ def program_markers(host: ir.HostProgram) -> set[str]:
     return out
 
 
-def split_model(model: nn.Module, example_inputs: Sequence[torch.Tensor], options: dict[str, Any] | None = None,
-                out_spec=None, batch: str = "uniform", analysis: Analysis | None = None) -> SplitProgram:
+def split_model(model: nn.Module, example_inputs: Sequence[torch.Tensor],
+                options: SplitOptions | dict[str, Any] | None = None, out_spec=None, batch: str = "uniform",
+                analysis: Analysis | None = None) -> SplitProgram:
     """Cut ``model``'s forward into branch-free regions and a host program (see module docstring).
-    ``analysis``: the front end's result when the caller already has it (``analyze(model, options)``)."""
-    options = dict(options or {})
+    ``analysis``: the reader's result when the caller already has it (``analyze(model, options)``)."""
+    options = split_options(options)
     analysis = analysis if analysis is not None else analyze(model, options, len(example_inputs), example_inputs)
     if len(analysis.params) != len(example_inputs):
         raise TraceError(f"split_branches: {analysis.root_fn.qualname} takes {len(analysis.params)} input(s) "

@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 from torch import fx, nn
 
-from . import split_branches_ir as ir
+from . import ir
 
 _DTYPES = {"bool": torch.bool, "int64": torch.int64, "float64": torch.float64, "float32": torch.float32,
            "int32": torch.int32}
