@@ -44,6 +44,7 @@ from ..errors import BuildError
 from . import blas, cuda
 from .gemm_route import RouteGemmToBlas
 from .relax_prep import TRANSFORM_FUNC, FastErf, lift_param_transforms
+from .parallel_threshold import serialize_small_kernels
 from .schedule import schedule_cpu, schedule_gpu
 from .targets import resolve_target, target_kind
 
@@ -123,6 +124,8 @@ def build(mod: tvm.IRModule, target: str | tvm.target.Target, *, instrument: boo
             mod = stage("tir.scheduled", [lambda m: schedule_gpu(m, target)], mod)
         elif dlight:
             mod = stage("tir.scheduled", [lambda m: schedule_cpu(m, target)], mod)
+        if not on_gpu:
+            mod = stage("tir.small_serial", [serialize_small_kernels], mod)
         with _blame("tvm.compile", mod, target):
             executable = tvm.compile(mod, target=target,
                                      relax_pipeline=relax.get_pipeline("default_build"))

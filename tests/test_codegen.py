@@ -105,11 +105,55 @@ def test_targets(monkeypatch):
     assert isinstance(gpu_available(), bool)
 
 
+def test_small_kernels_run_on_one_core(cases, monkeypatch):
+    """Below the work threshold, the small_serial stage makes the scheduled parallel loops serial
+    again (codegen/parallel_threshold.py); the numbers do not change."""
+    monkeypatch.setenv("FXPRESS_PARALLEL_MIN_WORK", str(1 << 40))
+    built = build(cases["conv"].mod, "llvm")
+    assert "T.parallel(" in built.ir_after["tir.scheduled"]
+    assert "T.parallel(" not in built.ir_after["tir.small_serial"]
+    assert rel_err(cases["conv"].run(built.executable, "llvm", built), cases["conv"].reference) <= 1e-4
+
+
+def test_parallel_work_counts_the_whole_nest():
+    from tvm.script import tirx as T
+
+    from fxpress.codegen.parallel_threshold import iterations, serialize_small_loops
+
+    @T.prim_func
+    def add(a: T.Buffer((64, 32), "float32"), b: T.Buffer((64, 32), "float32")):
+        for i in T.parallel(64):
+            for j in T.serial(32):
+                b[i, j] = a[i, j] + T.float32(1)
+
+    loop = add.body
+    assert isinstance(loop, tvm.tirx.For) and iterations(loop) == 64 * 32
+    assert serialize_small_loops(add, threshold=64 * 32 + 1).body.kind == tvm.tirx.ForKind.SERIAL
+    assert serialize_small_loops(add, threshold=64 * 32).same_as(add)
+
+
+def test_large_kernels_stay_parallel(monkeypatch):
+    from tvm.script import relax as R
+
+    @tvm.script.ir_module
+    class Big:
+        @R.function
+        def main(a: R.Tensor((256, 512), "float32"), b: R.Tensor((512, 256), "float32")):
+            with R.dataflow():
+                out = R.nn.relu(R.matmul(a, b))
+                R.output(out)
+            return out
+
+    monkeypatch.setenv("FXPRESS_BLAS", "0")  # TVM's own matmul schedule, not the BLAS call
+    built = build(Big, "llvm")
+    assert "T.parallel(" in built.ir_after["tir.small_serial"]
+
+
 @pytest.mark.parametrize("name", ["conv", "attention"])
 def test_llvm_matches_eager(cases, llvm_builds, name):
     built = llvm_builds[name]
     assert list(built.ir_after) == ["relax.decomposed", "relax.lifted", "relax.legalized", "relax.fused",
-                                    "tir.kernels", "tir.scheduled"]
+                                    "tir.kernels", "tir.scheduled", "tir.small_serial"]
     assert "R.nn.batch_norm" not in built.ir_after["relax.decomposed"]
     assert "call_tir" in built.ir_after["relax.fused"] and built.seconds > 0
     assert rel_err(cases[name].run(built.executable, "llvm", built), cases[name].reference) <= 1e-4
