@@ -36,11 +36,23 @@ def iterations(stmt) -> int:
         return iterations(stmt.block)
     if isinstance(stmt, s_tir.SBlock):
         return iterations(stmt.body) + (iterations(stmt.init) if stmt.init is not None else 0)
+    if isinstance(stmt, tirx.Evaluate) and _calls_out(stmt.value):
+        return 1 << 30  # an extern call (the BLAS route's share of a GEMM): its work is not in the loops
     if isinstance(stmt, tirx.IfThenElse):
         other = iterations(stmt.else_case) if stmt.else_case is not None else 0
         return max(iterations(stmt.then_case), other)
     body = getattr(stmt, "body", None)
     return iterations(body) if isinstance(body, tirx.Stmt) else 1
+
+
+# Calls whose work the loop nest does not show (a library call, e.g. the BLAS route's GEMM share).
+_EXTERN_CALLS = {"tirx.call_extern", "tirx.call_pure_extern", "tirx.call_packed", "tirx.call_cpacked",
+                 "tirx.call_packed_lowered", "tirx.call_cpacked_lowered"}
+
+
+def _calls_out(expr) -> bool:
+    op = getattr(expr, "op", None)
+    return isinstance(expr, tvm.ir.expr.Call) and getattr(op, "name", None) in _EXTERN_CALLS
 
 
 def serialize_small_loops(func: tirx.PrimFunc, threshold: int) -> tirx.PrimFunc:

@@ -147,6 +147,14 @@ def test_large_kernels_stay_parallel(monkeypatch):
     monkeypatch.setenv("FXPRESS_BLAS", "0")  # TVM's own matmul schedule, not the BLAS call
     built = build(Big, "llvm")
     assert "T.parallel(" in built.ir_after["tir.small_serial"]
+    monkeypatch.delenv("FXPRESS_BLAS")
+    from fxpress.codegen import blas
+
+    if blas.available() and (os.cpu_count() or 1) > 1:
+        # The BLAS route's kernel: one extern call per worker in a 2-iteration parallel loop. Its work
+        # is in the call, so the loop must stay parallel.
+        routed = build(Big, "llvm").ir_after["tir.small_serial"]
+        assert blas.SYMBOL in routed and "T.parallel(" in routed
 
 
 @pytest.mark.parametrize("name", ["conv", "attention"])
