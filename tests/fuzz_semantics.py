@@ -260,7 +260,7 @@ def check_semantics(case: SemanticsCase, target: str) -> SemanticsOutcome:
     import fxpress
     from fxpress.errors import FxpressError
 
-    from fuzz_models import classify
+    from fuzz_check import classify
 
     out = SemanticsOutcome(case, target)
     model, x = case.build(), case.inputs(0)

@@ -1,6 +1,6 @@
 """Fuzzing, CI sample (issue #10): random models through every registered pass and every lowering.
 
-The strategies and the oracle live in tests/fuzz_models.py; the dedicated job (>= 1,000 models,
+The strategies live in tests/fuzz_models.py, the oracle in tests/fuzz_check.py; the dedicated job (>= 1,000 models,
 ``scripts/fuzz.sh``) is tests/test_fuzz_big.py. Here a small derandomized sample keeps CI fast and
 reproducible. A failure prints the model's spec: ``FuzzCase(<spec>)`` rebuilds it.
 
@@ -17,7 +17,8 @@ import fxpress
 from fxpress.passes import trace
 from fxpress.passes.graph import flatten_outputs
 
-from fuzz_models import check_case, fuzz_cases
+from fuzz_check import check_case
+from fuzz_models import fuzz_cases
 
 PASSES = fxpress.available_passes()  # whatever is registered when the suite is collected
 

@@ -24,7 +24,8 @@ from hypothesis import HealthCheck, Phase, given, seed, settings
 
 import fxpress
 
-from fuzz_models import check_case, fuzz_cases
+from fuzz_check import check_case
+from fuzz_models import fuzz_cases
 
 pytestmark = pytest.mark.fuzz
 
