@@ -16,12 +16,12 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from fxpress.errors import InputError, TargetUnavailableError
+from fxpress.errors import TargetUnavailableError
 from fxpress.frontends.split_branches import SplitProgram, eager_decisions
 from fxpress.frontends.split_branches.ir import render
 from fxpress.passes import StageRecord, output_error
 from fxpress.runtime.host_program import HOST_FILE, HostInterpreter, Trace, combine_samples
-from fxpress.runtime.loader import check_inputs
+from fxpress.runtime.executors import check_inputs, check_per_sample_inputs
 
 from .compiled import CompiledModel, _to_numpy, tensor_spec
 from .report import Report
@@ -69,21 +69,8 @@ class DynamicCompiledModel:
 
     # ------------------------------------------------------------------ running
     def _arrays(self, inputs) -> list[np.ndarray]:
-        if self.batch != "per_sample":
-            return check_inputs(inputs, self.input_specs, convert=_to_numpy)
-        if len(inputs) != len(self.input_specs):
-            raise InputError(f"the model takes {len(self.input_specs)} input(s), got {len(inputs)}")
-        arrays = []
-        for i, (x, spec) in enumerate(zip(inputs, self.input_specs)):
-            a = _to_numpy(x)
-            if a.ndim < 1 or list(a.shape[1:]) != list(spec["shape"][1:]) or str(a.dtype) != spec["dtype"]:
-                raise InputError(f"input {i}: expected shape (N, {', '.join(map(str, spec['shape'][1:]))}) dtype "
-                                 f"{spec['dtype']} (any batch N: the program runs per sample), got shape "
-                                 f"{tuple(a.shape)} dtype {a.dtype}")
-            arrays.append(a)
-        if len({a.shape[0] for a in arrays}) > 1:
-            raise InputError("per-sample models need the same batch size on every input")
-        return arrays
+        check = check_per_sample_inputs if self.batch == "per_sample" else check_inputs
+        return check(inputs, self.input_specs, convert=_to_numpy)
 
     def run_with_trace(self, *inputs):
         """(outputs, Trace): the outputs and the decisions the host program took (None with lowering='native',

@@ -54,6 +54,26 @@ def check_inputs(inputs: Sequence[Any], specs: list[dict[str, Any]], convert=np.
     return out
 
 
+def check_per_sample_inputs(inputs: Sequence[Any], specs: list[dict[str, Any]], convert=np.asarray) -> list:
+    """Inputs of a split model whose host program runs once per sample: any batch N, the same N on every
+    input, the other dims and the dtype as compiled (clear messages)."""
+    if len(inputs) != len(specs):
+        raise InputError(f"the model takes {len(specs)} input(s), got {len(inputs)}")
+    out, batch = [], None
+    for i, (x, spec) in enumerate(zip(inputs, specs)):
+        x = convert(x)
+        if x.ndim < 1 or list(x.shape[1:]) != list(spec["shape"][1:]) or str(x.dtype) != spec["dtype"]:
+            raise InputError(f"input {i} ('{spec['name']}'): expected shape (N, "
+                             f"{', '.join(map(str, spec['shape'][1:]))}) dtype {spec['dtype']} (any batch N, "
+                             f"the program runs per sample), got shape {tuple(x.shape)} dtype {x.dtype}")
+        if batch is not None and x.shape[0] != batch:
+            raise InputError(f"input {i} has batch {x.shape[0]}, input 0 has {batch}; per-sample models need "
+                             "the same batch on every input")
+        batch = x.shape[0]
+        out.append(x)
+    return out
+
+
 def _unusable(backend: str, info: dict[str, Any], device: str | None) -> str | None:
     """Why ``backend`` cannot run here (missing package, a CPU without the library's ISA features), or None."""
     module, pip_name = _PACKAGES[backend]

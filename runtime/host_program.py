@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from fxpress.errors import ArtifactError, FxpressError, InputError
+from fxpress.errors import ArtifactError, FxpressError
 
 HOST_FORMAT = "fxpress-host-program"
 HOST_VERSION = 1
@@ -264,26 +264,10 @@ class HostProgramRuntime:
         self.last_trace: Trace | None = None
 
     def check(self, inputs: Sequence[Any]) -> list[np.ndarray]:
-        from .executors import check_inputs
+        from .executors import check_inputs, check_per_sample_inputs
 
-        if self.interpreter.batch != "per_sample":
-            return check_inputs(inputs, self.inputs)
-        if len(inputs) != len(self.inputs):
-            raise InputError(f"the model takes {len(self.inputs)} input(s), got {len(inputs)}")
-        out = []
-        batch = None
-        for i, (x, spec) in enumerate(zip(inputs, self.inputs)):
-            x = np.asarray(x)
-            if list(x.shape[1:]) != list(spec["shape"][1:]) or str(x.dtype) != spec["dtype"] or x.ndim < 1:
-                raise InputError(f"input {i} ('{spec['name']}'): expected shape (N, "
-                                 f"{', '.join(map(str, spec['shape'][1:]))}) dtype {spec['dtype']} (any batch N, "
-                                 f"the program runs per sample), got shape {tuple(x.shape)} dtype {x.dtype}")
-            if batch is not None and x.shape[0] != batch:
-                raise InputError(f"input {i} has batch {x.shape[0]}, input 0 has {batch}; per-sample models need "
-                                 "the same batch on every input")
-            batch = x.shape[0]
-            out.append(x)
-        return out
+        per_sample = self.interpreter.batch == "per_sample"
+        return (check_per_sample_inputs if per_sample else check_inputs)(inputs, self.inputs)
 
     def run(self, inputs: Sequence[np.ndarray], trace: Trace | None = None) -> list[np.ndarray]:
         return self.interpreter.run(self.check(inputs), trace)
