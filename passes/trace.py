@@ -56,8 +56,9 @@ def _define_inplace(name: str) -> None:
     setattr(_InplaceProxy, f"__{name}__", impl)
 
 
-for _name in ("iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "iand", "ior", "ixor",
-              "ilshift", "irshift", "imatmul"):
+_AUGMENTED = ("iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "iand", "ior", "ixor",
+              "ilshift", "irshift", "imatmul")
+for _name in _AUGMENTED:
     _define_inplace(_name)
 
 
@@ -168,13 +169,56 @@ def annotate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> fx.GraphModule
     return gm
 
 
-def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
-    """A deep copy that keeps node metadata (shapes, stack traces)."""
-    new = copy.deepcopy(gm)
+def copy_graph_module(gm: fx.GraphModule, share_weights: bool = False) -> fx.GraphModule:
+    """A deep copy that keeps node metadata (shapes, stack traces).
+
+    ``share_weights``: copy the graph and the module tree but not the tensors: each parameter becomes a
+    new nn.Parameter over the same storage (so replacing it, ``.data =`` or ``requires_grad_`` on the
+    copy leave the original alone), and buffers and tensor attributes are shared too, except those the
+    graph itself writes in place when it runs (a counter a forward increments), which are cloned. An
+    in-place write into a shared tensor reaches the original: the pass manager's WeightGuard
+    (passes/instruments.py) detects that through the tensors' version counters.
+    """
+    memo: dict[int, object] = {}
+    if share_weights:
+        written = _written_attributes(gm)
+        for mod_name, mod in gm.named_modules(remove_duplicate=False):
+            for name, t in list(mod._parameters.items()) + list(mod._buffers.items()) + [
+                    (k, v) for k, v in vars(mod).items() if isinstance(v, torch.Tensor)]:
+                if t is None or id(t) in memo:
+                    continue
+                qual = f"{mod_name}.{name}" if mod_name else name
+                if qual in written:
+                    continue  # deepcopy clones it
+                memo[id(t)] = (nn.Parameter(t.detach(), requires_grad=t.requires_grad)
+                               if isinstance(t, nn.Parameter) else t.detach())
+    new = copy.deepcopy(gm, memo)
     for a, b in zip(gm.graph.nodes, new.graph.nodes):
         for k, v in a.meta.items():
             b.meta.setdefault(k, v)
     return new
+
+
+def _written_attributes(gm: fx.GraphModule) -> set[str]:
+    """Qualified names of the tensors (get_attr targets) the graph writes into when it runs: the first
+    argument of an in-place node, followed back through the views and getitems it came from."""
+    import operator
+
+    from .graph import is_inplace
+
+    augmented = {getattr(operator, n) for n in _AUGMENTED}
+    written: set[str] = set()
+    for node in gm.graph.nodes:
+        if node.op not in ("call_function", "call_method", "call_module") or not node.args:
+            continue
+        if not (is_inplace(gm, node) or (node.op == "call_function" and node.target in augmented)):
+            continue
+        src, seen = node.args[0], 0
+        while isinstance(src, fx.Node) and src.op in ("call_function", "call_method") and src.args and seen < 64:
+            src, seen = src.args[0], seen + 1  # views (x[0], x.view(...)) alias what they come from
+        if isinstance(src, fx.Node) and src.op == "get_attr":
+            written.add(str(src.target))
+    return written
 
 
 def user_line(err: BaseException) -> str | None:
