@@ -133,7 +133,8 @@ class GraphKeeper(Instrument):
 class WeightGuard(Instrument):
     """A pass gets a copy of the graph that shares its weights with the graph before it (and with every
     earlier snapshot). Passes replace a tensor they change (a new nn.Parameter); one that wrote into a
-    shared tensor in place would silently change the earlier graphs, so this guard compares the tensors'
+    shared tensor in place would silently change the earlier graphs (and the caller's model, whose
+    parameters compile() shares too), so this guard compares the tensors'
     version counters (bumped by every in-place write) before and after the pass and stops the compile."""
 
     def before(self, stage: Stage) -> None:
@@ -145,8 +146,9 @@ class WeightGuard(Instrument):
         if changed:
             raise PassError(
                 f"pass {stage.name!r} wrote into weight(s) {', '.join(changed[:5])} of its input graph in place. "
-                "A pass's copy shares unchanged weights with the graphs before it, so it must replace a tensor it "
-                "changes (setattr(module, 'weight', nn.Parameter(new))) instead of editing it (.copy_, .mul_ ...). "
+                "A pass's copy shares unchanged weights with the graphs before it (and with the model given to "
+                "compile(), which now holds the changed values too), so it must replace a tensor it changes "
+                "(setattr(module, 'weight', nn.Parameter(new))) instead of editing it (.copy_, .mul_ ...). "
                 "What to do: fix the pass, or leave it out of passes=[...]")
 
 

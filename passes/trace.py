@@ -179,24 +179,35 @@ def copy_graph_module(gm: fx.GraphModule, share_weights: bool = False) -> fx.Gra
     in-place write into a shared tensor reaches the original: the pass manager's WeightGuard
     (passes/instruments.py) detects that through the tensors' version counters.
     """
-    memo: dict[int, object] = {}
-    if share_weights:
-        written = _written_attributes(gm)
-        for mod_name, mod in gm.named_modules(remove_duplicate=False):
-            for name, t in list(mod._parameters.items()) + list(mod._buffers.items()) + [
-                    (k, v) for k, v in vars(mod).items() if isinstance(v, torch.Tensor)]:
-                if t is None or id(t) in memo:
-                    continue
-                qual = f"{mod_name}.{name}" if mod_name else name
-                if qual in written:
-                    continue  # deepcopy clones it
-                memo[id(t)] = (nn.Parameter(t.detach(), requires_grad=t.requires_grad)
-                               if isinstance(t, nn.Parameter) else t.detach())
+    memo = _shared_tensors(gm, buffers=True, skip=_written_attributes(gm)) if share_weights else {}
     new = copy.deepcopy(gm, memo)
     for a, b in zip(gm.graph.nodes, new.graph.nodes):
         for k, v in a.meta.items():
             b.meta.setdefault(k, v)
     return new
+
+
+def copy_module(model: nn.Module, share_parameters: bool = False) -> nn.Module:
+    """``copy.deepcopy(model)``; with ``share_parameters`` the copy's parameters are new nn.Parameter
+    objects over the same storage (buffers, which a forward may update, and everything else are copied)."""
+    return copy.deepcopy(model, _shared_tensors(model, buffers=False) if share_parameters else {})
+
+
+def _shared_tensors(module: nn.Module, buffers: bool, skip: set[str] = frozenset()) -> dict[int, object]:
+    """A deepcopy memo that maps each tensor of ``module`` to a view of the same storage (same version
+    counter, so in-place writes stay detectable): parameters, and with ``buffers`` buffers and tensor
+    attributes, except the qualified names in ``skip``."""
+    memo: dict[int, object] = {}
+    for mod_name, mod in module.named_modules(remove_duplicate=False):
+        tensors = list(mod._parameters.items())
+        if buffers:
+            tensors += list(mod._buffers.items()) + [(k, v) for k, v in vars(mod).items() if isinstance(v, torch.Tensor)]
+        for name, t in tensors:
+            if t is None or id(t) in memo or (f"{mod_name}.{name}" if mod_name else name) in skip:
+                continue
+            memo[id(t)] = (nn.Parameter(t.detach(), requires_grad=t.requires_grad)
+                           if isinstance(t, nn.Parameter) else t.detach())
+    return memo
 
 
 def _written_attributes(gm: fx.GraphModule) -> set[str]:
