@@ -7,6 +7,7 @@ fills a record's fields by hand.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -91,7 +92,7 @@ class Stage:
     run_outputs: Callable[[], list[torch.Tensor]] | None = None
     checked: bool = True  # False: the stage's outputs cannot be computed here (CUDA without a GPU)
     measured: dict[str, Any] = field(default_factory=dict)
-    # graph outputs already computed in this pipeline: id(gm) -> (gm, outputs); keeping gm alive keeps ids unique
+    # outputs already computed in this pipeline: id(graph or runner) -> (weak reference to it, outputs)
     cache: dict[int, tuple[Any, list[torch.Tensor]]] = field(default_factory=dict)
 
     @property
@@ -104,20 +105,21 @@ class Stage:
 
     def graph_outputs(self, gm: fx.GraphModule) -> list[torch.Tensor]:
         """``gm``'s outputs on the example inputs, run once per graph."""
-        hit = self.cache.get(id(gm))
-        if hit is None or hit[0] is not gm:
-            hit = self.cache[id(gm)] = (gm, run_graph(gm, self.example_inputs))
-        return hit[1]
+        return self._cached(gm, lambda: run_graph(gm, self.example_inputs))
 
     def outputs(self) -> list[torch.Tensor]:
         """What the stage computes on the example inputs: its executor's outputs, or its final graph's."""
         if self.run_outputs is not None:
-            key = id(self.run_outputs)
-            hit = self.cache.get(key)
-            if hit is None or hit[0] is not self.run_outputs:
-                hit = self.cache[key] = (self.run_outputs, self.run_outputs())
-            return hit[1]
+            return self._cached(self.run_outputs, self.run_outputs)
         return self.graph_outputs(self.final)
+
+    def _cached(self, key_obj: Any, compute: Callable[[], list[torch.Tensor]]) -> list[torch.Tensor]:
+        # A weak reference: the cache must not keep a rolled-back graph (and its weights) alive; it also
+        # tells a reused id apart from the object that was measured.
+        hit = self.cache.get(id(key_obj))
+        if hit is None or hit[0]() is not key_obj:
+            hit = self.cache[id(key_obj)] = (weakref.ref(key_obj), compute())
+        return hit[1]
 
     def roll_back(self, note: str, attempted: dict[str, Any]) -> None:
         """Keep the graph from before this stage; ``attempted`` says what the rejected graph measured."""

@@ -196,11 +196,11 @@ def copy_module(model: nn.Module, share_parameters: bool = False) -> nn.Module:
 def _shared_tensors(module: nn.Module, buffers: bool, skip: set[str] = frozenset()) -> dict[int, object]:
     """A deepcopy memo that maps each tensor of ``module`` to a view of the same storage (same version
     counter, so in-place writes stay detectable): parameters, and with ``buffers`` buffers and tensor
-    attributes, except the qualified names in ``skip``."""
+    attributes of modules in eval mode, except the qualified names in ``skip``."""
     memo: dict[int, object] = {}
     for mod_name, mod in module.named_modules(remove_duplicate=False):
         tensors = list(mod._parameters.items())
-        if buffers:
+        if buffers and not mod.training:  # a module in training mode updates its buffers (BatchNorm's statistics)
             tensors += list(mod._buffers.items()) + [(k, v) for k, v in vars(mod).items() if isinstance(v, torch.Tensor)]
         for name, t in tensors:
             if t is None or id(t) in memo or (f"{mod_name}.{name}" if mod_name else name) in skip:
