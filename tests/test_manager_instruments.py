@@ -159,3 +159,17 @@ def test_compile_report_records_are_typed():
     assert cm.report.names() == ["trace", "fuse", "lower:torch"]
     with pytest.raises(TypeError, match="entry 0 is a dict"):
         Report([{"name": "trace"}])
+
+
+def test_compile_shares_the_callers_parameters_but_not_its_modules_or_buffers():
+    model = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2)).train()
+    cm = fxpress.compile(model, torch.randn(4, 8), passes=["fuse"], target="torch")
+    traced = cm.graph("trace")
+    assert _ptr(traced, "0.weight") == _ptr(model, "0.weight")
+    assert traced.get_parameter("0.weight") is not model[0].weight
+    assert traced.get_buffer("1.running_mean").data_ptr() != model[1].running_mean.data_ptr()
+    assert model.training and model[1].training  # compile() evals its copy, not the caller's modules
+    fused = {p.data_ptr() for p in cm.graph("fuse").parameters()}
+    assert cm.report["fuse"].status == "applied"
+    # BN folded into the first Linear: a new weight there; the last Linear's is the caller's storage
+    assert _ptr(model, "3.weight") in fused and _ptr(model, "0.weight") not in fused
