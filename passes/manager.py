@@ -1,8 +1,8 @@
 """Runs a pipeline of passes, each observed by the instruments (passes/instruments.py).
 
-Each pass gets a copy of the graph before it that shares that graph's weights (``copy_graph_module``
-with ``share_weights``): the graph before it stays as it was, and keeping every stage's graph costs
-about one copy of the weights in all, not one per stage. The instruments time the pass, guard the
+Each of fxpress's own passes gets a copy of the graph before it that shares that graph's weights
+(``copy_graph_module`` with ``share_weights``, see ``shares_weights``): the graph before it stays as it
+was, and keeping every stage's graph costs about one copy of the weights in all, not one per stage. The instruments time the pass, guard the
 shared weights, roll back a pass that breaks the tolerance (error measured against the *original*
 model, so several lossy passes cannot add up past it) or a lossless pass that changed the numbers,
 and measure the graph that goes on into the stage's StageRecord.
@@ -17,13 +17,13 @@ from torch import fx
 
 from fxpress.errors import PassError
 
-from .base import Pass, PassContext, PassResult
+from .base import FunctionPass, Pass, PassContext, PassResult
 from .instruments import MEASURES, Instrument, observe, pass_instruments
 from .measure import output_error
 from .record import Stage, StageRecord, run_graph
 from .trace import annotate_shapes, copy_graph_module
 
-__all__ = ["PassManager", "PipelineOutcome", "StageRecord", "output_error", "run_graph", "snapshot"]
+__all__ = ["PassManager", "PipelineOutcome", "StageRecord", "output_error", "run_graph", "shares_weights", "snapshot"]
 
 
 def snapshot(name: str, kind: str, gm: fx.GraphModule, reference: list[torch.Tensor],
@@ -67,9 +67,22 @@ class PassManager:
         return PipelineOutcome(current, records, graphs)
 
 
+def shares_weights(p: Pass) -> bool:
+    """Whether ``p`` gets a copy that shares the weights of the graph before it (else a deep copy).
+
+    fxpress's own passes replace every tensor they change (WeightGuard checks it on every run), so they
+    share. Other passes (yours, a FunctionPass) get a deep copy, as the pass contract always promised
+    ("edit your copy freely"), unless they declare ``shares_weights = True``.
+    """
+    declared = getattr(p, "shares_weights", None)
+    if declared is not None:
+        return bool(declared)
+    return type(p).__module__.startswith("fxpress.passes.") and not isinstance(p, FunctionPass)
+
+
 def _run_pass(p: Pass, stage: Stage, ctx: PassContext) -> None:
     """The stage's body: run ``p`` on a weight-sharing copy of ``stage.before``; check what it returns."""
-    work = copy_graph_module(stage.before, share_weights=True)  # the pass edits its copy; `before` stays
+    work = copy_graph_module(stage.before, share_weights=shares_weights(p))  # the pass edits its copy
     try:
         new, result = p.run(work, ctx)
     except Exception as e:  # noqa: BLE001

@@ -5,8 +5,9 @@ from torch import fx, nn
 
 import fxpress
 from fxpress.errors import PassError
-from fxpress.passes import FunctionPass, count_params, PassContext, PassManager, PassResult, get_pass, snapshot, trace
+from fxpress.passes import FunctionPass, Pass, count_params, PassContext, PassManager, PassResult, get_pass, snapshot, trace
 from fxpress.passes.instruments import Instrument
+from fxpress.passes.manager import shares_weights
 from fxpress.passes.record import StageRecord
 from fxpress.passes.trace import copy_graph_module
 from fxpress.report import Report
@@ -59,14 +60,35 @@ def test_snapshots_share_untouched_weights_and_not_rewritten_ones():
     assert torch.equal(gm.get_parameter("big.weight"), big_before)
 
 
-def test_a_pass_writing_a_shared_weight_in_place_is_stopped():
-    def scale_in_place(gm, ctx):
+class _ScaleInPlace(Pass):
+    """Writes into a weight of its input in place (what the pass contract forbids for sharing passes)."""
+
+    name, lossy, lift_layers = "scaler", True, False
+
+    def run(self, gm, ctx):
         with torch.no_grad():
             gm.get_parameter("small.weight").mul_(2)
-        return gm, PassResult()
+        r = PassResult()
+        r.rewrite("scale", ["small"], ["small"])
+        return gm, r
 
+
+def test_a_sharing_pass_writing_a_weight_in_place_is_stopped():
+    scaler = _ScaleInPlace()
+    scaler.shares_weights = True
     with pytest.raises(PassError, match=r"'scaler' wrote into weight\(s\) small.weight .* in place"):
-        _pipeline(_TwoLayers().eval(), [FunctionPass("scaler", scale_in_place, lossy=True)])
+        _pipeline(_TwoLayers().eval(), [scaler])
+
+
+def test_user_passes_get_a_deep_copy_and_may_edit_it_in_place():
+    assert shares_weights(get_pass("fuse")) and shares_weights(get_pass("quantize"))
+    assert not shares_weights(_ScaleInPlace()) and not shares_weights(FunctionPass("f", lambda gm, ctx: None))
+    model = _TwoLayers().eval()
+    w = model.small.weight.detach().clone()
+    gm, out = _pipeline(model, [_ScaleInPlace()])
+    assert out.records[-1].status == "applied"
+    assert torch.equal(model.small.weight, w) and torch.equal(gm.get_parameter("small.weight"), w)
+    assert torch.equal(out.gm.get_parameter("small.weight"), 2 * w)
 
 
 def test_a_pass_replacing_a_weight_leaves_earlier_graphs_alone():
@@ -80,8 +102,11 @@ def test_a_pass_replacing_a_weight_leaves_earlier_graphs_alone():
 
     model = _TwoLayers().eval()
     w, b = model.small.weight.detach().clone(), model.small.bias.detach().clone()
-    gm, out = _pipeline(model, [FunctionPass("zero", replace, lossy=True)])
+    zero = FunctionPass("zero", replace, lossy=True)
+    zero.shares_weights = True
+    gm, out = _pipeline(model, [zero])
     assert out.records[-1].status == "applied"
+    assert _ptr(out.gm, "big.weight") == _ptr(model, "big.weight")  # it did share
     assert torch.equal(model.small.weight, w) and torch.equal(gm.get_parameter("small.bias"), b)
     assert float(out.graphs["zero"].get_parameter("small.weight").detach().abs().sum()) == 0.0
 
