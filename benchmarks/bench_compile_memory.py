@@ -144,7 +144,7 @@ def gb(n: float) -> str:
     return f"{n / 1e9:.2f} GB"
 
 
-def write_results(rows: list[dict], meta: dict, stem: str) -> None:
+def write_results(rows: list[dict], meta: dict, stem: str, before: dict | None = None) -> None:
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
     with open(os.path.join(HERE, "results", stem + ".json"), "w") as f:
         json.dump(dict(meta, rows=rows), f, indent=2)
@@ -155,13 +155,18 @@ def write_results(rows: list[dict], meta: dict, stem: str) -> None:
         "runtime = RSS after importing torch, transformers, fxpress and TVM; peak = the kernel's high-water mark "
         "during `fxpress.compile` (reset just before it). ratio = (peak - runtime) / weights: the model itself "
         "counts 1.0; the compiled model's own weight copy (TVM/ONNX parameters) is in it too.", "",
-        "| model | params | weights | target | passes | runtime RSS | peak RSS | ratio | compile s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | params | weights | target | passes | runtime RSS | peak RSS | ratio | compile s |"
+        + (" peak before | ratio before |" if before else ""),
+        "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if before else ""),
     ]
     for r in rows:
+        b = before.get((r["size"], r["target"], r["passes"])) if before else None
         lines.append(f"| {r['size']} | {r['params'] / 1e6:.1f}M | {gb(r['weights_bytes'])} | {r['target']} | "
                      f"{r['passes']} | {gb(r['runtime_rss'])} | {gb(r['peak_rss'])} | {r['ratio']:.2f} | "
-                     f"{r['compile_seconds']:.1f} |")
+                     f"{r['compile_seconds']:.1f} |"
+                     + ((f" {gb(b['peak_rss'])} | {b['ratio']:.2f} |" if b else " - | - |") if before else ""))
+    if before:
+        lines += ["", f"*before*: {meta['compare']}."]
     lines += ["", "Memory figures depend little on machine load (they are allocations, not time); the compile "
               "seconds do, and were taken under `/work/shared/tools/quiet-run` " + meta.get("load_note", "") + "."]
     if meta.get("note"):
@@ -179,6 +184,7 @@ def main() -> None:
     ap.add_argument("--out", default="compile_memory", help="results file stem under benchmarks/results")
     ap.add_argument("--note", default="", help="a line added to the .md (e.g. the conditions)")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--compare", help="a results .json of an earlier run: its peaks go in the table as 'before'")
     ap.add_argument("--source", help="measure the fxpress source tree in this folder (e.g. an older commit from "
                                      "`git archive`) instead of the installed one; needs an editable install")
     args = ap.parse_args()
@@ -202,8 +208,17 @@ def main() -> None:
     meta = dict(commit=_commit(), date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                 machine=_machine(), load=os.getloadavg(), note=args.note,
                 load_note=f"(1-min load at the end: {os.getloadavg()[0]:.2f})")
+    if args.source:
+        meta["commit"] = f"source tree {args.source} (run from {meta['commit']})"
+    before = None
+    if args.compare:
+        with open(args.compare) as f:
+            earlier = json.load(f)
+        before = {(r["size"], r["target"], r["passes"]): r for r in earlier["rows"]}
+        meta["compare"] = f"{os.path.basename(args.compare)}: {earlier['commit']}, {earlier['date']}" + (
+            f"; {earlier['note']}" if earlier.get("note") else "")
     if not args.no_write:
-        write_results(rows, meta, args.out)
+        write_results(rows, meta, args.out, before)
 
 
 if __name__ == "__main__":
