@@ -38,7 +38,8 @@ import fxpress  # noqa: E402
 from fxpress import models  # noqa: E402
 from fxpress.codegen import gpu_available, resolve_target  # noqa: E402
 from fxpress.codegen import shift_add_kernels as K  # noqa: E402
-from fxpress.passes import PassContext, get_pass, shift_add_ops as S, trace  # noqa: E402
+from fxpress.passes import PassContext, get_pass, trace  # noqa: E402
+from fxpress.passes.shift_add import ops as S  # noqa: E402
 
 LINEAR_SHAPES = [("bert_ffn", 128, 384, 1536), ("square", 64, 512, 512), ("gemv", 1, 2048, 2048)]
 CONV_SHAPES = [("resnet_3x3", (1, 64, 28, 28), 64, 3, 1)]

@@ -31,7 +31,6 @@ dlight still schedules kernels (a CUDA kernel needs thread bindings) unless the 
 from __future__ import annotations
 
 import contextlib
-import importlib
 import os
 import tempfile
 import time
@@ -40,6 +39,7 @@ from dataclasses import dataclass, field
 import tvm
 from tvm import relax, tirx
 
+from .. import families
 from ..errors import BuildError
 from . import blas, cuda
 from .gemm_route import RouteGemmToBlas
@@ -160,20 +160,11 @@ def front_stages(lifted: dict) -> list[tuple[str, list]]:
                              relax.transform.FuseOps(), relax.transform.FuseTIR()])]
 
 
-# Pass families with hand-written TIR kernels; each module has apply_default_schedules(mod, target).
-KERNEL_FAMILIES = ("shift_add_kernels", "low_rank_kernels", "quantize_kernels")
-
-
 def apply_kernel_schedules(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
-    """Run every kernel family's ``apply_default_schedules`` (families not written yet are skipped)."""
-    for name in KERNEL_FAMILIES:
-        try:
-            family = importlib.import_module(f"{__package__}.{name}")
-        except ModuleNotFoundError as e:
-            if e.name != f"{__package__}.{name}":
-                raise
-            continue
-        mod = family.apply_default_schedules(mod, target)
+    """Run the ``apply_default_schedules(mod, target)`` of every family with hand-written TIR kernels
+    (``codegen/<family>_kernels.py``, listed in fxpress/families.py)."""
+    for kernels in families.import_modules("kernels"):
+        mod = kernels.apply_default_schedules(mod, target)
     return mod
 
 

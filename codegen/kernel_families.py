@@ -13,12 +13,7 @@ from tvm import tirx
 
 SCHEDULE_ATTR = "fxpress.schedule"
 
-__all__ = ["SCHEDULE_ATTR", "kind_name", "schedule_tagged"]
-
-
-def kind_name(target: tvm.target.Target | str) -> str:
-    """The target's kind ("llvm", "cuda", ...); a string target is taken as it is."""
-    return target.kind.name if isinstance(target, tvm.target.Target) else str(target)
+__all__ = ["SCHEDULE_ATTR", "schedule_tagged"]
 
 
 def schedule_tagged(mod: tvm.IRModule, tag: str,

@@ -23,6 +23,7 @@ from __future__ import annotations
 import tvm
 from tvm import relax, s_tir, te, tirx
 
+from .. import families
 from .kernel_families import SCHEDULE_ATTR, schedule_tagged
 
 SCHEDULE_TAG = "low_rank"
@@ -151,11 +152,9 @@ def apply_default_schedules(mod: tvm.IRModule, target: tvm.target.Target | str) 
 
 def build_schedules_kernels() -> bool:
     """Whether codegen.build gives this family's kernels their hand schedule (it runs
-    ``apply_default_schedules`` of every module in ``build.KERNEL_FAMILIES`` before dlight). Without
+    ``apply_default_schedules`` of every kernel module fxpress/families.py lists, before dlight). Without
     that the fused kernel would stay unscheduled: slow on llvm, and unbindable by dlight on cuda."""
-    from . import build as build_module
-
-    return "low_rank_kernels" in getattr(build_module, "KERNEL_FAMILIES", ())
+    return __name__ in families.module_names("kernels")
 
 
 FUSED_MAX_ROWS = 32

@@ -1,6 +1,6 @@
 """TIR kernels for the quantize family: integer GEMM / conv / matmul with int32 accumulation.
 
-Each kernel reproduces its reference op in ``fxpress.passes.quantize_ops`` bit for bit in the integer
+Each kernel reproduces its reference op in ``fxpress.passes.quantize.ops`` bit for bit in the integer
 part (``acc = sum (xq - zp) * w`` in int32) and op for op in the float32 epilogue
 (``sum_c float32(acc_c + bias_q[c]) * (w_scale[c] * x_scale)``), so TVM's output matches the FX graph
 up to nothing (tests check a max error of a few ulps at most).
@@ -8,7 +8,7 @@ up to nothing (tests check a max error of a few ulps at most).
 Two definitions per op:
 
 * a *generic* TE kernel (``*_func``) — plain reductions over the natural layouts. The Relax converters
-  (``lowering/quantize_ops.py``) emit it. It is what runs when nothing schedules it (CUDA: dlight binds
+  (``lowering/quantize_lowering.py``) emit it. It is what runs when nothing schedules it (CUDA: dlight binds
   it; llvm: unscheduled loops, correct but slow);
 * an *AVX2* kernel (``*_avx2_func``) with the same parameters, built and scheduled here: weights are
   repacked in-kernel into ``[N/8, K/2, 8, 2]`` tiles, and the inner product is tensorized with

@@ -151,11 +151,3 @@ class LocalCluster:
     def __exit__(self, *exc) -> None:
         self.close()
 
-
-def cluster_from_env() -> tuple[str, int, str] | None:
-    """(host, port, key) from ``FXPRESS_TRACKER=host:port[:key]``, or None."""
-    spec = os.environ.get("FXPRESS_TRACKER")
-    if not spec:
-        return None
-    parts = spec.split(":")
-    return parts[0], int(parts[1]), parts[2] if len(parts) > 2 else DEFAULT_KEY

@@ -1,7 +1,7 @@
 """TIR kernels for shift/add layers: matmul and conv2d that read packed power-of-two codes.
 
 No weight multiplications. Each code (uint8, ``sign << 4 | e``, ``e == 15`` = zero; see
-``fxpress.passes.shift_add_ops``) is unpacked inside the reduction and applied to the activation
+``fxpress/shift_codes.py``) is unpacked inside the reduction and applied to the activation
 in one of two ways (``frac_bits`` picks, exactly like the reference ops):
 
 * float path (``frac_bits < 0``) — *exponent add*: reinterpret the float32 activation as int32 and
@@ -15,7 +15,7 @@ in one of two ways (``frac_bits`` picks, exactly like the reference ops):
 
 Kernels are written in TE (``te.compute`` → ``te.create_prim_func``), so they are ordinary
 s_tir-block PrimFuncs: MetaSchedule can tune them and dlight's GPU fallback can bind them. The
-Relax converters (``lowering/shift_add_ops.py``) emit them with ``BlockBuilder.emit_te``; each
+Relax converters (``lowering/shift_add_lowering.py``) emit them with ``BlockBuilder.emit_te``; each
 carries ``fxpress.schedule = "shift_add"`` so ``apply_default_schedules`` can give it the hand
 schedule below (CPU: register-tiled, parallel over output tiles, vectorized over output channels;
 CUDA: one thread per output with a register accumulator). Layouts put the output channel last
@@ -28,7 +28,7 @@ import logging
 import tvm
 from tvm import s_tir, te, tirx
 
-from fxpress.passes.shift_add_ops import ZERO_EXP, EXP_BITS, int_clamp_limit
+from fxpress.shift_codes import EXP_BITS, ZERO_EXP, int_clamp_limit
 
 from .kernel_families import SCHEDULE_ATTR, schedule_tagged
 

@@ -1,4 +1,5 @@
-"""``fxpress.compile``: trace → passes → lowering → a CompiledModel, with a report of every stage."""
+"""``fxpress.compile``: check the arguments, pick the front end, trace, then the one compile path
+(fxpress/pipeline.py: passes → lowering → a CompiledModel), with a report of every stage."""
 from __future__ import annotations
 
 import time
@@ -7,13 +8,14 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
-from fxpress.errors import InputError, TraceError
-from fxpress.passes import (PassContext, PassManager, Pass, resolve_passes, run_graph, snapshot, trace)
+from fxpress.errors import InputError, TraceError, UnknownPassError
+from fxpress.frontends import FRONT_ENDS
+from fxpress.passes import Pass, resolve_passes, snapshot, trace
 from fxpress.passes.trace import clone_inputs, copy_module
 
 from .compiled import CompiledModel
-from .lower import TARGETS, lower
-from .report import Report
+from .lower import TARGETS
+from .pipeline import CompileSettings, compile_graph
 
 
 def _as_input_tuple(example_inputs, what: str = "example_inputs") -> tuple[torch.Tensor, ...]:
@@ -63,15 +65,17 @@ def _private_copy(model: nn.Module) -> nn.Module:
         return model
 
 
-def _dynamic_batch_option(opts: dict) -> bool | None:
-    """``options={"lower": {"dynamic_batch": bool}}``; None leaves the target's default (fxpress.lower)."""
-    unknown = set(opts) - {"dynamic_batch"}
-    if unknown:
-        raise InputError(f"unknown option(s) {sorted(unknown)} for 'lower'; it takes 'dynamic_batch' (True/False)")
-    value = opts.get("dynamic_batch")
-    if value is not None and not isinstance(value, bool):
-        raise InputError(f"options['lower']['dynamic_batch'] must be True or False, got {value!r}")
-    return value
+def _pick_front_ends(passes):
+    """(front-end names in ``passes``, the rest of ``passes`` for resolve_passes). A front end
+    (fxpress.frontends) is named like a pass but runs ahead of tracing, wherever it is listed."""
+    if passes is None or passes in ("none", "default", "auto") or not isinstance(passes, (str, list, tuple)):
+        return [], passes
+    items = [s.strip() for s in passes.split(",") if s.strip()] if isinstance(passes, str) else list(passes)
+    named = [p for p in items if isinstance(p, str) and p in FRONT_ENDS]
+    dup = sorted({n for n in named if named.count(n) > 1})
+    if dup:
+        raise UnknownPassError(f"pass(es) {dup} listed more than once; each pass runs once per pipeline")
+    return named, [p for p in items if not (isinstance(p, str) and p in FRONT_ENDS)]
 
 
 def compile(  # noqa: A001 - the public name the contract fixes
@@ -89,7 +93,9 @@ def compile(  # noqa: A001 - the public name the contract fixes
 ) -> CompiledModel:
     """Compile ``model`` for ``target``; see docs/DESIGN.md for the stages.
 
-    passes:      "default" | "none" | list of pass names or Pass objects (run in the given order)
+    passes:      "default" | "none" | list of pass names or Pass objects (run in the given order);
+                 "split_branches" in the list selects that front end (data-dependent control flow, runs
+                 ahead of every pass: docs/passes/split_branches.md)
     target:      "llvm" (CPU via TVM) | "cuda" (GPU via TVM) | "onnx" (ONNX Runtime) | "torch" (eager FX)
     tune:        MetaSchedule trials for TVM targets; 0 uses default schedules
     calibration: iterable of input tuples for passes that use data (quantize, activation-aware low rank)
@@ -113,19 +119,28 @@ def compile(  # noqa: A001 - the public name the contract fixes
     if passes == "auto":
         return compile_auto(model, example_inputs, evaluate=evaluate, max_drop=max_drop, objective=objective,
                             target=target, tune=tune, calibration=calib, tolerance=tolerance, options=options)
-    pass_list = resolve_passes(passes)  # unknown names fail before any slow work
+    front_ends, pass_names = _pick_front_ends(passes)
+    try:
+        pass_list = resolve_passes(pass_names)  # unknown names fail before any slow work
+    except UnknownPassError as e:
+        if not str(e).startswith("unknown pass"):
+            raise
+        raise UnknownPassError(f"{e} Front ends, also named in passes=: {', '.join(FRONT_ENDS)}.") from None
     # compile() is pure for the caller: it works on a copy of the model (buffers a forward updates,
     # train/eval mode) and of the example inputs (a forward may update them in place).
     came_training = model.training
     model = _private_copy(model).eval()
     example_inputs = clone_inputs(example_inputs)
-    dynamic = dict(target=target, tune=tune, calibration=calib, tolerance=tolerance, options=options)
-    if any(p.name == "split_branches" for p in pass_list):  # data-dependent control flow: fxpress/dynamic.py
+    settings = CompileSettings(target=target, tune=tune, tolerance=tolerance, options=dict(options or {}))
+    split_seconds = None
+    if "split_branches" in front_ends:  # data-dependent control flow: fxpress/dynamic.py
         from .dynamic import maybe_compile_dynamic
 
-        split = maybe_compile_dynamic(model, example_inputs, pass_list, **dynamic)
+        t0 = time.perf_counter()
+        split = maybe_compile_dynamic(model, example_inputs, pass_list, settings, calibration=calib)
         if split is not None:
             return split
+        split_seconds = time.perf_counter() - t0
 
     with torch.no_grad():
         original_out = model(*clone_inputs(example_inputs))
@@ -145,27 +160,17 @@ def compile(  # noqa: A001 - the public name the contract fixes
             raise
         from .dynamic import compile_dynamic
 
-        return compile_dynamic(model, example_inputs, pass_list, reason=f"whole-model tracing failed: {e}", **dynamic)
+        return compile_dynamic(model, example_inputs, pass_list, settings, calibration=calib,
+                               reason=f"whole-model tracing failed: {e}")
     note = f"traced with {traced.method}" + (f" ({traced.fallback_reason})" if traced.fallback_reason else "")
     if came_training:
         note += ("; the model came in training mode: compiled in eval mode (dropout off, BatchNorm on running "
                  "statistics); your model's mode is unchanged")
-    trace_record = snapshot("trace", "trace", traced.gm, reference, example_inputs,
-                            seconds=time.perf_counter() - t0, note=note)
+    stages = [snapshot("trace", "trace", traced.gm, reference, example_inputs,
+                       seconds=time.perf_counter() - t0, note=note)]
+    if split_seconds is not None:
+        from .dynamic import unsplit_record
 
-    ctx = PassContext(example_inputs=example_inputs, calibration=calib, options=dict(options or {}),
-                      target=target, tolerance=tolerance, reference_outputs=reference)
-    outcome = PassManager(pass_list, tolerance=tolerance).run(traced.gm, ctx, reference, trace_record)
-
-    executor, lowered, lower_record = lower(outcome.gm, example_inputs, target, reference, tune=tune,
-                                            tune_options=ctx.options_for("tune"), tolerance=tolerance,
-                                            dynamic_batch=_dynamic_batch_option(ctx.options_for("lower")))
-    records = outcome.records + [lower_record]
-    cm = CompiledModel(gm=outcome.gm, report=Report(records), graphs=outcome.graphs, target=target,
-                         example_inputs=example_inputs, reference=reference, out_spec=out_spec,
-                         executor=executor, lowered=lowered, passes=[p.name for p in pass_list],
-                         trace_method=traced.method)
-    if lower_record.extra.get("dynamic_batch"):
-        for spec in cm.input_specs:  # recorded in the manifest; check_inputs accepts any size there
-            spec["dynamic_dims"] = [0]
-    return cm
+        stages.append(unsplit_record(stages[0], split_seconds))
+    return compile_graph(traced.gm, example_inputs, reference, out_spec, pass_list, settings, stages=stages,
+                         trace_method=traced.method, calibration=calib, front_ends=front_ends)

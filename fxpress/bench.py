@@ -287,12 +287,6 @@ def _accuracy(fn: Callable, x: torch.Tensor, y: torch.Tensor, batch: int) -> flo
     return correct / len(y)
 
 
-def _output_error(out, reference: list[torch.Tensor]) -> tuple[float, float]:
-    from fxpress.passes.manager import output_error
-
-    return output_error(_flat(out), reference)
-
-
 def _model_stats(model: nn.Module, inputs: tuple) -> dict[str, int]:
     """params / bytes / MACs / multiplies of the original model, from fxpress's graph statistics."""
     from fxpress.passes.stats import count_params, graph_costs
@@ -326,6 +320,8 @@ def _load1() -> float | None:
 def _measure(res: PeerResult, setup: Callable[[], tuple[Callable, dict]], inputs: tuple, reference,
              repeat: int, warmup: int, labels, batch: int, keep: bool = False) -> PeerResult:
     """Set a peer up (timed, memory-measured), then time it, check its output and accuracy."""
+    from fxpress.passes.measure import output_error  # the one error measure, as the report's
+
     try:
         with PeakRSS() as mem_c:
             t0 = time.perf_counter()
@@ -344,7 +340,7 @@ def _measure(res: PeerResult, setup: Callable[[], tuple[Callable, dict]], inputs
         res.median_ms = statistics.median(times)
         res.min_ms = min(times)
         res.p10_ms, res.p90_ms = _percentile(times, 0.1), _percentile(times, 0.9)
-        res.max_abs_error, res.max_rel_error = _output_error(out, reference)
+        res.max_abs_error, res.max_rel_error = output_error(_flat(out), reference)
         if labels is not None:
             res.accuracy = _accuracy(fn, labels[0], labels[1], batch)
         res.ok = True

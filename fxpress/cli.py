@@ -380,9 +380,10 @@ class _Parser(argparse.ArgumentParser):
 
 def _pass_names() -> str:
     try:
+        from fxpress.frontends import FRONT_ENDS
         from fxpress.passes import available_passes
 
-        return ", ".join(available_passes())
+        return ", ".join(available_passes() + list(FRONT_ENDS))
     except ImportError:  # a runtime-only install: no torch, nothing to compile with
         return "(install fxpress with torch to compile)"
 

@@ -99,7 +99,7 @@ def write_artifact(cm, path: str, backends=("onnx", "tvm")) -> str:
 
 def write_artifact_dir(model, path: str, backends, write_files: Callable[[str], dict[str, Any]], *,
                        require_backend: bool = True) -> str:
-    """The steps every artifact shares (single-graph here, split dynamic models in dynamic.py).
+    """The steps every artifact shares (single-graph here, split dynamic models in dynamic_model.py).
 
     Checks ``path`` and ``backends``, runs ``write_files(tmp)`` in a temp dir beside ``path`` (it
     returns the manifest's model-specific fields, e.g. ``backends``), adds ``report.json`` and

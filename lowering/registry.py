@@ -6,16 +6,17 @@ Each pass family registers, for each of its ops:
 - an ONNX translation: an onnxscript function for ``torch.onnx.export(custom_translation_table=...)``
   that decomposes the op into standard ONNX ops.
 
-Family modules in this folder are imported on first use (``ensure_registered``).
+The families' modules in this folder (``<family>_lowering.py``, listed in fxpress/families.py) are
+imported on first use (``ensure_registered``).
 """
 from __future__ import annotations
 
-import importlib
 from typing import Any, Callable
+
+from fxpress import families
 
 _RELAX: dict[str, Callable] = {}
 _ONNX: dict[Any, Callable] = {}
-_FAMILY_MODULES = ["fusion_ops", "low_rank_ops", "shift_add_ops", "quantize_ops", "split_branches_ops"]
 _loaded = False
 
 
@@ -49,12 +50,7 @@ def ensure_registered() -> None:
     if _loaded:
         return
     _loaded = True
-    for mod in _FAMILY_MODULES:
-        try:
-            importlib.import_module(f"{__package__}.{mod}")
-        except ModuleNotFoundError as e:
-            if e.name != f"{__package__}.{mod}":
-                raise
+    families.import_modules("lowering")
 
 
 def relax_converters() -> dict[str, Callable]:

@@ -1,7 +1,10 @@
 """FX → FX rewrites (fxpress.passes): the pass protocol, registry, manager and graph utilities.
 
-Built-in pass families live in one module each (fusion, low_rank, shift_add, split_branches,
-quantize) and register themselves by name when first looked up.
+Built-in pass families are sub-packages (fusion/, low_rank/, shift_add/, quantize/), listed in
+fxpress/families.py; each registers its pass by name when first looked up. (split_branches is a front end
+ahead of the passes: fxpress.frontends.)
+Modules here that every family uses: base.py (the pass contract, registry), layer_scan.py (the Linear /
+Conv layers a lossy pass starts from), weight_ops*.py, graph.py, stats.py, measure.py, trace.py, manager.py.
 """
 from fxpress.errors import PassError, TraceError, UnknownPassError
 

@@ -17,7 +17,9 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import fx
 
+from fxpress import families
 from fxpress.errors import PassError, UnknownPassError
+from fxpress.families import CANONICAL_ORDER
 
 log = logging.getLogger("fxpress.passes")
 
@@ -226,8 +228,8 @@ class Option:
 
 
 # Sections of ``compile(options=...)`` that are not passes: tuning, the lowering (dynamic_batch), the
-# passes="auto" search.
-NON_PASS_SECTIONS = {"tune", "lower", "auto"}
+# passes="auto" search, the split_branches front end (fxpress.frontends; it checks its own section).
+NON_PASS_SECTIONS = {"tune", "lower", "auto", "split_branches"}
 
 
 def check_option_sections(options: dict[str, Any]) -> None:
@@ -251,13 +253,12 @@ class Pass:
     modules when ``lift_layers`` (weight_ops_lift.lift_to_modules: every pass sees one layer form), and the
     returned graph is finalized with the in-place-aware dead-code elimination (graph.finalize).
 
-    ``lossy`` passes change the function (low rank, shift/add, quantize); lossless ones should not.
+    ``lossy`` passes change the function (low rank, shift/add, quantize). The manager checks a pass
+    that is not lossy against the graph before it and rolls it back if the outputs drift.
     """
 
     name: str = ""
     lossy: bool = False
-    # Whether the pass needs calibration data to do its best (it still runs without).
-    wants_calibration: bool = False
     # name -> Option. ``None``: the pass checks its own options.
     OPTIONS: dict[str, Option] | None = None
     # Lift functional / ATen Linear, Conv and BatchNorm ops into modules before ``run``.
@@ -319,8 +320,8 @@ def _contract(run):
         from .weight_ops_lift import lift_to_modules
 
         self.check_options(ctx)
-        if self.lift_layers:
-            lift_to_modules(gm)
+        if self.lift_layers and lift_to_modules(gm):
+            finalize(gm)  # drop the replaced weights now, so the pass's own "before" counts each weight once
         new, result = run(self, gm, ctx)
         if isinstance(new, fx.GraphModule):
             finalize(new)
@@ -343,18 +344,13 @@ class FunctionPass(Pass):
 
 # ----------------------------------------------------------------------------- registry
 
-# Canonical order when several passes are asked for by name: control flow is split first
-# (so the rest see branch-free graphs), fusion before factorisation, quantization last.
-CANONICAL_ORDER = ["split_branches", "fuse", "low_rank", "shift_add", "quantize"]
-
 _REGISTRY: dict[str, type[Pass]] = {}
 # Passes that `passes="default"` runs, in canonical order. Lossy passes join only when they
 # stay within their own default error budget (each pass documents it).
 _DEFAULT: list[str] = []
 
-# Modules that define the built-in passes; imported on first lookup so that importing
-# fxpress.passes stays cheap and a broken optional pass cannot break the others.
-_BUILTIN_MODULES = ["fusion", "low_rank", "shift_add", "split_branches", "quantize"]
+# The built-in passes' modules (fxpress/families.py) are imported on first lookup, so that importing
+# fxpress.passes stays cheap.
 _builtins_loaded = False
 
 
@@ -376,15 +372,7 @@ def _load_builtins() -> None:
     if _builtins_loaded:
         return
     _builtins_loaded = True
-    import importlib
-
-    for mod in _BUILTIN_MODULES:
-        try:
-            importlib.import_module(f"{__package__}.{mod}")
-        except ModuleNotFoundError as e:
-            # A family not written yet is simply absent; anything else is a real bug.
-            if e.name != f"{__package__}.{mod}":
-                raise
+    families.import_modules("passes")
 
 
 def available_passes() -> list[str]:

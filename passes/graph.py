@@ -1,8 +1,6 @@
 """Graph utilities shared by passes: networkx views and small FX helpers."""
 from __future__ import annotations
 
-from typing import Iterable
-
 import networkx as nx
 import torch
 import torch.nn.functional as F
@@ -58,22 +56,15 @@ def unique_name(gm: nn.Module, base: str) -> str:
     return name
 
 
-def add_submodule(gm: fx.GraphModule, base: str, module: nn.Module) -> str:
-    name = unique_name(gm, base)
-    gm.add_submodule(name, module)
-    return name
-
-
-def replace_node_with_module(gm: fx.GraphModule, node: fx.Node, module: nn.Module, base: str,
-                             args: Iterable | None = None) -> fx.Node:
-    """Insert ``module`` as a new call_module replacing ``node``; returns the new node."""
-    name = add_submodule(gm, base, module)
-    with gm.graph.inserting_after(node):
-        new = gm.graph.call_module(name, tuple(args) if args is not None else node.args)
-    new.meta.update({k: v for k, v in node.meta.items() if k in ("tensor_meta", "stack_trace")})
-    node.replace_all_uses_with(new)
-    gm.graph.erase_node(node)
-    return new
+def add_frozen_params(gm: nn.Module, base: str, tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Register a copy of each tensor as a parameter without grad named ``<base>_<suffix>`` (made unique, at
+    the root); returns the names, in order, for ``get_attr`` nodes."""
+    names = []
+    for suffix, t in tensors.items():
+        name = unique_name(gm, f"{base}_{suffix}")
+        gm.register_parameter(name, nn.Parameter(t.detach().clone().contiguous(), requires_grad=False))
+        names.append(name)
+    return names
 
 
 _INPLACE_FLAG_FUNCTIONS = {F.relu, F.relu6, F.elu, F.hardtanh, F.leaky_relu, F.silu, F.hardswish, F.mish, F.selu,

@@ -1,6 +1,6 @@
 """Run the host program of a split dynamic model (``split_branches``). Imports no torch.
 
-The host program (JSON; format in ``fxpress/passes/split_branches_ir.py``) evaluates conditions on the
+The host program (JSON; format in ``fxpress/frontends/split_branches/ir.py``) evaluates conditions on the
 outputs of branch-free regions and calls the regions, each an executor with ``run(list of arrays) ->
 list of arrays`` (TVM VM or ONNX Runtime, see ``backends.py``).
 

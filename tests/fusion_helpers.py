@@ -5,7 +5,7 @@ import torch
 from torch import fx, nn
 
 from fxpress.passes import PassContext, get_pass, output_error, run_graph, trace
-from fxpress.passes.fusion_common import BN_TYPES
+from fxpress.passes.fusion.common import BN_TYPES
 
 TOL = 1e-5  # fp32 relative error the fuse pass promises (max |y - ref| / max |ref|)
 

@@ -13,10 +13,10 @@ from torch import nn
 
 import fxpress
 from fxpress.models import get
-import fxpress.passes.low_rank_ops  # noqa: F401 - registers torch.ops.fxpress.lowrank_*
+import fxpress.passes.low_rank.ops  # noqa: F401 - registers torch.ops.fxpress.lowrank_*
 from fxpress.passes import PassContext, copy_graph_module, count_params, get_pass, trace
-from fxpress.passes.low_rank_factor import LayerStats, factorize
-from fxpress.passes.low_rank_rank import LayerChoice, candidate_ranks, select_budget
+from fxpress.passes.low_rank.factor import LayerStats, factorize
+from fxpress.passes.low_rank.ranks import LayerChoice, candidate_ranks, select_budget
 
 from helpers import rel_err
 

@@ -7,9 +7,9 @@ from torch import nn
 
 import fxpress
 from fxpress import models
-from fxpress.passes.quantize_observers import Observer, quantize_weight, weight_clip
-from fxpress.passes.quantize_ops import qparams_asym
-from fxpress.passes.quantize_splitquant import cluster_masks, kmeans_1d
+from fxpress.passes.quantize.observers import Observer, quantize_weight, weight_clip
+from fxpress.passes.quantize.ops import qparams_asym
+from fxpress.passes.quantize.splitquant import cluster_masks, kmeans_1d
 
 from helpers import rel_err
 
@@ -194,7 +194,7 @@ def test_digits_int8_accuracy_and_report(digits):
     assert st.status == "applied" and st.max_rel_error < 0.05
     res = st.result
     assert res.metrics["quantized_layers"] == 4 and res.metrics["calibration_batches"] == 4
-    assert any(r.kind == "fold_bn" for r in res.rewrites)
+    assert any(r.kind == "fold_bn_after" for r in res.rewrites)  # fuse's BN folding, run by quantize
     for row in res.layers:
         assert row["bits"] == 8 and row["status"] == "quantized"
         assert row["act_scale"][0] > 0 and 0 <= row["act_zero_point"][0] <= 255
@@ -308,3 +308,20 @@ def test_layers_reading_quantized_layers_directly():
     assert rel_err(cm.gm(x), model(x)) < 0.05
     ops = [n.target for n in cm.gm.graph.nodes]
     assert ops.count(OPS.qlinear.default) == 4 and ops.count(OPS.qmatmul.default) == 1
+
+
+def test_fold_bn_uses_the_fuse_pass_folding():
+    """quantize folds BN with fuse's step (passes/fusion/bn.py): after a Conv2d and after a Linear alike."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(8 * 6 * 6, 16), nn.BatchNorm1d(16), nn.Linear(16, 4))
+    for bn in (model[1], model[5]):
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    model.eval()
+    x = torch.randn(4, 3, 8, 8)
+    folded = _qstage(_compile(model, (x,))).result
+    assert [r.consumed for r in folded.rewrites if r.kind == "fold_bn_after"] == [["_0", "_1"], ["_4", "_5"]]
+    assert folded.metrics["quantized_layers"] == 3
+    kept = _qstage(_compile(model, (x,), fold_bn=False)).result
+    assert not any(r.kind.startswith("fold_bn") for r in kept.rewrites)

@@ -8,7 +8,8 @@ import torch
 import fxpress
 from fxpress import models
 from fxpress.errors import PassError
-from fxpress.passes import PassContext, get_pass, shift_add_ops, trace  # noqa: F401 - registers the ops
+from fxpress.passes import PassContext, get_pass, trace
+from fxpress.passes.shift_add import ops as shift_add_ops  # noqa: F401 - registers the ops
 
 from helpers import rel_err
 

@@ -9,7 +9,7 @@ from tvm import relax
 
 from fxpress.codegen import build, gpu_available, resolve_target
 from fxpress.codegen import shift_add_kernels as K
-from fxpress.passes import shift_add_ops as S
+from fxpress.passes.shift_add import ops as S
 
 needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
 CPU = resolve_target("llvm")
@@ -181,7 +181,7 @@ def test_kernels_have_no_float_multiply_by_weight():
 
 def _relax_module(te_fn, specs, *attrs, relu=True):
     """A Relax main(specs...) that calls one shift/add kernel the way the converters emit it."""
-    from fxpress.lowering.shift_add_ops import _emit
+    from fxpress.lowering.shift_add_lowering import _emit
 
     bb = relax.BlockBuilder()
     args = [relax.Var(name, relax.TensorType(list(shape), dtype)) for name, shape, dtype in specs]

@@ -12,11 +12,12 @@ from torch import nn
 
 import fxpress
 from fxpress.compiled import CompiledModel
-from fxpress.dynamic import DynamicCompiledModel
+from fxpress.dynamic_model import DynamicCompiledModel
 from fxpress.errors import InputError, TraceError
 from fxpress.models.registry import dynamic_names, get_dynamic, names
-from fxpress.passes import get_pass
-from fxpress.passes.split_branches_ir import HostProgram
+from fxpress.errors import UnknownPassError
+from fxpress.frontends.split_branches.ir import HostProgram
+from fxpress.passes import available_passes, get_pass
 from fxpress.runtime.host_program import HostInterpreter, HostProgramError
 
 # What the front end must find in each reference model, and the host program it must build.
@@ -112,7 +113,7 @@ def test_shape_branch_duplicates_the_join():
     assert (1, 512) in node_shapes(cm.regions["r2"].gm)  # fine: 8x8x8
 
 
-def test_report_graph_and_pass_registry():
+def test_report_graph_and_front_end_name():
     spec, model, cm = compile_torch("gated_skip")
     names_ = cm.report.names()
     assert names_[0] == "split_branches" and names_[-1] == "host:torch"
@@ -124,11 +125,10 @@ def test_report_graph_and_pass_registry():
     assert cm.graph("r1:trace") is cm.regions["r1"].graph("trace")
     with pytest.raises(KeyError, match="one graph per region"):
         cm.graph("fuse")
-    # the registered pass: a no-op on a graph that was already traced whole
-    p = get_pass("split_branches")
-    gm = torch.fx.symbolic_trace(nn.Linear(2, 2))
-    out, result = p.run(gm, None)
-    assert not result.changed
+    # a front end, not an FX pass: selected by its name in passes=, absent from the pass registry
+    assert "split_branches" not in available_passes()
+    with pytest.raises(UnknownPassError):
+        get_pass("split_branches")
 
 
 def test_regions_calibrate_on_what_reaches_them():
@@ -145,11 +145,57 @@ def test_regions_calibrate_on_what_reaches_them():
     assert 0 < len(calib["r1"]) < 8 and 0 < len(calib["r3"]) < 8  # the gated bodies see only their inputs
 
 
-def test_static_model_with_split_branches_compiles_whole():
+@pytest.mark.parametrize("passes", [["split_branches", "fuse"], ["fuse", "split_branches"], "fuse,split_branches"])
+def test_static_model_with_split_branches_compiles_whole(passes):
+    """The front end runs ahead of the passes wherever it is listed; with nothing to split its stage
+    reports the traced graph unchanged, and the one compile path takes the whole model."""
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
-    cm = fxpress.compile(model, (torch.randn(2, 4),), passes=["split_branches", "fuse"], target="torch")
+    x = torch.randn(2, 4)
+    cm = fxpress.compile(model, (x,), passes=passes, target="torch")
     assert isinstance(cm, CompiledModel)
-    assert cm.report["split_branches"].status == "unchanged"
+    assert cm.report.names() == ["trace", "split_branches", "fuse", "lower:torch"]
+    assert cm.passes == ["split_branches", "fuse"]
+    rec, traced = cm.report["split_branches"], cm.report["trace"]
+    assert rec.status == "unchanged" and rec.kind == "pass" and rec.result.metrics["regions"] == 1
+    assert (rec.params, rec.macs, rec.nodes, rec.max_rel_error) == (traced.params, traced.macs, traced.nodes,
+                                                                     traced.max_rel_error)
+    assert cm.graph("split_branches") is cm.graph("trace")
+    torch.testing.assert_close(cm(x), model(x))
+
+
+@pytest.mark.parametrize("opts, match", [
+    ({"max_iters": 3}, "unknown split_branches option.*Did you mean 'max_loop_iters'"),
+    ({"per_sample": 1}, "per_sample.*must be bool"),
+    ({"lowering": "nativ"}, "choose one of 'split', 'native'.*Did you mean 'native'"),
+    ({"on_exceed": "halt"}, "choose one of 'error', 'stop'"),
+    ({"max_loop_iters": -1}, "max_loop_iters=-1 is out of range"),
+    ({"max_loop_iters": True}, "max_loop_iters.*must be int"),
+])
+def test_options_are_checked_in_one_place(opts, match):
+    """Every option is checked before any work, for a static model too, as an InputError."""
+    with pytest.raises(InputError, match=match):
+        fxpress.compile(nn.Linear(4, 4), (torch.randn(1, 4),), passes=["split_branches"], target="torch",
+                        options={"split_branches": opts})
+
+
+def test_split_options_defaults_come_from_the_declaration():
+    from fxpress.frontends.split_branches import OPTIONS, SplitOptions, split_options
+
+    defaults = split_options(None)
+    assert defaults == SplitOptions(**{k: spec.default for k, spec in OPTIONS.items()})
+    assert split_options({"per_sample": True}).per_sample is True
+    assert split_options(defaults) is defaults
+
+
+def test_unknown_pass_error_names_the_front_end():
+    with pytest.raises(UnknownPassError, match="unknown pass 'split_branch'.*Front ends.*split_branches"):
+        fxpress.compile(nn.Linear(4, 4), (torch.randn(1, 4),), passes=["split_branch"], target="torch")
+
+
+def test_front_end_listed_twice_is_refused():
+    with pytest.raises(UnknownPassError, match="more than once"):
+        fxpress.compile(nn.Linear(4, 4), (torch.randn(1, 4),), passes=["split_branches", "split_branches"],
+                        target="torch")
 
 
 def test_default_passes_fall_back_to_splitting():

@@ -12,10 +12,11 @@ import torch
 from torch import nn
 
 import fxpress
-from fxpress.dynamic import DynamicCompiledModel
+from fxpress.dynamic_model import DynamicCompiledModel
 from fxpress.errors import TraceError
 from fxpress.models.registry import get_dynamic
-from fxpress.passes.split_branches_ast import counter_bound, mutated_names
+from fxpress.frontends.split_branches.counter_bound import counter_bound
+from fxpress.frontends.split_branches.names import mutated_names
 
 NEW_FAMILIES = ["greedy_decoder", "counter_loop", "ranet", "sample_gate", "attn_decoder"]
 

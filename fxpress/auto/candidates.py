@@ -5,7 +5,7 @@ A *configuration* maps each layer (the weight key ``passes.weight_ops`` gives it
 per-layer options, so the auto search adds no new numerics:
 
 - ``int8``   quantize, static int8 activations x int8 weights (``skip`` = every other layer);
-- ``w4``     quantize, weight-only int4 (a renamed Quantize, since a pipeline runs each pass name once);
+- ``w4``     quantize, weight-only int4 (a renamed QuantizePass, since a pipeline runs each pass name once);
 - ``lr<r>``  low_rank, activation-aware, at rank ``r`` (``rank={key: r}``; unlisted layers are left alone);
 - ``shift``  shift_add, one power-of-two term (``layers=[key]``, ``keep_first_last=False``).
 """
@@ -15,7 +15,7 @@ import glob
 from dataclasses import dataclass
 
 from fxpress.passes import Pass, get_pass
-from fxpress.passes.quantize import Quantize
+from fxpress.passes.quantize import QuantizePass
 from fxpress.passes.weight_ops import CONV, LINEAR, WeightOp, find_weight_ops
 
 TECHNIQUES = ("int8", "w4", "low_rank", "shift_add")
@@ -23,7 +23,7 @@ TECHNIQUES = ("int8", "w4", "low_rank", "shift_add")
 LOW_RANK_KEEP = (0.125, 0.25, 0.5)
 
 
-class WeightOnlyQuantize(Quantize):
+class WeightOnlyQuantize(QuantizePass):
     """quantize under a second name, so one pipeline can hold int8 layers and weight-only int4 layers."""
 
     name = "quantize_w4"
@@ -106,7 +106,7 @@ def build_passes(layers: list[Layer], config: dict[str, Candidate]) -> list[Pass
     if "shift_add" in by_tech:
         out.append(get_pass("shift_add", keep_first_last=False,
                             layers=[glob.escape(L.key) for L in by_tech["shift_add"]]))
-    for tech, cls, opts in (("int8", Quantize, dict(mode="static", bits=8)),
+    for tech, cls, opts in (("int8", QuantizePass, dict(mode="static", bits=8)),
                             ("w4", WeightOnlyQuantize, dict(mode="weight_only", bits=4))):
         if tech in by_tech:
             chosen = {L.key for L in by_tech[tech]}
