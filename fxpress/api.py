@@ -2,7 +2,6 @@
 (fxpress/pipeline.py: passes → lowering → a CompiledModel), with a report of every stage."""
 from __future__ import annotations
 
-import copy
 import time
 from typing import Any, Iterable, Sequence
 
@@ -12,7 +11,7 @@ from torch import nn
 from fxpress.errors import InputError, TraceError, UnknownPassError
 from fxpress.frontends import FRONT_ENDS
 from fxpress.passes import Pass, resolve_passes, snapshot, trace
-from fxpress.passes.trace import clone_inputs
+from fxpress.passes.trace import clone_inputs, copy_module
 
 from .compiled import CompiledModel
 from .lower import TARGETS
@@ -56,10 +55,12 @@ def _check_calibration(calibration: Iterable | None, example: tuple[torch.Tensor
 
 
 def _private_copy(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model``; the model itself when it cannot be copied (then its buffers and mode
-    are still the caller's: the traced graph shares them)."""
+    """A copy of ``model`` that shares its parameters' storage (compile never writes into them: passes
+    replace what they change, and WeightGuard stops one that writes in place) but copies its buffers and
+    modules; the model itself when it cannot be copied (then its buffers and mode are still the caller's:
+    the traced graph shares them)."""
     try:
-        return copy.deepcopy(model)
+        return copy_module(model, share_parameters=True)
     except Exception:  # noqa: BLE001 - un-copyable attributes (locks, handles): fall back to sharing
         return model
 

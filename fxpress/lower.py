@@ -3,15 +3,16 @@ from __future__ import annotations
 
 import os
 import tempfile
-import time
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import fx
 
 from fxpress.errors import LoweringError
-from fxpress.passes.manager import StageRecord, output_error, run_graph
-from fxpress.passes.stats import count_params, graph_costs
+from fxpress.passes.instruments import ErrorMeter, Instrument, Stats, Timer, observe
+from fxpress.passes.measure import output_error
+from fxpress.passes.record import Stage, run_graph
 from fxpress.passes.trace import LOSSLESS_RTOL
 
 from .divergence import locate_divergence
@@ -48,7 +49,7 @@ def build_tvm(gm: fx.GraphModule, example_inputs: tuple, target: str, tune: int 
 
 def lower(gm: fx.GraphModule, example_inputs: tuple, target: str, reference: list[torch.Tensor],
           tune: int = 0, tune_options: dict | None = None, tolerance: float | None = None,
-          dynamic_batch: bool | None = None):
+          dynamic_batch: bool | None = None, instruments: Sequence[Instrument] = ()):
     """Returns (executor or None, build products or None, StageRecord for the lowering stage).
 
     Lowering claims to be lossless: the lowered model's outputs must match the FX graph it lowers
@@ -62,9 +63,21 @@ def lower(gm: fx.GraphModule, example_inputs: tuple, target: str, reference: lis
     far slower on symbolic shapes (a depthwise CNN ran ~15x slower), so TVM targets ask for it with
     ``options={"lower": {"dynamic_batch": True}}``. The result is checked at a second batch size too; where the graph
     fixes the batch (or the check fails) the example's batch is compiled and the note says why.
-    ``record.extra["dynamic_batch"]`` says which was built.
+    ``record.extra["dynamic_batch"]`` says which was built. ``instruments``: extra observers of the stage.
     """
-    t0 = time.perf_counter()
+    stage = Stage(f"lower:{target}", "lowering", example_inputs, reference, graph=gm)
+    instruments = [Timer(), Stats(), ErrorMeter(), LoweringCheck(target, tolerance), *instruments]
+    record, (executor, lowered) = observe(
+        stage, instruments, lambda s: _lower_stage(s, target, tune, tune_options, dynamic_batch))
+    if target == "torch":
+        executor = None  # CompiledModel runs the graph directly on tensors
+    return executor, lowered, record
+
+
+def _lower_stage(stage: Stage, target: str, tune: int, tune_options: dict | None, dynamic_batch: bool | None):
+    """The lowering stage's body: build for ``target`` (one symbolic batch where asked and possible);
+    (executor or None, build products or None)."""
+    gm, example_inputs = stage.graph, stage.example_inputs
     if dynamic_batch is None:
         from fxpress.lowering.to_onnx import has_fxpress_ops
 
@@ -93,24 +106,36 @@ def lower(gm: fx.GraphModule, example_inputs: tuple, target: str, reference: lis
         note = f"{note}; {batch_note}" if note else batch_note
     elif dynamic:
         note = (f"{note}; " if note else "") + "batch is dynamic: one compile serves any batch size"
-    seconds = time.perf_counter() - t0
-    params, param_bytes = count_params(gm)  # the same count as the trace and pass records
-    macs, mults = graph_costs(gm)
-    record = StageRecord(name=f"lower:{target}", kind="lowering", status="ok", params=params,
-                         param_bytes=param_bytes,
-                         macs=macs, multiplies=mults, nodes=len(gm.graph.nodes), seconds=seconds, note=note,
-                         ir=ir, extra=extra)
     if target == "torch":
         executor = _TorchExecutor(gm)
+    stage.ir, stage.extra, stage.note = ir, extra, note
     if executor is not None:
-        outs = _run_executor(executor, example_inputs)
-        record.max_abs_error, record.max_rel_error = output_error(outs, reference)
-        graph_outs = run_graph(gm, example_inputs)
-        _, lowering_error = output_error(outs, graph_outs)
-        record.extra["lowering_rel_error"] = lowering_error
-        allowed = _allowed_lowering_drift(gm, graph_outs, reference)
+        stage.run_outputs = lambda: _run_executor(executor, example_inputs)
+    else:
+        stage.checked = False
+        stage.status = "unchecked"
+        stage.note = (note + "; " if note else "") + "outputs not compared with eager (not run here)"
+    return executor, lowered
+
+
+class LoweringCheck(Instrument):
+    """Lowering claims to be lossless: the lowered outputs must match the FX graph's within fp32 noise
+    (or, for a quantized graph, within the passes' own error: ties may round the other way), and with a
+    tolerance eager PyTorch's within it. Otherwise LoweringError names the first diverging node."""
+
+    def __init__(self, target: str, tolerance: float | None):
+        self.target, self.tolerance = target, tolerance
+
+    def after(self, stage: Stage) -> None:
+        if not stage.checked:
+            return
+        gm, example_inputs, target = stage.graph, stage.example_inputs, self.target
+        graph_outs = stage.graph_outputs(gm)
+        _, lowering_error = output_error(stage.outputs(), graph_outs)
+        stage.extra["lowering_rel_error"] = lowering_error
+        allowed = _allowed_lowering_drift(gm, graph_outs, stage.reference)
         if lowering_error > LOSSLESS_RTOL and lowering_error <= allowed:
-            record.note = ((record.note + "; ") if record.note else "") + (
+            stage.note = ((stage.note + "; ") if stage.note else "") + (
                 f"differs from the FX graph by {lowering_error:.3g}: quantized values rounded the other way at "
                 f"ties (allowed up to the passes' own error, {allowed:.3g})")
         if lowering_error > allowed:
@@ -121,18 +146,12 @@ def lower(gm: fx.GraphModule, example_inputs: tuple, target: str, reference: lis
                 f"refuses to return it.\n{where}"
                 f"What to do: compile with another target (target='onnx' or 'torch'), try passes='none' to "
                 "lower the traced graph as is, or replace the op named above in the model.")
-        if tolerance is not None and record.max_rel_error > tolerance:
+        error = stage.measured["max_rel_error"]
+        if self.tolerance is not None and error > self.tolerance:
             raise LoweringError(
-                f"the lowered model's error against eager PyTorch is {record.max_rel_error:.3g}, above "
-                f"tolerance={tolerance:g} (the lowering itself adds {lowering_error:.3g}; the rest comes from the "
+                f"the lowered model's error against eager PyTorch is {error:.3g}, above "
+                f"tolerance={self.tolerance:g} (the lowering itself adds {lowering_error:.3g}; the rest comes from the "
                 "passes). What to do: raise tolerance, or drop lossy passes (passes='none' or ['fuse']).")
-    else:
-        record.max_abs_error = record.max_rel_error = None
-        record.status = "unchecked"
-        record.note = (note + "; " if note else "") + "outputs not compared with eager (not run here)"
-    if target == "torch":
-        executor = None  # CompiledModel runs the graph directly on tensors
-    return executor, lowered, record
 
 
 def _lower_once(gm: fx.GraphModule, example_inputs: tuple, target: str, tune: int, tune_options, dynamic: bool):

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
+
+from fxpress.passes.record import StageRecord
 
 
 def human(n: float, unit: str = "") -> str:
@@ -25,16 +27,19 @@ class Report:
 
     COLUMNS = ("stage", "status", "params", "size", "MACs", "mults", "nodes", "max rel err", "seconds")
 
-    def __init__(self, records: list):
-        self.records = list(records)
+    def __init__(self, records: Iterable[StageRecord]):
+        self.records: list[StageRecord] = list(records)
+        for i, r in enumerate(self.records):
+            if not isinstance(r, StageRecord):
+                raise TypeError(f"Report takes StageRecords; entry {i} is a {type(r).__name__}")
 
-    def __iter__(self) -> Iterator:
+    def __iter__(self) -> Iterator[StageRecord]:
         return iter(self.records)
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, key):
+    def __getitem__(self, key: int | slice | str):
         if isinstance(key, (int, slice)):
             return self.records[key]
         for r in self.records:

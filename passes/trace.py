@@ -56,8 +56,9 @@ def _define_inplace(name: str) -> None:
     setattr(_InplaceProxy, f"__{name}__", impl)
 
 
-for _name in ("iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "iand", "ior", "ixor",
-              "ilshift", "irshift", "imatmul"):
+_AUGMENTED = ("iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "iand", "ior", "ixor",
+              "ilshift", "irshift", "imatmul")
+for _name in _AUGMENTED:
     _define_inplace(_name)
 
 
@@ -168,13 +169,67 @@ def annotate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> fx.GraphModule
     return gm
 
 
-def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
-    """A deep copy that keeps node metadata (shapes, stack traces)."""
-    new = copy.deepcopy(gm)
+def copy_graph_module(gm: fx.GraphModule, share_weights: bool = False) -> fx.GraphModule:
+    """A deep copy that keeps node metadata (shapes, stack traces).
+
+    ``share_weights``: copy the graph and the module tree but not the tensors: each parameter becomes a
+    new nn.Parameter over the same storage (so replacing it, ``.data =`` or ``requires_grad_`` on the
+    copy leave the original alone), and buffers and tensor attributes are shared too, except those the
+    graph itself writes in place when it runs (a counter a forward increments), which are cloned. An
+    in-place write into a shared tensor reaches the original: the pass manager's WeightGuard
+    (passes/instruments.py) detects that through the tensors' version counters.
+    """
+    memo = _shared_tensors(gm, buffers=True, skip=_written_attributes(gm)) if share_weights else {}
+    new = copy.deepcopy(gm, memo)
     for a, b in zip(gm.graph.nodes, new.graph.nodes):
         for k, v in a.meta.items():
             b.meta.setdefault(k, v)
     return new
+
+
+def copy_module(model: nn.Module, share_parameters: bool = False) -> nn.Module:
+    """``copy.deepcopy(model)``; with ``share_parameters`` the copy's parameters are new nn.Parameter
+    objects over the same storage (buffers, which a forward may update, and everything else are copied)."""
+    return copy.deepcopy(model, _shared_tensors(model, buffers=False) if share_parameters else {})
+
+
+def _shared_tensors(module: nn.Module, buffers: bool, skip: set[str] = frozenset()) -> dict[int, object]:
+    """A deepcopy memo that maps each tensor of ``module`` to a view of the same storage (same version
+    counter, so in-place writes stay detectable): parameters, and with ``buffers`` buffers and tensor
+    attributes of modules in eval mode, except the qualified names in ``skip``."""
+    memo: dict[int, object] = {}
+    for mod_name, mod in module.named_modules(remove_duplicate=False):
+        tensors = list(mod._parameters.items())
+        if buffers and not mod.training:  # a module in training mode updates its buffers (BatchNorm's statistics)
+            tensors += list(mod._buffers.items()) + [(k, v) for k, v in vars(mod).items() if isinstance(v, torch.Tensor)]
+        for name, t in tensors:
+            if t is None or id(t) in memo or (f"{mod_name}.{name}" if mod_name else name) in skip:
+                continue
+            memo[id(t)] = (nn.Parameter(t.detach(), requires_grad=t.requires_grad)
+                           if isinstance(t, nn.Parameter) else t.detach())
+    return memo
+
+
+def _written_attributes(gm: fx.GraphModule) -> set[str]:
+    """Qualified names of the tensors (get_attr targets) the graph writes into when it runs: the first
+    argument of an in-place node, followed back through the views and getitems it came from."""
+    import operator
+
+    from .graph import is_inplace
+
+    augmented = {getattr(operator, n) for n in _AUGMENTED}
+    written: set[str] = set()
+    for node in gm.graph.nodes:
+        if node.op not in ("call_function", "call_method", "call_module") or not node.args:
+            continue
+        if not (is_inplace(gm, node) or (node.op == "call_function" and node.target in augmented)):
+            continue
+        src, seen = node.args[0], 0
+        while isinstance(src, fx.Node) and src.op in ("call_function", "call_method") and src.args and seen < 64:
+            src, seen = src.args[0], seen + 1  # views (x[0], x.view(...)) alias what they come from
+        if isinstance(src, fx.Node) and src.op == "get_attr":
+            written.add(str(src.target))
+    return written
 
 
 def user_line(err: BaseException) -> str | None:
