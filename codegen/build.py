@@ -74,10 +74,15 @@ class BuiltModule:
             return list(params)
         import numpy as np
 
+        from fxpress.runtime.backends import cpu_tensor_view, tvm_tensor_as_numpy
+
         dev = tvm.cpu(0)
         vm = relax.VirtualMachine(self.param_transform, dev)
-        out = vm[TRANSFORM_FUNC]([tvm.runtime.tensor(np.ascontiguousarray(p), dev) for p in params])
-        return [t.numpy() for t in out]
+        arrays = [np.ascontiguousarray(p) for p in params]
+        out = vm[TRANSFORM_FUNC]([cpu_tensor_view(a) or tvm.runtime.tensor(a, dev) for a in arrays])
+        # Views, not copies: a weight the transform returns unchanged may share the input's memory, which is
+        # fine (parameters are never written); a compile then holds one copy of the weights.
+        return [tvm_tensor_as_numpy(t) for t in out]
 
     def export_library(self, path: str | os.PathLike) -> None:
         """Write a shared library that ``tvm.runtime.load_module`` loads (host compiler: g++)."""

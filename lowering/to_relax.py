@@ -157,6 +157,8 @@ def to_relax(gm: torch.nn.Module, example_inputs: tuple, dynamic_batch: bool = F
         mod["main"] = mod["main"].without_attr("num_input")
     tensors = params.get("main", [])
     names = [p.name for p in mod["main"].params[len(example_inputs):]]
-    arrays = [t.numpy() for t in tensors]
+    from fxpress.runtime.backends import tvm_tensor_as_numpy
+
+    arrays = [tvm_tensor_as_numpy(t) for t in tensors]  # views: the weights stay one copy
     return RelaxModule(mod=mod, params=arrays, param_names=names, num_inputs=len(example_inputs),
                        ir_text=mod.script(show_meta=False))

@@ -83,7 +83,8 @@ class TVMExecutor:
         self.device = _tvm_device(tvm, device)
         self.vm = relax.VirtualMachine(executable, self.device)
         arrays = [np.asarray(p, order="C") for p in params]
-        self.params = [tvm.runtime.tensor(p, self.device) for p in arrays]
+        on_cpu = self.device.dlpack_device_type() == _KDL_CPU
+        self.params = [(on_cpu and cpu_tensor_view(p)) or tvm.runtime.tensor(p, self.device) for p in arrays]
         self._setup([p.nbytes for p in arrays])
         return self
 
@@ -257,3 +258,27 @@ class ORTExecutor:
                     f"an index given to {node.group(1) if node else 'a gather'} is out of range ({status.split(': ')[-1]}). "
                     "Check the ids fed to the model (eager PyTorch raises IndexError here too)") from None
             raise
+
+
+def cpu_tensor_view(a: np.ndarray):
+    """A TVM CPU tensor over ``a``'s memory (no copy), or None when TVM cannot take it as is (not
+    contiguous, not 64-byte aligned, or a dtype DLPack cannot carry). The compiler hands weights from
+    stage to stage this way, so a compile holds one copy of them, not one per stage. Read-only arrays
+    are passed through the versioned DLPack export (the kernels never write parameters)."""
+    import tvm_ffi
+
+    a = np.asarray(a)
+    if not a.flags.c_contiguous or not a.dtype.isnative or a.ctypes.data % _ALIGN:
+        return None
+    try:
+        return tvm_ffi.from_dlpack(a if a.flags.writeable else a.__dlpack__(max_version=(1, 0)))
+    except (BufferError, TypeError, ValueError, RuntimeError):
+        return None
+
+
+def tvm_tensor_as_numpy(t) -> np.ndarray:
+    """A numpy view of CPU tensor ``t`` (keeps ``t`` alive), or a copy for dtypes numpy's DLPack lacks."""
+    try:
+        return np.from_dlpack(t)
+    except (BufferError, TypeError, ValueError, RuntimeError):
+        return t.numpy()
