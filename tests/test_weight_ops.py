@@ -304,3 +304,20 @@ def test_base_class_runs_in_place_aware_dce_for_any_pass():
     gm = fx.symbolic_trace(InPlaceAdd().eval())
     out, _ = Noop()(gm, PassContext(example_inputs=(torch.randn(2, 32),)))
     assert any(n.target == "add_" for n in out.graph.nodes)
+
+
+def test_fuse_left_unchanged_says_why_for_every_layer():
+    """GPT-2 (transformers, small seeded config): its MLP activation is the tanh GELU written out, so fuse
+    finds nothing to fuse. Every layer it looked at must carry its reason, and the parameter count must not
+    count a lifted layer's weight twice."""
+    m, x = _corpus("hf_gpt2")
+    cm = fxpress.compile(m, x, passes=["fuse"], target="torch")
+    rec = _stage(cm, "fuse")
+    assert rec.status == "unchanged"
+    layers = [n for n in cm.graph("fuse").graph.nodes if n.op == "call_module"
+              and isinstance(cm.graph("fuse").get_submodule(n.target), torch.nn.Linear)]
+    reasons = {s.node: s.reason for s in rec.result.skipped}
+    assert layers and all(n.name in reasons for n in layers), sorted(set(n.name for n in layers) - set(reasons))
+    assert all("read by" in reasons[n.name] for n in layers)
+    met = rec.result.metrics
+    assert met["params_before"] == met["params_after"] == _stage(cm, "trace").params
