@@ -117,7 +117,8 @@ static void fxpress_gemm1(int64_t M, int64_t N, int64_t K, const float *a, int64
 /* Part `part` of `parts` of C[i] = op(A[i]) . op(B[i]) for i < batch (A[i] = A + i * sa, ...).
    Called once per iteration of the kernel's parallel loop. Whole batches go to workers when there
    are enough of them; otherwise each product is split by columns of C (16-aligned), so every
-   worker packs only its own slice of B (the weight). */
+   worker packs only its own slice of B (a Linear's weight), or by rows of C when A is the larger
+   operand (M > 2N: a convolution's weight times few output pixels), so none packs all of A. */
 int32_t fxpress_sgemm(int64_t part, int64_t parts, int64_t batch, int64_t M, int64_t N, int64_t K,
                       const float *A, int64_t sa, int32_t ta, const float *B, int64_t sb, int32_t tb,
                       float *C, int64_t sc) {
@@ -127,6 +128,17 @@ int32_t fxpress_sgemm(int64_t part, int64_t parts, int64_t batch, int64_t M, int
     int64_t lo = batch * part / parts, hi = batch * (part + 1) / parts;
     for (i = lo; i < hi; ++i)
       fxpress_gemm1(M, N, K, A + i * sa, lda, ta, B + i * sb, ldb, tb, C + i * sc, N);
+    return 0;
+  }
+  if (M > 2 * N) {
+    int64_t chunk = (M + parts - 1) / parts, i0, i1;
+    chunk = (chunk + 15) / 16 * 16;
+    i0 = part * chunk;
+    i1 = i0 + chunk < M ? i0 + chunk : M;
+    if (i0 >= i1) return 0;
+    for (i = 0; i < batch; ++i)
+      fxpress_gemm1(i1 - i0, N, K, A + i * sa + (ta ? i0 : i0 * K), lda, ta, B + i * sb, ldb, tb,
+                    C + i * sc + i0 * N, N);
     return 0;
   }
   {

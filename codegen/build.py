@@ -42,6 +42,7 @@ from tvm import relax, tirx
 from .. import families
 from ..errors import BuildError
 from . import blas, cuda
+from .conv_route import RouteConvToGemm
 from .gemm_route import RouteGemmToBlas
 from .relax_prep import TRANSFORM_FUNC, FastErf, lift_param_transforms
 from .parallel_threshold import serialize_small_kernels
@@ -161,7 +162,7 @@ def front_stages(lifted: dict) -> list[tuple[str, list]]:
 
     return [("relax.decomposed", [relax.backend.DispatchSampling(), relax.backend.DispatchSortScan(),
                                   relax.transform.DecomposeOpsForInference(), FastErf(),
-                                  RouteGemmToBlas()]),
+                                  RouteConvToGemm(), RouteGemmToBlas()]),
             ("relax.lifted", [lift]),
             ("relax.legalized", [relax.transform.LegalizeOps()]),
             ("relax.fused", [relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),

@@ -52,6 +52,8 @@ GEMM_CASES = [
     ((4, 33, 45), (33, 47), True, False),          # transposed left operand, shared right
     ((33, 45), (6, 33, 47), True, False),          # shared left operand, batched right
     ((1, 128, 384), (1536, 384), False, True),     # BERT FFN shape
+    ((520, 300), (300, 49), False, False),         # M > 2N (a conv's weight x few pixels): rows split
+    ((300, 520), (2, 300, 49), True, False),       # the same, transposed shared left operand, batched
 ]
 
 
@@ -131,7 +133,8 @@ FALLBACK = textwrap.dedent("""
                         s += av * bv
                     worst = max(worst, abs(s - fc[n * M * N + i * N + j]))
         return worst
-    errs = [run(3, 7, 37, 5, 0, 0, 2), run(1, 5, 33, 9, 1, 1, 3), run(4, 3, 17, 6, 0, 1, 2)]
+    errs = [run(3, 7, 37, 5, 0, 0, 2), run(1, 5, 33, 9, 1, 1, 3), run(4, 3, 17, 6, 0, 1, 2),
+            run(1, 37, 5, 9, 0, 0, 2), run(1, 40, 7, 6, 1, 1, 3)]  # M > 2N: split by rows
     name = lib.fxpress_blas_name
     name.restype = ctypes.c_char_p
     print(name().decode(), max(errs))
