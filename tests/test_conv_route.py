@@ -181,3 +181,25 @@ def test_resnet_small_matches_eager(monkeypatch, mode):
     cm = fxpress.compile(model, (x,), passes="none", target="llvm")
     assert f"cls.{gemm_route.KERNEL_NAME}" in cm._lowered.built.ir_after["relax.fused"]
     assert rel_err(np.asarray(cm(x)), ref) <= 1e-5
+
+
+@needs_shim
+def test_exported_conv_artifact_runs_torch_free(tmp_path):
+    import subprocess
+    import sys
+
+    from test_cpu_kernels import TORCH_FREE
+
+    torch.manual_seed(0)
+    model = ConvBlock(16, 32, 3, 2, 1, 1, True).eval()  # strided: routed by the default rule
+    x = torch.randn(2, 16, 20, 20)
+    cm = fxpress.compile(model, (x,), passes="none", target="llvm")
+    assert conv_route.KERNEL_NAME in cm._lowered.built.ir_after["relax.decomposed"]
+    path = cm.export(str(tmp_path / "conv"), backends=("tvm",))
+    inp, out = tmp_path / "in.npy", tmp_path / "out.npy"
+    np.save(inp, x.numpy())
+    r = subprocess.run([sys.executable, "-c", TORCH_FREE, path, str(inp), str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    with torch.no_grad():
+        assert rel_err(np.load(out), model(x)) <= 1e-5
