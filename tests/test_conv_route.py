@@ -81,6 +81,36 @@ def test_rewrite_fires_on_standard_conv_and_not_on_grouped_depthwise_small_or_fp
 
 
 @needs_shim
+def test_dynamic_shapes_are_not_rewritten(monkeypatch):
+    monkeypatch.setenv("FXPRESS_CONV_GEMM", "all")
+    mod = _conv_module((tvm.tirx.Var("n", "int64"), 64, 28, 28), (128, 64, 3, 3), stride=2, padding=1)
+    assert not _rewritten(mod, _rewrite(mod))
+
+
+@needs_shim
+@pytest.mark.parametrize("cpu", [None, "znver3", "cascadelake"])
+def test_routed_conv_matches_numpy_for_any_isa(monkeypatch, cpu):
+    """The same routed conv built for a generic x86 (no AVX), an AVX2 and an AVX-512 target; each runs
+    here only if this host has that ISA (the im2col kernel's vector width follows the target)."""
+    from fxpress.codegen import isa
+
+    target = {"kind": "llvm", **({"mcpu": cpu} if cpu else {})}
+    want, host = isa.features(tvm.target.Target(target)), isa.features(resolve_target("llvm"))
+    if (want.avx512f and not host.avx512f) or (want.avx2 and not host.avx2) or (want.fma and not host.fma):
+        pytest.skip(f"this host cannot run {cpu} code")
+    monkeypatch.setenv("FXPRESS_CONV_GEMM", "all")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 8, 13, 11), dtype=np.float32)
+    w = rng.standard_normal((24, 8, 3, 3), dtype=np.float32)
+    built = build(_conv_module(x.shape, w.shape, stride=2, padding=1), tvm.target.Target(target))
+    assert conv_route.KERNEL_NAME in built.ir_after["relax.decomposed"]
+    vm = relax.VirtualMachine(built.executable, tvm.cpu())
+    y = vm["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(w)).numpy()
+    ref = torch.nn.functional.conv2d(torch.from_numpy(x).double(), torch.from_numpy(w).double(), stride=2, padding=1)
+    assert rel_err(y, ref) <= 1e-5
+
+
+@needs_shim
 def test_pointwise_conv_needs_no_im2col(monkeypatch):
     monkeypatch.setenv("FXPRESS_CONV_GEMM", "all")
     mod = _conv_module((2, 64, 14, 14), (96, 64, 1, 1))
