@@ -10,8 +10,8 @@ dtypes, dynamic shapes and small convs keep TVM's direct kernel (cpu_schedules.p
 
 The weight's reshape reads a parameter only, so relax_prep.lift_param_transforms moves it to
 compile time. The GEMM's left operand is the shared weight and its right operand is batched,
-which RouteGemmToBlas accepts (one call per image, or the image's columns split over the
-cores). Bias, batch-norm scale/shift, ReLU and the residual after the conv fuse into one
+which RouteGemmToBlas accepts (one call per image, or each image's columns, or the weight's
+rows, split over the cores). Bias, batch-norm scale/shift, ReLU and the residual after the conv fuse into one
 elementwise kernel after the GEMM, as they do after a Linear.
 
 The im2col kernel is marked opaque (FuseOps never fuses it: fused as a prologue, the previous
@@ -21,11 +21,13 @@ output row is a copy from it with no bounds test, parallel over input channels, 
 vectorized.
 
 Which convs: ``route_conv`` decides: strided convs with small output maps and convs whose
-output rows are narrower than 8 (docs/tuning.md, "Convolutions through the GEMM", has the
-measurements behind it; elsewhere TVM's direct kernel is as fast and needs no extra passes). Runs only for an llvm target and when the GEMM shim is available,
-i.e. the same conditions as RouteGemmToBlas (``FXPRESS_BLAS=0`` turns both off);
-``FXPRESS_CONV_GEMM=0`` turns off this rewrite alone, ``FXPRESS_CONV_GEMM=all`` routes every eligible
-conv above MIN_FLOPS (for measurements).
+output rows are narrower than 8. Elsewhere TVM's direct kernel (epilogue fused, no extra pass)
+was as fast as OpenBLAS and so faster than im2col + GEMM + epilogue, 1x1 convs included
+(docs/tuning.md, "Convolutions through the GEMM", has the measurements).
+
+Runs only for an llvm target and when the GEMM shim is available, the same conditions as
+RouteGemmToBlas (``FXPRESS_BLAS=0`` turns both off). ``FXPRESS_CONV_GEMM=0`` turns off this
+rewrite alone; ``FXPRESS_CONV_GEMM=all`` routes every eligible conv above MIN_FLOPS (measurements).
 """
 from __future__ import annotations
 
@@ -132,9 +134,11 @@ def im2col_func(g: dict) -> tirx.PrimFunc:
     sch = s_tir.Schedule(te.create_prim_func([x, cols]))
     main = sch.get_sblock("im2col")
     n, k, p = sch.get_loops(main)
+    # split the flat axes back into (c, kh, kw) and (oh, ow): the indices simplify to plain
+    # arithmetic, and the innermost loop is one contiguous output row
     c, r = sch.split(k, factors=[g["c"], g["kh"] * g["kw"]])
-    rh, rw = sch.split(r, factors=[g["kh"], g["kw"]])
-    ph, pw = sch.split(p, factors=[g["oh"], g["ow"]])
+    sch.split(r, factors=[g["kh"], g["kw"]])
+    _, pw = sch.split(p, factors=[g["oh"], g["ow"]])
     outer = sch.fuse(n, c)
     sch.parallel(outer)
     sch.vectorize(pw)
