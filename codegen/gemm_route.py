@@ -57,7 +57,11 @@ def _te_sgemm(a, b, *, batch, m, n, k, sa, ta, sb, tb, out_shape, parts):
 def _parts(target: tvm.target.Target) -> int:
     """How many shares a GEMM is cut into: one per core TVM's pool will run on."""
     cores = target.attrs.get("num-cores") if target.attrs is not None else None
-    return max(1, int(cores) if cores else (os.cpu_count() or 1))
+    cores = max(1, int(cores) if cores else (os.cpu_count() or 1))
+    # A pool held to fewer threads (TVM_NUM_THREADS) runs the shares one after another, and each share
+    # re-packs its operand: cut no more shares than the pool has workers.
+    pool = os.environ.get("TVM_NUM_THREADS", "")
+    return min(cores, int(pool)) if pool.isdigit() and int(pool) > 0 else cores
 
 
 @relax.expr_functor.mutator

@@ -134,10 +134,18 @@ class LoweringCheck(Instrument):
         _, lowering_error = output_error(stage.outputs(), graph_outs)
         stage.extra["lowering_rel_error"] = lowering_error
         allowed = _allowed_lowering_drift(gm, graph_outs, stage.reference)
+        error = stage.measured["max_rel_error"]
         if lowering_error > LOSSLESS_RTOL and lowering_error <= allowed:
-            stage.note = ((stage.note + "; ") if stage.note else "") + (
-                f"differs from the FX graph by {lowering_error:.3g}: quantized values rounded the other way at "
-                f"ties (allowed up to the passes' own error, {allowed:.3g})")
+            # Rounding ties the other way gives an equally good model, never a worse one: the lowered
+            # outputs must be as close to eager as the FX graph's (with room for the flips themselves).
+            graph_error = output_error(graph_outs, stage.reference)[1]
+            if error > max(LOSSLESS_RTOL, 1.5 * graph_error):
+                allowed = LOSSLESS_RTOL
+            else:
+                stage.note = ((stage.note + "; ") if stage.note else "") + (
+                    f"differs from the FX graph by {lowering_error:.3g}: quantized values rounded the other way "
+                    f"at ties (its error against eager, {error:.3g}, is within the FX graph's own, "
+                    f"{graph_error:.3g})")
         if lowering_error > allowed:
             where = locate_divergence(gm, example_inputs, target, lambda g: _lower_for_probe(g, example_inputs, target))
             raise LoweringError(
@@ -146,7 +154,6 @@ class LoweringCheck(Instrument):
                 f"refuses to return it.\n{where}"
                 f"What to do: compile with another target (target='onnx' or 'torch'), try passes='none' to "
                 "lower the traced graph as is, or replace the op named above in the model.")
-        error = stage.measured["max_rel_error"]
         if self.tolerance is not None and error > self.tolerance:
             raise LoweringError(
                 f"the lowered model's error against eager PyTorch is {error:.3g}, above "
@@ -214,13 +221,14 @@ def _quantizes(gm: fx.GraphModule) -> bool:
 
 
 def _allowed_lowering_drift(gm: fx.GraphModule, graph_outs, reference) -> float:
-    """How far a lowering may differ from its FX graph: fp32 noise; for a quantized graph, also up to the
-    error the passes already added against eager (a tie rounded the other way moves a value one grid step,
-    never more than the quantization itself did)."""
+    """How far a lowering may differ from its FX graph: fp32 noise; for a quantized graph, up to twice the
+    error the passes already added against eager (a tie rounded the other way moves a value one grid step;
+    the graph and the lowering each land within the quantization's error of eager, possibly on opposite
+    sides). LoweringCheck also holds the lowered model's own error to the graph's."""
     if not _quantizes(gm):
         return LOSSLESS_RTOL
     _, pass_error = output_error(graph_outs, reference)
-    return max(LOSSLESS_RTOL, pass_error)
+    return max(LOSSLESS_RTOL, 2 * pass_error)
 
 
 def _check_other_batch(gm: fx.GraphModule, example_inputs: tuple, executor) -> None:
