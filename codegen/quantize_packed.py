@@ -301,7 +301,8 @@ def prepack_enabled() -> bool:
 
 
 def _packed_kernels(args: dict, layout: Layout):
-    """(pack, bias adjust, GEMM) PrimFuncs for a generic kernel's construction args; None: not handled."""
+    """(pack, packed shape, bias adjust, GEMM, weight shape) for a generic kernel's construction args;
+    None: not handled. Convolutions take the direct kernel (``quantize_conv.py``)."""
     kind = args["kind"]
     if args.get("x_dtype", "uint8") != "uint8" and layout is VNNI:
         return None
@@ -310,12 +311,17 @@ def _packed_kernels(args: dict, layout: Layout):
         gemm = qlinear_packed_func(args["M"], args["K"], args["C"], args["N"], args["x_scale"], args["x_zp"], layout,
                                    args["x_dtype"])
     elif kind == "qconv2d" and args["groups"] == 1:
+        from .quantize_conv import conv_packed_shape, pack_conv_weights_func, qconv2d_direct_func
+
         w_shape = args["w_shape"]
-        gemm = qconv2d_packed_func(args["x_shape"], w_shape, args["x_scale"], args["x_zp"], args["stride"],
+        gemm = qconv2d_direct_func(args["x_shape"], w_shape, args["x_scale"], args["x_zp"], args["stride"],
                                    args["padding"], args["dilation"], layout, args["x_dtype"])
+        return (pack_conv_weights_func(w_shape, layout), conv_packed_shape(w_shape, layout),
+                bias_adjust_func(w_shape, args["x_zp"]), gemm, w_shape)
     else:
         return None
-    return pack_weights_func(w_shape, layout), bias_adjust_func(w_shape, args["x_zp"]), gemm, w_shape
+    return (pack_weights_func(w_shape, layout), packed_shape(w_shape, layout), bias_adjust_func(w_shape, args["x_zp"]),
+            gemm, w_shape)
 
 
 @relax.expr_functor.mutator
@@ -344,11 +350,10 @@ class _Prepacker(relax.PyExprMutator):
         made = _packed_kernels(json.loads(str(func.attrs[ARGS_ATTR])), self.layout)
         if made is None:
             return call
-        pack, adjust, gemm, w_shape = made
+        pack, wp_shape, adjust, gemm, w_shape = made
         x, w, ws, bq = call.args[1].fields
         bb = self.builder_
-        wp = bb.emit(relax.call_tir(self._add(pack, "fxpress_qpack"), [w],
-                                    relax.TensorType(packed_shape(w_shape, self.layout), "int8")))
+        wp = bb.emit(relax.call_tir(self._add(pack, "fxpress_qpack"), [w], relax.TensorType(wp_shape, "int8")))
         badj = bb.emit(relax.call_tir(self._add(adjust, "fxpress_qbias_adj"), [w, bq],
                                       relax.TensorType(list(w_shape[:2]), "int32")))
         self.replaced.add(gv.name_hint)
