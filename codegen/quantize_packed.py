@@ -40,7 +40,7 @@ from .quantize_kernels import (ARGS_ATTR, SCHEDULE_TAG, _conv_out, _f32, _intrin
                                _schedule_simple, has_avx2)
 
 __all__ = ["Layout", "layout_for", "pack_weights_func", "bias_adjust_func", "qlinear_packed_func",
-           "qconv2d_packed_func", "PrepackQuantizedWeights", "PREPACK_ENV"]
+           "qconv2d_packed_func", "qmatmul_vnni_func", "PrepackQuantizedWeights", "PREPACK_ENV"]
 
 PREPACK_ENV = "FXPRESS_INT8_PREPACK"
 
@@ -110,7 +110,7 @@ def layout_for(target) -> Layout | None:
 
 
 def _intrin(layout: Layout, x_dtype: str) -> str:
-    return layout.intrin if layout is VNNI else _intrin_name(x_dtype)
+    return layout.intrin or _intrin_name(x_dtype)
 
 
 # ----------------------------------------------------------------------------- param-only kernels
@@ -187,12 +187,12 @@ def _packed_gemm(x_at, Mp: int, Kp: int, wp, cols: int, layout: Layout):
 def _schedule_packed_gemm(sch: s_tir.Schedule, layout: Layout, x_dtype: str) -> None:
     """Tiles of rows × (vectors·lanes); panel-major so a weight panel is reused by every row block."""
     b = sch.get_sblock("q_acc")
-    i, j, kk = sch.get_loops(b)
+    *batch, i, j, kk = sch.get_loops(b)
     io, ii = sch.split(i, [None, layout.rows])
     jo, jv, ji = sch.split(j, [None, layout.vectors, layout.lanes])
     ko, ki = sch.split(kk, [None, layout.group])
-    sch.reorder(jo, io, ko, ii, jv, ji, ki)
-    outer = sch.fuse(jo, io)
+    sch.reorder(*batch, jo, io, ko, ii, jv, ji, ki)
+    outer = sch.fuse(*batch, jo, io)
     sch.parallel(outer)
     cb = sch.cache_write(b, 0, "local")
     sch.reverse_compute_at(cb, outer)
@@ -218,7 +218,7 @@ def _epilogue(acc_at, ws, badj, C: int, x_scale: float):
 
 
 def _check(x_dtype: str, layout: Layout) -> None:
-    if layout is VNNI and x_dtype != "uint8":
+    if layout.lanes == VNNI.lanes and x_dtype != "uint8":
         raise ValueError(f"the VNNI kernel takes uint8 activations (vpdpbusd is u8 × s8), got {x_dtype}")
 
 
@@ -292,6 +292,51 @@ def qconv2d_packed_func(x_shape, w_shape, x_scale: float, x_zp: int, stride, pad
     return _finish(sch.mod["main"], "qconv2d_packed", layout, x_shape=list(x_shape), w_shape=list(w_shape),
                    x_scale=x_scale, x_zp=x_zp, stride=list(stride), padding=list(padding), dilation=list(dilation),
                    x_dtype=x_dtype)
+
+
+def qmatmul_vnni_func(G: int, M: int, K: int, N: int, a_scale: float, a_zp: int, b_scale: float, b_zp: int,
+                      a_dtype: str = "uint8", b_dtype: str = "uint8") -> tirx.PrimFunc:
+    """``qmatmul_func`` (act × act) on the VNNI core. Both operands change every call, so b is packed
+    in-kernel; vpdpbusd wants s8 there, so uint8 b enters as b' = b − 128 (exact in int8) and
+    Σ(a−za)(b−zb) = Σa·b' + (128 − zb)·Σa − za·Σb + K·za·zb, all in int32."""
+    if a_dtype != "uint8":
+        raise ValueError(f"the VNNI kernel takes a uint8 first operand (vpdpbusd is u8 × s8), got {a_dtype}")
+    shift = 128 if b_dtype == "uint8" else 0
+    vectors = max(1, min(VNNI.vectors, -(-N // VNNI.lanes)))  # attention's N = head dim is often 32
+    layout = Layout("vnni", VNNI.lanes, VNNI.group, 8 if vectors <= 2 else VNNI.rows, vectors, VNNI.intrin)
+    Mp, Kp, Np = _round_up(M, layout.rows), _round_up(K, layout.group), _round_up(N, layout.panel)
+    L, Gk = layout.lanes, layout.group
+    a = te.placeholder((G, M, K), a_dtype, name="aq")
+    b = te.placeholder((G, K, N), b_dtype, name="bq")
+    bp = te.compute((G, Np // L, Kp // Gk, L, Gk), lambda g, no, ko, ni, ki: tirx.if_then_else(
+        tirx.all(no * L + ni < N, ko * Gk + ki < K),
+        (b[g, tirx.min(ko * Gk + ki, K - 1), tirx.min(no * L + ni, N - 1)].astype("int32") - shift).astype("int8"),
+        tirx.const(0, "int8")), name="q_wpack")
+    if Mp == M and Kp == K:
+        a_at = lambda g, m, k: a[g, m, k]  # noqa: E731
+    else:
+        ap = te.compute((G, Mp, Kp), lambda g, m, k: tirx.if_then_else(
+            tirx.all(m < M, k < K), a[g, tirx.min(m, M - 1), tirx.min(k, K - 1)], tirx.const(0, a_dtype)),
+            name="q_xpad")
+        a_at = lambda g, m, k: ap[g, m, k]  # noqa: E731
+    k = te.reduce_axis((0, Kp), name="k")
+    acc = te.compute((G, Mp, Np), lambda g, m, j: te.sum(
+        a_at(g, m, k).astype("int32") * bp[g, j // L, k // Gk, j % L, k % Gk].astype("int32"), axis=k), name="q_acc")
+    ka, kb = te.reduce_axis((0, K), name="ka"), te.reduce_axis((0, K), name="kb")
+    asum = te.compute((G, M), lambda g, m: te.sum(a[g, m, ka].astype("int32"), axis=ka), name="q_asum")
+    bsum = te.compute((G, N), lambda g, n: te.sum(b[g, kb, n].astype("int32"), axis=kb), name="q_wsum")
+    i32 = lambda v: tirx.const(int(v), "int32")  # noqa: E731
+    y = te.compute((G, M, N), lambda g, m, n: (acc[g, m, n] + i32(shift - b_zp) * asum[g, m] - i32(a_zp) * bsum[g, n]
+                                               + i32(K * a_zp * b_zp)).astype("float32")
+                   * (_f32(a_scale) * _f32(b_scale)), name="q_out")
+    sch = s_tir.Schedule(te.create_prim_func([a, b, y]))
+    _schedule_packed_gemm(sch, layout, a_dtype)
+    pack = sch.get_sblock("q_wpack")
+    sch.parallel(sch.fuse(*sch.get_loops(pack)[:2]))
+    for name in ("q_xpad", "q_asum", "q_wsum"):
+        _schedule_simple(sch, name)
+    _schedule_simple(sch, "q_out", vec=True)
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
 
 # ----------------------------------------------------------------------------- Relax rewrite
