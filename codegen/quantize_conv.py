@@ -13,11 +13,10 @@ the float epilogue runs inside the tile, straight from the accumulators' cache l
 """
 from __future__ import annotations
 
-import tvm
 from tvm import s_tir, te, tirx
 
 from .quantize_kernels import _conv_out, _round_up, _schedule_simple
-from .quantize_packed import VNNI, Layout, _check, _epilogue, _finish, _intrin, _simple_parallel
+from .quantize_packed import Layout, _check, _epilogue, _finish, _intrin, _simple_parallel
 
 __all__ = ["conv_packed_shape", "pack_conv_weights_func", "qconv2d_direct_func"]
 

@@ -230,7 +230,7 @@ def _compile_int8(model, x, prepack: bool, monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["cnn", "transformer"])
-def test_compile_int8_packed_matches_unpacked(name, monkeypatch):
+def test_compile_int8_packed_matches_unpacked(name, monkeypatch, tmp_path):
     if not _host_isa().avx2:
         pytest.skip("no packed int8 kernels without AVX2")
     torch.manual_seed(0)
@@ -251,3 +251,8 @@ def test_compile_int8_packed_matches_unpacked(name, monkeypatch):
     np.testing.assert_allclose(y_new, y_old, rtol=1e-5, atol=1e-5 * np.abs(y_old).max())
     assert rel_err(y_new, ref) <= rel_err(y_old, ref) * 1.01 + 1e-6
     assert rel_err(y_new, new.gm(*x)) < 0.05
+    # the exported artifact ships the packed params and runs without torch's help
+    from fxpress.runtime import load
+
+    rt = load(new.export(str(tmp_path / "m"), backends=("tvm",)), backend="tvm")
+    np.testing.assert_array_equal(np.asarray(rt.run([t.numpy() for t in x])[0]), y_new)
