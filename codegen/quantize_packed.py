@@ -48,40 +48,49 @@ PREPACK_ENV = "FXPRESS_INT8_PREPACK"
 
 # ----------------------------------------------------------------------------- VNNI tensor intrinsic
 
-def _vnni_intrin():
+def _vnni_intrin(lanes: int):
+    """``lanes`` int32 accumulators += 4 u8 (broadcast) × [lanes, 4] s8: vpdpbusd on zmm (16) or ymm (8)."""
+    nbytes = 4 * lanes
+    llvm_name = f"llvm.x86.avx512.vpdpbusd.{32 * lanes}"  # .256 is VEX-encoded AVX-VNNI without AVX-512
+
     @T.prim_func(s_tir=True)
-    def desc(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((16, 4), "int8", offset_factor=1),
-             C: T.Buffer((16,), "int32", offset_factor=1, scope="local")) -> None:
+    def desc(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((lanes, 4), "int8", offset_factor=1),
+             C: T.Buffer((lanes,), "int32", offset_factor=1, scope="local")) -> None:
         with T.sblock("root"):
-            T.reads(C[0:16], A[0:4], B[0:16, 0:4])
-            T.writes(C[0:16])
-            for i in T.serial(0, 16):
+            T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
+            T.writes(C[0:lanes])
+            for i in T.serial(0, lanes):
                 for k in T.serial(0, 4):
                     with T.sblock("update"):
                         vi, vk = T.axis.remap("SR", [i, k])
                         C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
 
     @T.prim_func(s_tir=True)
-    def impl(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((16, 4), "int8", offset_factor=1),
-             C: T.Buffer((16,), "int32", offset_factor=1, scope="local")) -> None:
+    def impl(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((lanes, 4), "int8", offset_factor=1),
+             C: T.Buffer((lanes,), "int32", offset_factor=1, scope="local")) -> None:
         with T.sblock("root"):
-            T.reads(C[0:16], A[0:4], B[0:16, 0:4])
-            T.writes(C[0:16])
-            # LLVM >= 19 types the byte operands <64 x i8> (older LLVM: <16 x i32>; same register)
-            a = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), 16), dtype="int8x64")
-            b = B.vload([0, 0], dtype="int8x64")
-            C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
-                "int32x16", T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
-                C.vload([0], dtype="int32x16"), a, b)
+            T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
+            T.writes(C[0:lanes])
+            # LLVM >= 19 types the byte operands <N x i8> (older LLVM: <N/4 x i32>; same register)
+            a = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), lanes),
+                              dtype=f"int8x{nbytes}")
+            b = B.vload([0, 0], dtype=f"int8x{nbytes}")
+            C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
+                f"int32x{lanes}", T.llvm_lookup_intrinsic_id(llvm_name), C.vload([0], dtype=f"int32x{lanes}"), a, b)
 
     return desc, impl
 
 
-VNNI_INTRIN = "fxpress_dot_16x4_u8i8i32_vnni512"
-try:
-    s_tir.TensorIntrin.register(VNNI_INTRIN, *_vnni_intrin())
-except Exception:  # noqa: BLE001 - already registered by an earlier import of this module
-    pass
+def _register(name: str, lanes: int) -> str:
+    try:
+        s_tir.TensorIntrin.register(name, *_vnni_intrin(lanes))
+    except Exception:  # noqa: BLE001 - already registered by an earlier import of this module
+        pass
+    return name
+
+
+VNNI_INTRIN = _register("fxpress_dot_16x4_u8i8i32_vnni512", 16)
+AVX_VNNI_INTRIN = _register("fxpress_dot_8x4_u8i8i32_vnni256", 8)
 
 
 class Layout:
@@ -99,15 +108,19 @@ class Layout:
 
 
 VNNI = Layout("vnni", 16, 4, 4, 4, VNNI_INTRIN)  # 16 zmm accumulators of 32
+AVX_VNNI = Layout("avx-vnni", 8, 4, 4, 3, AVX_VNNI_INTRIN)  # 12 ymm accumulators of 16
 AVX2 = Layout("avx2", 8, 2, 4, 3, "")  # as quantize_kernels: 12 ymm accumulators of 16
 
 
 def layout_for(target) -> Layout | None:
-    """The packed layout for an llvm ``target``: VNNI with AVX-512 VNNI, AVX2 with AVX2, else None."""
+    """The packed layout for an llvm ``target``: VNNI with AVX-512 VNNI, AVX-VNNI (256-bit, e.g. Alder
+    Lake) with that, AVX2 with AVX2, else None."""
     if target is None or target.kind.name != "llvm" or not has_avx2(target):
         return None
     facts = isa.features(target)
-    return VNNI if facts.avx512f and facts.vnni else AVX2
+    if facts.vnni:  # isa.features: AVX-512 VNNI when the target has AVX-512, else AVX-VNNI
+        return VNNI if facts.avx512f else AVX_VNNI
+    return AVX2
 
 
 def _intrin(layout: Layout, x_dtype: str) -> str:
@@ -219,7 +232,7 @@ def _epilogue(acc_at, ws, badj, C: int, x_scale: float):
 
 
 def _check(x_dtype: str, layout: Layout) -> None:
-    if layout.lanes == VNNI.lanes and x_dtype != "uint8":
+    if layout.group == VNNI.group and x_dtype != "uint8":
         raise ValueError(f"the VNNI kernel takes uint8 activations (vpdpbusd is u8 × s8), got {x_dtype}")
 
 
@@ -309,7 +322,7 @@ def _packed_kernels(args: dict, layout: Layout):
     """(pack, packed shape, bias adjust, GEMM, weight shape) for a generic kernel's construction args;
     None: not handled. Convolutions take the direct kernel (``quantize_conv.py``)."""
     kind = args["kind"]
-    if args.get("x_dtype", "uint8") != "uint8" and layout is VNNI:
+    if args.get("x_dtype", "uint8") != "uint8" and layout.group == VNNI.group:
         return None
     if kind == "qlinear":
         w_shape = [args["C"], args["N"], args["K"]]
@@ -346,7 +359,8 @@ class _Prepacker(relax.PyExprMutator):
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = super().visit_call_(call)
-        if call.op != self._call_tir or not isinstance(call.args[0], relax.GlobalVar):
+        if (call.op != self._call_tir or not isinstance(call.args[0], relax.GlobalVar)
+                or not isinstance(call.args[1], relax.Tuple) or len(call.args) != 2):
             return call
         gv = call.args[0]
         func = self.mod_[gv] if gv in self.mod_.get_global_vars() else None

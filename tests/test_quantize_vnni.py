@@ -32,11 +32,21 @@ def _host_isa():
 
 
 def _runnable(layout_name: str) -> bool:
+    """Can this host run the kernels built below? (znver4 code: AVX-512 with VNNI; haswell code: AVX2)"""
     facts = _host_isa()
     return facts.avx2 and (layout_name == "avx2" or (facts.avx512f and facts.avx512bw and facts.vnni))
 
 
-LAYOUTS = [pytest.param("vnni", "znver4", id="vnni"), pytest.param("avx2", AVX2_CPU, id="avx2")]
+# the 256-bit VNNI core is run built for znver4 (EVEX vpdpbusd on ymm): alderlake code (VEX, AVX-VNNI)
+# would not run on AVX-512 parts without AVX-VNNI such as Zen 4
+LAYOUTS = [pytest.param("vnni", "znver4", id="vnni"), pytest.param("avx-vnni", "znver4", id="avx-vnni"),
+           pytest.param("avx2", AVX2_CPU, id="avx2")]
+
+
+def _named_layout(name: str):
+    from fxpress.codegen import quantize_packed as qp
+
+    return {"vnni": qp.VNNI, "avx-vnni": qp.AVX_VNNI, "avx2": qp.AVX2}[name]
 
 
 def _compile(func, target):
@@ -104,6 +114,15 @@ def test_avx2_build_has_no_vnni():
         assert "vpmaddwd" in asm and "vpdpbusd" not in asm and "zmm" not in asm
 
 
+def test_avx_vnni_build_uses_vex_vpdpbusd_on_ymm():
+    from fxpress.codegen import quantize_packed as qp
+
+    layout = _layout("alderlake")  # AVX-VNNI, no AVX-512
+    assert layout is qp.AVX_VNNI
+    asm = _asm(qp.qlinear_packed_func(8, 64, 1, 48, 0.1, 3, layout), "alderlake")
+    assert "vpdpbusd" in asm and "zmm" not in asm
+
+
 def test_no_packed_layout_without_avx2():
     assert _layout("x86-64") is None  # SSE2 only: the generic kernels stay
 
@@ -136,7 +155,7 @@ def test_qlinear_packed_against_op(layout_name, mcpu, M, K, C, N, zp):
 
     if not _runnable(layout_name):
         pytest.skip(f"this CPU cannot run the {layout_name} kernel")
-    target, layout = _target(mcpu), _layout(mcpu)
+    target, layout = _target(mcpu), _named_layout(layout_name)
     xq, w, ws_exact, ws_real, bq = _operands((M, K), (C, N, K), M * K + N)
     wp, badj = _prepacked(w.numpy(), bq.numpy(), zp, lambda s: qp.pack_weights_func(s, layout),
                           lambda s: qp.packed_shape(s, layout), target)
@@ -164,7 +183,7 @@ def test_qconv2d_direct_against_op(layout_name, mcpu, x_shape, w_shape, geom):
 
     if not _runnable(layout_name):
         pytest.skip(f"this CPU cannot run the {layout_name} kernel")
-    target, layout = _target(mcpu), _layout(mcpu)
+    target, layout = _target(mcpu), _named_layout(layout_name)
     zp = 11
     xq, w, ws_exact, ws_real, bq = _operands(x_shape, w_shape, sum(x_shape) + sum(w_shape))
     wp, badj = _prepacked(w.numpy(), bq.numpy(), zp, lambda s: qc.pack_conv_weights_func(s, layout),
@@ -245,6 +264,7 @@ def test_compile_int8_packed_matches_unpacked(name, monkeypatch, tmp_path):
     main_ir = built.ir_after["relax.lifted"].split("def main_transform_params")[0]
     assert "_packed" in built.ir_after["relax.lifted"] and "fxpress_qpack" not in main_ir.split("def main(")[-1]
     assert built.param_transform is not None
+    assert "_packed" not in old._lowered.built.ir_after["relax.lifted"]  # FXPRESS_INT8_PREPACK=0: the old kernels
     ref = model(*x).detach().numpy()
     y_old, y_new = np.asarray(old(*x)), np.asarray(new(*x))
     # same integers, same epilogue: today's int8 output (at most an FMA contraction apart)
