@@ -13,7 +13,11 @@ the float epilogue runs inside the tile, straight from the accumulators' cache l
 """
 from __future__ import annotations
 
-from tvm import s_tir, te, tirx
+import collections
+import json
+
+import tvm
+from tvm import relax, s_tir, te, tirx
 
 from .quantize_kernels import _conv_out, _round_up, _schedule_simple
 from .quantize_packed import Layout, _check, _epilogue, _finish, _intrin, _simple_parallel
@@ -45,8 +49,9 @@ def pack_conv_weights_func(w_shape, layout: Layout) -> tirx.PrimFunc:
 
 
 def qconv2d_direct_func(x_shape, w_shape, x_scale: float, x_zp: int, stride, padding, dilation, layout: Layout,
-                        x_dtype: str = "uint8") -> tirx.PrimFunc:
-    """``qconv2d_func`` (groups == 1) from (xq NCHW, packed weights, w_scale [C, O], bias_adj [C, O])."""
+                        x_dtype: str = "uint8", relu: bool = False) -> tirx.PrimFunc:
+    """``qconv2d_func`` (groups == 1) from (xq NCHW, packed weights, w_scale [C, O], bias_adj [C, O]);
+    ``relu``: the ReLU that follows it, applied in the epilogue (the output is never NaN)."""
     _check(x_dtype, layout)
     B, Cin, H, W = (int(d) for d in x_shape)
     C, O, Ig, KH, KW = (int(d) for d in w_shape)
@@ -73,8 +78,11 @@ def qconv2d_direct_func(x_shape, w_shape, x_scale: float, x_zp: int, stride, pad
     acc = te.compute((B, OH, OWp, C * Np), lambda b, i, j, n: te.sum(
         xt[b, i * sh + rh * dh, tirx.min(j, OW - 1) * sw + rw * dw, rc].astype("int32")
         * wp[n // L, (rh * KW + rw) * cg4 + rc // G, n % L, rc % G].astype("int32"), axis=[rh, rw, rc]), name="q_acc")
-    y = te.compute((B, O, OH, OW), lambda b, o, i, j: _epilogue(
-        lambda c: acc[b, i, j, c * Np + o], ws, badj, C, x_scale)(o), name="q_out")
+    def out(b, o, i, j):
+        v = _epilogue(lambda c: acc[b, i, j, c * Np + o], ws, badj, C, x_scale)(o)
+        return tirx.max(v, tirx.const(0.0, "float32")) if relu else v
+
+    y = te.compute((B, O, OH, OW), out, name="q_out")
 
     sch = s_tir.Schedule(te.create_prim_func([x, wp, ws, badj, y]))
     blk = sch.get_sblock("q_acc")
@@ -97,4 +105,114 @@ def qconv2d_direct_func(x_shape, w_shape, x_scale: float, x_zp: int, stride, pad
     _schedule_simple(sch, "q_out")
     return _finish(sch.mod["main"], "qconv2d_direct", layout, x_shape=[B, Cin, H, W], w_shape=[C, O, Ig, KH, KW],
                    x_scale=x_scale, x_zp=x_zp, stride=list(stride), padding=list(padding),
-                   dilation=list(dilation), x_dtype=x_dtype)
+                   dilation=list(dilation), x_dtype=x_dtype, relu=relu)
+
+
+# ----------------------------------------------------------------------------- ReLU into the epilogue
+
+@relax.expr_functor.visitor
+class _VarUses(relax.PyExprVisitor):
+    def __init__(self):
+        super().__init__()
+        self.count: collections.Counter = collections.Counter()
+
+    def visit_var_(self, var):
+        self.count[var] += 1
+
+    def visit_dataflow_var_(self, var):
+        self.count[var] += 1
+
+
+@relax.expr_functor.mutator
+class _ReluFolder(relax.PyExprMutator):
+    """Rewrites the ReLU's result binding to the conv-with-ReLU call and drops the bindings it replaces."""
+
+    def __init__(self, mod: tvm.IRModule, pairs: dict, dropped: set):
+        super().__init__(mod)
+        self.pairs, self.dropped = pairs, dropped  # result var -> conv call; vars whose bindings go
+        self.relu_kernels: dict = {}  # conv kernel name -> GlobalVar of its ReLU form
+
+    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
+        if binding.var in self.dropped:
+            return
+        conv = self.pairs.get(binding.var)
+        if conv is None:
+            return super().visit_var_binding_(binding)
+        args = [self.visit_expr(a) for a in conv.args[1].fields]
+        new = relax.call_tir(self.relu_kernels[conv.args[0].name_hint], args, conv.ty)
+        self.set_var_remap(binding.var, self.builder_.emit(new))
+
+
+def _relu_pairs(func: relax.Function, convs: dict) -> tuple[dict, set]:
+    """(result var → conv call, vars to drop) for ``r = relu(y)`` and torch's NaN-keeping form
+    ``where(isnan(y), y, relu(y))`` on a direct int8 conv's output ``y`` used by nothing else.
+    The conv's output is finite (float32 of an int32 sum times finite scales), so both are max(y, 0)."""
+    relu_op, isnan_op = tvm.ir.Op.get("relax.nn.relu"), tvm.ir.Op.get("relax.isnan")
+    where_op, call_tir = tvm.ir.Op.get("relax.where"), tvm.ir.Op.get("relax.call_tir")
+    uses = _VarUses()
+    uses.visit_expr(func)
+    bound: dict = {}
+
+    def call_of(var, op):
+        v = bound.get(var) if isinstance(var, relax.DataflowVar) else None
+        return v if isinstance(v, relax.Call) and v.op == op else None
+
+    def conv_of(var):
+        v = call_of(var, call_tir)
+        return v if v is not None and isinstance(v.args[0], relax.GlobalVar) and v.args[0].name_hint in convs else None
+
+    pairs, dropped = {}, set()
+    for block in getattr(func.body, "blocks", []):
+        for b in block.bindings:
+            if not isinstance(b, relax.VarBinding):
+                continue
+            bound[b.var] = b.value
+            if not isinstance(b.var, relax.DataflowVar) or not isinstance(b.value, relax.Call):
+                continue
+            v = b.value
+            if v.op == relu_op and conv_of(v.args[0]) is not None and uses.count[v.args[0]] == 1:
+                pairs[b.var] = conv_of(v.args[0])
+                dropped.add(v.args[0])
+            elif v.op == where_op:
+                cond, y, r = v.args
+                nan, relu = call_of(cond, isnan_op), call_of(r, relu_op)
+                if (nan is not None and relu is not None and nan.args[0].same_as(y) and relu.args[0].same_as(y)
+                        and conv_of(y) is not None and uses.count[y] == 3 and uses.count[cond] == 1
+                        and uses.count[r] == 1):
+                    pairs[b.var] = conv_of(y)
+                    dropped.update((y, cond, r))
+    return pairs, dropped
+
+
+def fold_relu_into_conv(mod: tvm.IRModule) -> tvm.IRModule:
+    """Give each direct int8 conv followed only by a ReLU a kernel with the ReLU in its epilogue: the int8
+    conv is opaque to FuseOps, so the ReLU was a separate fp32 pass over the output (ResNet-18: 1.9 ms of
+    18.6)."""
+    from .quantize_packed import ARGS_ATTR, AVX2, AVX_VNNI, VNNI, as_kernel
+
+    layouts = {lay.name: lay for lay in (VNNI, AVX_VNNI, AVX2)}
+    convs = {}
+    for gv, func in mod.functions_items():
+        if isinstance(func, tirx.PrimFunc) and func.attrs is not None and ARGS_ATTR in func.attrs:
+            args = json.loads(str(func.attrs[ARGS_ATTR]))
+            if args.get("kind") == "qconv2d_direct" and not args.get("relu") and args.get("layout") in layouts:
+                convs[gv.name_hint] = args
+    pairs, dropped = {}, set()
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            p, d = _relu_pairs(func, convs)
+            pairs.update(p)
+            dropped.update(d)
+    if not pairs:
+        return mod
+    folder = _ReluFolder(mod, pairs, dropped)
+    for name in {c.args[0].name_hint for c in pairs.values()}:
+        args = dict(convs[name])
+        del args["kind"], args["relu"]
+        layout = layouts[args.pop("layout")]
+        folder.relu_kernels[name] = folder.builder_.add_func(
+            as_kernel(qconv2d_direct_func(layout=layout, relu=True, **args)), name + "_relu")
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            folder.builder_.update_func(gv, folder.visit_expr(func))
+    return folder.builder_.get()

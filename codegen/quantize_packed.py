@@ -318,6 +318,11 @@ def prepack_enabled() -> bool:
     return os.environ.get(PREPACK_ENV, "1") not in ("", "0")
 
 
+def relu_folding_enabled() -> bool:
+    """``FXPRESS_INT8_FOLD_RELU=0``: keep the ReLU after an int8 conv as its own kernel."""
+    return os.environ.get("FXPRESS_INT8_FOLD_RELU", "1") not in ("", "0")
+
+
 def _packed_kernels(args: dict, layout: Layout):
     """(pack, packed shape, bias adjust, GEMM, weight shape) for a generic kernel's construction args;
     None: not handled. Convolutions take the direct kernel (``quantize_conv.py``)."""
@@ -342,6 +347,15 @@ def _packed_kernels(args: dict, layout: Layout):
             gemm, w_shape)
 
 
+def as_kernel(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    """``func`` marked as build() marks hand-written kernels (opaque to FuseOps), without a global symbol."""
+    from .build import KERNEL_ATTR, OP_PATTERN_OPAQUE  # build imports this module
+
+    if "global_symbol" in func.attrs:
+        func = func.without_attr("global_symbol")  # te.create_prim_func names every kernel "main"
+    return func.with_attrs({KERNEL_ATTR: 1, "op_pattern": OP_PATTERN_OPAQUE})
+
+
 @relax.expr_functor.mutator
 class _Prepacker(relax.PyExprMutator):
     def __init__(self, mod: tvm.IRModule, layout: Layout):
@@ -351,11 +365,7 @@ class _Prepacker(relax.PyExprMutator):
         self._call_tir = tvm.ir.Op.get("relax.call_tir")
 
     def _add(self, func: tirx.PrimFunc, name: str):
-        from .build import KERNEL_ATTR, OP_PATTERN_OPAQUE  # build imports this module
-
-        if "global_symbol" in func.attrs:
-            func = func.without_attr("global_symbol")  # te.create_prim_func names every kernel "main"
-        return self.builder_.add_func(func.with_attrs({KERNEL_ATTR: 1, "op_pattern": OP_PATTERN_OPAQUE}), name)
+        return self.builder_.add_func(as_kernel(func), name)
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = super().visit_call_(call)
@@ -398,5 +408,10 @@ class PrepackQuantizedWeights:
                 entries.append(gv.name_hint)
         if not rewriter.replaced:
             return mod
+        from .quantize_conv import fold_relu_into_conv
+
+        mod = rewriter.builder_.get()
+        if relu_folding_enabled():
+            mod = fold_relu_into_conv(mod)
         # the generic kernels it replaced are now unused
-        return relax.transform.DeadCodeElimination(entry_functions=entries)(rewriter.builder_.get())
+        return relax.transform.DeadCodeElimination(entry_functions=entries)(mod)

@@ -195,6 +195,11 @@ def test_qconv2d_direct_against_op(layout_name, mcpu, x_shape, w_shape, geom):
     # clusters summed in float may contract into an FMA: a few ulps of the largest term
     np.testing.assert_allclose(_run(lib, [xq.numpy(), wp, ws_real.numpy(), badj], ref.shape), ref,
                                rtol=1e-6, atol=1e-6 * np.abs(ref).max())
+    # the ReLU folded into the epilogue (quantize_conv.fold_relu_into_conv)
+    lib = _compile(qc.qconv2d_direct_func(list(x_shape), list(w_shape), 0.5, zp, layout=layout, relu=True, **geom),
+                   target)
+    np.testing.assert_allclose(_run(lib, [xq.numpy(), wp, ws_real.numpy(), badj], ref.shape), np.maximum(ref, 0),
+                               rtol=1e-6, atol=1e-6 * np.abs(ref).max())
 
 
 @pytest.mark.parametrize("G,M,K,N,a_zp,b_zp", [(3, 7, 5, 9, 3, 130), (2, 5, 33, 70, 0, 255),
@@ -265,6 +270,8 @@ def test_compile_int8_packed_matches_unpacked(name, monkeypatch, tmp_path):
     assert "_packed" in built.ir_after["relax.lifted"] and "fxpress_qpack" not in main_ir.split("def main(")[-1]
     assert built.param_transform is not None
     assert "_packed" not in old._lowered.built.ir_after["relax.lifted"]  # FXPRESS_INT8_PREPACK=0: the old kernels
+    if name == "cnn":  # both convs are followed by a ReLU only: it runs in their epilogue
+        assert main_ir.split("def main(")[-1].count("_packed_relu,") == 2 and "R.nn.relu" not in main_ir
     ref = model(*x).detach().numpy()
     y_old, y_new = np.asarray(old(*x)), np.asarray(new(*x))
     # same integers, same epilogue: today's int8 output (at most an FMA contraction apart)
