@@ -5,7 +5,7 @@ pack is its own param-only kernel, so ``relax_prep.lift_param_transforms`` moves
 ``main_transform_params`` (run once by ``BuiltModule.transform_params``); the GEMM kernel takes:
 
 * ``wp``: the C weight matrices ``[N, K]`` as ``[C·Np/L, Kp/G, L, G]`` int8 tiles, zero padded
-  (``L × G`` = 16 × 4 for VNNI, 8 × 2 for AVX2; ``Np`` = N rounded up to a register tile);
+  (``L × G`` = 16 × 4 for VNNI, 8 × 4 for AVX-VNNI, 8 × 2 for AVX2; ``Np`` = N rounded up to a register tile);
 * ``bias_adj[c, n] = bias_q[c, n] − x_zp·Σ_k w[c, n, k]`` (int32): the zero-point correction folded
   into the bias, also at compile time. int32 addition is associative (mod 2³²), so
   ``acc + bias_adj`` is the reference's ``acc − zp·wsum + bias_q`` bit for bit.
@@ -15,6 +15,7 @@ The inner product, per ISA (``isa.features(target)``):
 * **VNNI** (AVX-512 VNNI): ``vpdpbusd`` — 4 u8×s8 products per int32 lane, 16 lanes. Each product
   fits in int16 (|255·−128| < 2¹⁵) and the 4-sum is added in int32 *without* saturation (that is
   ``vpdpbusds``), so the int32 accumulation is exact, like the reference.
+* **AVX-VNNI** (VNNI without AVX-512, e.g. Alder Lake): the same on 8 lanes (ymm), 8 × 4 tiles.
 * **AVX2**: ``vpmaddwd`` on operands widened to int16 (``quantize_kernels._dot_intrin``, exact).
 
 Register tile: ``MB`` rows × ``NV`` vectors of L channels; loops ``[column panel, row block, k]``,
@@ -24,7 +25,9 @@ so one panel of packed weights stays in cache while every row block streams past
 
 ``PrepackQuantizedWeights`` (a Relax pass in ``build.front_stages``, before lifting) rewrites each
 ``call_tir`` of a generic ``qlinear`` / ``qconv2d`` kernel (u8 activations, groups == 1) into
-pack + bias-adjust + packed GEMM, on llvm targets with AVX2; ``FXPRESS_INT8_PREPACK=0`` turns it off.
+pack + bias-adjust + packed GEMM, on llvm targets with AVX2, then folds a ReLU that only follows a conv
+into its epilogue (``quantize_conv.fold_relu_into_conv``); ``FXPRESS_INT8_PREPACK=0`` turns it all
+off, ``FXPRESS_INT8_FOLD_RELU=0`` the ReLU folding.
 """
 from __future__ import annotations
 
