@@ -44,6 +44,7 @@ from ..errors import BuildError
 from . import blas, cuda
 from .conv_route import RouteConvToGemm
 from .gemm_route import RouteGemmToBlas
+from .quantize_packed import PrepackQuantizedWeights
 from .relax_prep import TRANSFORM_FUNC, FastErf, lift_param_transforms
 from .parallel_threshold import serialize_small_kernels
 from .schedule import schedule_cpu, schedule_gpu
@@ -162,7 +163,7 @@ def front_stages(lifted: dict) -> list[tuple[str, list]]:
 
     return [("relax.decomposed", [relax.backend.DispatchSampling(), relax.backend.DispatchSortScan(),
                                   relax.transform.DecomposeOpsForInference(), FastErf(),
-                                  RouteConvToGemm(), RouteGemmToBlas()]),
+                                  RouteConvToGemm(), RouteGemmToBlas(), PrepackQuantizedWeights()]),
             ("relax.lifted", [lift]),
             ("relax.legalized", [relax.transform.LegalizeOps()]),
             ("relax.fused", [relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),

@@ -465,6 +465,12 @@ def _schedule_generic_cpu(func: tirx.PrimFunc) -> tirx.PrimFunc:
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
 
+def _vnni(target) -> bool:
+    from .quantize_packed import VNNI, layout_for
+
+    return layout_for(target) is VNNI
+
+
 def cpu_kernel(func: tirx.PrimFunc, target) -> tirx.PrimFunc:
     """The CPU kernel for a generic kernel of this family (AVX2 form when the target has AVX2)."""
     args = json.loads(str(func.attrs[ARGS_ATTR]))
@@ -476,6 +482,10 @@ def cpu_kernel(func: tirx.PrimFunc, target) -> tirx.PrimFunc:
         out = qlinear_avx2_func(**args)
     elif kind == "qconv2d" and avx2 and args["groups"] == 1:
         out = qconv2d_avx2_func(**args)
+    elif kind == "qmatmul" and args["a_dtype"] == "uint8" and _vnni(target):
+        from .quantize_packed import qmatmul_vnni_func  # that module builds on this one
+
+        out = qmatmul_vnni_func(**args)
     elif kind == "qmatmul" and avx2:
         out = qmatmul_avx2_func(**args)
     else:

@@ -13,8 +13,10 @@ transpose alone: 0.9 ms of 17 ms). Relax's ``LiftTransformParams`` moves it into
 function ``main_transform_params``, which ``BuiltModule.transform_params`` runs once at compile
 time; the exported params are its outputs. It only applies when ``main`` carries ``num_input``
 (fxpress.lower sets it; a bare ``build()`` of a module without it is unchanged), and it is
-skipped when the transformed weights would be larger than the originals (weight-only quantized
-models decode int8 codes to fp32 that way, and the artifact would grow 4×).
+skipped when the transformed floating-point weights would be larger than the originals (weight-only
+quantized models decode int8 codes to fp32 that way, and the artifact would grow 4×). Integer params
+are not counted: int8 weights packed for the int8 GEMM (``quantize_packed.py``) grow only by the
+zero padding of their last tile, and packing them once is the point.
 """
 from __future__ import annotations
 
@@ -79,8 +81,14 @@ def _static_bytes(ty) -> int | None:
     return n * tvm.runtime.DataType(ty.dtype).bits // 8
 
 
-def _param_bytes(func: relax.Function) -> int | None:
-    sizes = [_static_bytes(p.ty) for p in func.params[int(func.attrs["num_input"]):]]
+def _float_param_bytes(func: relax.Function) -> int | None:
+    """Bytes of ``func``'s floating-point weight params (after ``num_input``); None if a shape is unknown."""
+    sizes = []
+    for p in func.params[int(func.attrs["num_input"]):]:
+        fields = p.ty.fields if isinstance(p.ty, relax.TupleType) else [p.ty]
+        for f in fields:
+            dtype = getattr(f, "dtype", "")
+            sizes.append(_static_bytes(f) if str(dtype).startswith(("float", "bfloat")) else 0)
     return None if any(s is None for s in sizes) else sum(sizes)
 
 
@@ -98,7 +106,9 @@ def lift_param_transforms(mod: tvm.IRModule) -> tuple[tvm.IRModule, tvm.IRModule
     names = {gv.name_hint for gv in lifted.get_global_vars()}
     if TRANSFORM_FUNC not in names:
         return mod, None
-    before, after = _param_bytes(main), _param_bytes(lifted["main"])
+    # Widening to float is what must not be lifted (int8 codes decoded to fp32: 4x the bytes); integer
+    # params may grow a little: packed int8 weights are padded to whole tiles (quantize_packed.py).
+    before, after = _float_param_bytes(main), _float_param_bytes(lifted["main"])
     if before is None or after is None or after > before:
         return mod, None
     return _without(lifted, TRANSFORM_FUNC, "main"), _without(lifted, "main", TRANSFORM_FUNC)

@@ -1,0 +1,285 @@
+"""Int8 kernels on packed weights (codegen/quantize_packed.py, quantize_conv.py): VNNI and AVX2 cores.
+
+Code generation is checked for explicit CPUs (any host); numerics run only where the host can execute
+the instructions. Exactness of the integer part: with ``w_scale·x_scale == 1`` the float epilogue only
+converts int32 sums below 2²⁴, so the output must equal the reference op bit for bit."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import fxpress
+import fxpress.passes.quantize.ops  # noqa: F401 - registers torch.ops.fxpress.*
+
+from helpers import rel_err
+
+OPS = torch.ops.fxpress
+VNNI_CPUS = ("znver4", "sapphirerapids")
+AVX2_CPU = "haswell"  # AVX2 + FMA, no AVX-512, no VNNI
+
+
+def _target(mcpu: str):
+    import tvm
+
+    return tvm.target.Target({"kind": "llvm", "mcpu": mcpu, "num-cores": 1})
+
+
+def _host_isa():
+    from fxpress.codegen import isa, resolve_target
+
+    return isa.features(resolve_target("llvm"))
+
+
+def _runnable(layout_name: str) -> bool:
+    """Can this host run the kernels built below? (znver4 code: AVX-512 with VNNI; haswell code: AVX2)"""
+    facts = _host_isa()
+    return facts.avx2 and (layout_name == "avx2" or (facts.avx512f and facts.avx512bw and facts.vnni))
+
+
+# the 256-bit VNNI core is run built for znver4 (EVEX vpdpbusd on ymm): alderlake code (VEX, AVX-VNNI)
+# would not run on AVX-512 parts without AVX-VNNI such as Zen 4
+LAYOUTS = [pytest.param("vnni", "znver4", id="vnni"), pytest.param("avx-vnni", "znver4", id="avx-vnni"),
+           pytest.param("avx2", AVX2_CPU, id="avx2")]
+
+
+def _named_layout(name: str):
+    from fxpress.codegen import quantize_packed as qp
+
+    return {"vnni": qp.VNNI, "avx-vnni": qp.AVX_VNNI, "avx2": qp.AVX2}[name]
+
+
+def _compile(func, target):
+    import tvm
+
+    return tvm.compile(tvm.IRModule({"main": func}), target=target)
+
+
+def _tvm(a):
+    import tvm
+
+    return tvm.runtime.tensor(np.ascontiguousarray(a), tvm.cpu())
+
+
+def _run(lib, args, out_shape, dtype=np.float32):
+    out = _tvm(np.zeros(out_shape, dtype))
+    lib(*[_tvm(a) for a in args], out)
+    return out.numpy()
+
+
+def _prepacked(w, bq, zp, pack_func, packed_shape, target):
+    """What main_transform_params computes at compile time: packed weights and the adjusted bias."""
+    from fxpress.codegen import quantize_packed as qp
+
+    wp = _run(_compile(pack_func(list(w.shape)), target), [w], packed_shape(list(w.shape)), np.int8)
+    badj = _run(_compile(qp.bias_adjust_func(list(w.shape), zp), target), [w, bq], bq.shape, np.int32)
+    return wp, badj
+
+
+def _layout(mcpu: str):
+    from fxpress.codegen import quantize_packed as qp
+
+    return qp.layout_for(_target(mcpu))
+
+
+def _asm(func, mcpu: str) -> str:
+    return _compile(func, _target(mcpu)).mod.inspect_source("asm")
+
+
+# ----------------------------------------------------------------------------- code generation
+
+@pytest.mark.parametrize("mcpu", VNNI_CPUS)
+def test_vnni_build_uses_vpdpbusd(mcpu):
+    from fxpress.codegen import quantize_conv as qc
+    from fxpress.codegen import quantize_packed as qp
+
+    layout = _layout(mcpu)
+    assert layout is qp.VNNI
+    for f in (qp.qlinear_packed_func(8, 64, 1, 64, 0.1, 3, layout),
+              qc.qconv2d_direct_func([1, 8, 6, 6], [1, 16, 8, 3, 3], 0.1, 3, [1, 1], [1, 1], [1, 1], layout),
+              qp.qmatmul_vnni_func(2, 8, 16, 32, 0.1, 3, 0.2, 128)):
+        asm = _asm(f, mcpu)
+        assert "vpdpbusd" in asm and "vpmaddwd" not in asm
+
+
+def test_avx2_build_has_no_vnni():
+    from fxpress.codegen import quantize_conv as qc
+    from fxpress.codegen import quantize_packed as qp
+
+    layout = _layout(AVX2_CPU)
+    assert layout is qp.AVX2
+    for f in (qp.qlinear_packed_func(8, 64, 1, 64, 0.1, 3, layout),
+              qc.qconv2d_direct_func([1, 8, 6, 6], [1, 16, 8, 3, 3], 0.1, 3, [1, 1], [1, 1], [1, 1], layout)):
+        asm = _asm(f, AVX2_CPU)
+        assert "vpmaddwd" in asm and "vpdpbusd" not in asm and "zmm" not in asm
+
+
+def test_avx_vnni_build_uses_vex_vpdpbusd_on_ymm():
+    from fxpress.codegen import quantize_packed as qp
+
+    layout = _layout("alderlake")  # AVX-VNNI, no AVX-512
+    assert layout is qp.AVX_VNNI
+    asm = _asm(qp.qlinear_packed_func(8, 64, 1, 48, 0.1, 3, layout), "alderlake")
+    assert "vpdpbusd" in asm and "zmm" not in asm
+
+
+def test_no_packed_layout_without_avx2():
+    assert _layout("x86-64") is None  # SSE2 only: the generic kernels stay
+
+
+def test_vnni_kernel_refuses_signed_activations():
+    from fxpress.codegen import quantize_packed as qp
+
+    with pytest.raises(ValueError, match="uint8"):
+        qp.qlinear_packed_func(4, 8, 1, 16, 0.1, 0, qp.VNNI, x_dtype="int8")
+
+
+# ----------------------------------------------------------------------------- numerics against the ops
+
+def _operands(shape_x, w_shape, seed, x_scale=0.5):
+    g = torch.Generator().manual_seed(seed)
+    xq = torch.randint(0, 256, shape_x, dtype=torch.uint8, generator=g)
+    w = torch.randint(-128, 128, w_shape, dtype=torch.int8, generator=g)  # full range: -128 included
+    C, N = w_shape[:2]
+    ws_exact = torch.full((C, N), 1.0 / x_scale)  # w_scale·x_scale = 1: output = the integer sum
+    ws_real = torch.rand(C, N, generator=g) * 0.01
+    bq = torch.randint(-1000, 1000, (C, N), dtype=torch.int32, generator=g)
+    return xq, w, ws_exact, ws_real, bq
+
+
+@pytest.mark.parametrize("layout_name,mcpu", LAYOUTS)
+@pytest.mark.parametrize("M,K,C,N,zp", [(16, 64, 1, 32, 7), (7, 33, 3, 10, 255), (1, 5, 1, 3, 0),
+                                        (5, 130, 2, 70, 128), (9, 384, 1, 80, 17)])
+def test_qlinear_packed_against_op(layout_name, mcpu, M, K, C, N, zp):
+    from fxpress.codegen import quantize_packed as qp
+
+    if not _runnable(layout_name):
+        pytest.skip(f"this CPU cannot run the {layout_name} kernel")
+    target, layout = _target(mcpu), _named_layout(layout_name)
+    xq, w, ws_exact, ws_real, bq = _operands((M, K), (C, N, K), M * K + N)
+    wp, badj = _prepacked(w.numpy(), bq.numpy(), zp, lambda s: qp.pack_weights_func(s, layout),
+                          lambda s: qp.packed_shape(s, layout), target)
+    lib = _compile(qp.qlinear_packed_func(M, K, C, N, 0.5, zp, layout), target)
+    y = _run(lib, [xq.numpy(), wp, ws_exact.numpy(), badj], (M, N))
+    np.testing.assert_array_equal(y, OPS.qlinear(xq, 0.5, zp, w, ws_exact, bq).numpy())
+    y = _run(lib, [xq.numpy(), wp, ws_real.numpy(), badj], (M, N))
+    ref = OPS.qlinear(xq, 0.5, zp, w, ws_real, bq).numpy()
+    if C == 1:
+        np.testing.assert_array_equal(y, ref)
+    else:  # SplitQuant: the float sum of clusters may contract into an FMA
+        np.testing.assert_allclose(y, ref, rtol=1e-6, atol=1e-6 * np.abs(ref).max())
+
+
+CONVS = [((2, 5, 9, 11), (3, 6, 5, 3, 3), dict(stride=[2, 1], padding=[1, 2], dilation=[1, 2])),
+         ((1, 3, 17, 13), (1, 20, 3, 7, 7), dict(stride=[2, 2], padding=[3, 3], dilation=[1, 1])),
+         ((1, 8, 7, 7), (1, 70, 8, 1, 1), dict(stride=[1, 1], padding=[0, 0], dilation=[1, 1])),
+         ((1, 16, 10, 10), (2, 33, 16, 3, 3), dict(stride=[1, 1], padding=[1, 1], dilation=[1, 1]))]
+
+
+@pytest.mark.parametrize("layout_name,mcpu", LAYOUTS)
+@pytest.mark.parametrize("x_shape,w_shape,geom", CONVS)
+def test_qconv2d_direct_against_op(layout_name, mcpu, x_shape, w_shape, geom):
+    from fxpress.codegen import quantize_conv as qc
+
+    if not _runnable(layout_name):
+        pytest.skip(f"this CPU cannot run the {layout_name} kernel")
+    target, layout = _target(mcpu), _named_layout(layout_name)
+    zp = 11
+    xq, w, ws_exact, ws_real, bq = _operands(x_shape, w_shape, sum(x_shape) + sum(w_shape))
+    wp, badj = _prepacked(w.numpy(), bq.numpy(), zp, lambda s: qc.pack_conv_weights_func(s, layout),
+                          lambda s: qc.conv_packed_shape(s, layout), target)
+    lib = _compile(qc.qconv2d_direct_func(list(x_shape), list(w_shape), 0.5, zp, layout=layout, **geom), target)
+    ref = OPS.qconv2d(xq, 0.5, zp, w, ws_exact, bq, groups=1, **geom).numpy()
+    np.testing.assert_array_equal(_run(lib, [xq.numpy(), wp, ws_exact.numpy(), badj], ref.shape), ref)
+    ref = OPS.qconv2d(xq, 0.5, zp, w, ws_real, bq, groups=1, **geom).numpy()
+    # clusters summed in float may contract into an FMA: a few ulps of the largest term
+    np.testing.assert_allclose(_run(lib, [xq.numpy(), wp, ws_real.numpy(), badj], ref.shape), ref,
+                               rtol=1e-6, atol=1e-6 * np.abs(ref).max())
+    # the ReLU folded into the epilogue (quantize_conv.fold_relu_into_conv)
+    lib = _compile(qc.qconv2d_direct_func(list(x_shape), list(w_shape), 0.5, zp, layout=layout, relu=True, **geom),
+                   target)
+    np.testing.assert_allclose(_run(lib, [xq.numpy(), wp, ws_real.numpy(), badj], ref.shape), np.maximum(ref, 0),
+                               rtol=1e-6, atol=1e-6 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("G,M,K,N,a_zp,b_zp", [(3, 7, 5, 9, 3, 130), (2, 5, 33, 70, 0, 255),
+                                               (2, 16, 32, 20, 130, 0), (1, 9, 128, 32, 0, 128)])
+def test_qmatmul_vnni_against_op(G, M, K, N, a_zp, b_zp):
+    from fxpress.codegen import quantize_packed as qp
+
+    if not _runnable("vnni"):
+        pytest.skip("this CPU cannot run the VNNI kernel")
+    g = torch.Generator().manual_seed(G * M * K)
+    a = torch.randint(0, 256, (G, M, K), dtype=torch.uint8, generator=g)
+    b = torch.randint(0, 256, (G, K, N), dtype=torch.uint8, generator=g)
+    lib = _compile(qp.qmatmul_vnni_func(G, M, K, N, 0.01, a_zp, 0.02, b_zp), _target("znver4"))
+    ref = OPS.qmatmul(a, 0.01, a_zp, b, 0.02, b_zp).numpy()
+    np.testing.assert_array_equal(_run(lib, [a.numpy(), b.numpy()], (G, M, N)), ref)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+class _SmallCNN(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(3, 12, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(12)
+        self.c2 = torch.nn.Conv2d(12, 20, 3, stride=2, padding=1)
+        self.fc = torch.nn.Linear(20 * 8 * 8, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.c1(x)))
+        return self.fc(torch.relu(self.c2(x)).flatten(1))
+
+
+class _SmallTransformer(torch.nn.Module):
+    def __init__(self, d=48, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.out = torch.nn.Linear(d, 3 * d), torch.nn.Linear(d, d)
+        self.ff1, self.ff2 = torch.nn.Linear(d, 4 * d), torch.nn.Linear(4 * d, d)
+        self.n1, self.n2 = torch.nn.LayerNorm(d), torch.nn.LayerNorm(d)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).reshape(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        att = torch.softmax(q @ k.transpose(-1, -2) / (D // self.heads) ** 0.5, dim=-1)
+        x = self.n1(x + self.out((att @ v).transpose(1, 2).reshape(B, T, D)))
+        return self.n2(x + self.ff2(torch.relu(self.ff1(x))))
+
+
+def _compile_int8(model, x, prepack: bool, monkeypatch):
+    monkeypatch.setenv("FXPRESS_INT8_PREPACK", "1" if prepack else "0")
+    return fxpress.compile(model, x, passes=["fuse", "quantize"], target="llvm")
+
+
+@pytest.mark.parametrize("name", ["cnn", "transformer"])
+def test_compile_int8_packed_matches_unpacked(name, monkeypatch, tmp_path):
+    if not _host_isa().avx2:
+        pytest.skip("no packed int8 kernels without AVX2")
+    torch.manual_seed(0)
+    if name == "cnn":
+        model, x = _SmallCNN().eval(), (torch.randn(2, 3, 16, 16),)
+    else:
+        model, x = _SmallTransformer().eval(), (torch.randn(1, 24, 48),)
+    old = _compile_int8(model, x, False, monkeypatch)
+    new = _compile_int8(model, x, True, monkeypatch)
+    built = new._lowered.built
+    # the packing ran at compile time: main calls the packed GEMMs, never the pack kernels
+    main_ir = built.ir_after["relax.lifted"].split("def main_transform_params")[0]
+    assert "_packed" in built.ir_after["relax.lifted"] and "fxpress_qpack" not in main_ir.split("def main(")[-1]
+    assert built.param_transform is not None
+    assert "_packed" not in old._lowered.built.ir_after["relax.lifted"]  # FXPRESS_INT8_PREPACK=0: the old kernels
+    if name == "cnn":  # both convs are followed by a ReLU only: it runs in their epilogue
+        assert main_ir.split("def main(")[-1].count("_packed_relu,") == 2 and "R.nn.relu" not in main_ir
+    ref = model(*x).detach().numpy()
+    y_old, y_new = np.asarray(old(*x)), np.asarray(new(*x))
+    # same integers, same epilogue: today's int8 output (at most an FMA contraction apart)
+    np.testing.assert_allclose(y_new, y_old, rtol=1e-5, atol=1e-5 * np.abs(y_old).max())
+    assert rel_err(y_new, ref) <= rel_err(y_old, ref) * 1.01 + 1e-6
+    assert rel_err(y_new, new.gm(*x)) < 0.05
+    # the exported artifact ships the packed params and runs without torch's help
+    from fxpress.runtime import load
+
+    rt = load(new.export(str(tmp_path / "m"), backends=("tvm",)), backend="tvm")
+    np.testing.assert_array_equal(np.asarray(rt.run([t.numpy() for t in x])[0]), y_new)
