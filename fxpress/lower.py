@@ -41,8 +41,9 @@ def build_tvm(gm: fx.GraphModule, example_inputs: tuple, target: str, tune: int 
         built = tune_module(relax_mod.mod, target, trials=tune, **(tune_options or {}))
     else:
         built = build(relax_mod.mod, target)
+    # the build's own weights: to_relax's params may be views of the model's tensors
+    relax_mod.params = built.transform_params(relax_mod.params)
     if built.param_transform is not None:
-        relax_mod.params = built.transform_params(relax_mod.params)
         relax_mod.param_names = [f"transformed_{i}" for i in range(len(relax_mod.params))]
     return TVMBuild(relax=relax_mod, built=built, target=target)
 
