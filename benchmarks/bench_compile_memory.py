@@ -173,9 +173,11 @@ def write_results(rows: list[dict], meta: dict, stem: str, before: dict | None =
         "# Compile memory: transformers BertModel", "",
         f"`benchmarks/bench_compile_memory.py`, commit {meta['commit']}, {meta['date']}, {meta['machine']}.",
         f"Inputs: batch 1, {SEQ} tokens. One fresh subprocess per row; seeded random weights (nothing downloaded).", "",
-        "runtime = RSS after importing torch, transformers, fxpress and TVM; peak = the kernel's high-water mark "
-        "during `fxpress.compile` (reset just before it). ratio = (peak - runtime) / weights: the model itself "
-        "counts 1.0; the compiled model's own weight copy (TVM/ONNX parameters) is in it too.", "",
+        "runtime = RSS after importing torch, transformers, fxpress and TVM (start *cold*), or after that and "
+        "one compile of a tiny BertModel, freed (start *warm*: what a compile loads on first use counts as "
+        "runtime); peak = the kernel's high-water mark during `fxpress.compile` (reset just before it). "
+        "ratio = (peak - runtime) / weights: the model itself counts 1.0; the compiled model's own weight copy "
+        "(TVM/ONNX parameters) is in it too.", "",
         "| model | params | weights | target | passes | start | runtime RSS | peak RSS | ratio | compile s |"
         + (" peak before | ratio before |" if before else ""),
         "|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if before else ""),
@@ -193,7 +195,7 @@ def write_results(rows: list[dict], meta: dict, stem: str, before: dict | None =
     if before:
         lines += ["", f"*before*: {meta['compare']}."]
     lines += ["", "Memory figures depend little on machine load (they are allocations, not time); the compile "
-              "seconds do, and were taken under `/work/shared/tools/quiet-run` " + meta.get("load_note", "") + "."]
+              "seconds do: take them under `/work/shared/tools/quiet-run` " + meta.get("load_note", "") + "."]
     if meta.get("note"):
         lines += ["", meta["note"]]
     with open(os.path.join(HERE, "results", stem + ".md"), "w") as f:
@@ -229,12 +231,23 @@ def main() -> None:
     ap.add_argument("--out", default="compile_memory", help="results file stem under benchmarks/results")
     ap.add_argument("--note", default="", help="a line added to the .md (e.g. the conditions)")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--rewrite", metavar="JSON", help="write the .md again from this results .json (no measuring)")
     ap.add_argument("--compare", help="a results .json of an earlier run: its peaks go in the table as 'before'")
     ap.add_argument("--source", help="measure the fxpress source tree in this folder (e.g. an older commit from "
                                      "`git archive`) instead of the installed one; needs an editable install")
     args = ap.parse_args()
     if args.child:
         print("RESULT " + json.dumps(child(*args.child)), flush=True)
+        return
+    if args.rewrite:
+        with open(args.rewrite) as f:
+            saved = json.load(f)
+        rows = saved.pop("rows")
+        before = None
+        if args.compare:
+            with open(args.compare) as f:
+                before = {_key(r): r for r in json.load(f)["rows"]}
+        write_results(rows, saved, args.out, before)
         return
     rows = []
     for size, target, start in ((s, t, w) for w in args.start for t in args.target for s in args.sizes):
