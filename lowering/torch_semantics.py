@@ -345,7 +345,7 @@ def negative_ids_out_of_range(gm: torch.nn.Module) -> torch.nn.Module:
         return gm
     from fxpress.passes.trace import copy_graph_module
 
-    new = copy_graph_module(gm)
+    new = copy_graph_module(gm, share_weights=True)  # a graph rewrite, only exported: no weight copy
     by_name = {n.name: n for n in new.graph.nodes}
     for name, pos, rows in sites:
         node = by_name[name]
@@ -442,7 +442,7 @@ def _calls_replaced(gm: fx.GraphModule, args_of, fn) -> fx.GraphModule:
         return gm
     from fxpress.passes.trace import copy_graph_module
 
-    new = copy_graph_module(gm)
+    new = copy_graph_module(gm, share_weights=True)  # a graph rewrite, only exported: no weight copy
     # ``found`` holds the original graph's nodes: point the arguments at the copy's nodes of the same name.
     by_name = {n.name: n for n in new.graph.nodes}
     for n in new.graph.nodes:

@@ -12,7 +12,7 @@ import torch
 from torch import fx, nn
 
 import fxpress
-from fxpress.lowering.torch_semantics import views_as_reshapes
+from fxpress.lowering.torch_semantics import exact_clamps, negative_ids_out_of_range, views_as_reshapes
 
 
 class _EmbedMLP(nn.Module):
@@ -40,11 +40,21 @@ def _storages(module: nn.Module) -> dict[str, torch.Tensor]:
     return dict(module.state_dict(keep_vars=True))
 
 
-def test_views_as_reshapes_shares_the_weights():
-    """The copy lowering exports must not duplicate the weights (it was a whole second copy of the model)."""
-    gm = fx.symbolic_trace(_EmbedMLP())
-    new = views_as_reshapes(gm)
-    assert new is not gm and any(n.target == "reshape" for n in new.graph.nodes)
+class _Clamped(_EmbedMLP):
+    def forward(self, ids):
+        return torch.clamp(super().forward(ids), -1.0, 1.0)
+
+
+@pytest.mark.parametrize("rewrite", [views_as_reshapes, negative_ids_out_of_range, exact_clamps])
+def test_lowering_rewrites_share_the_weights(rewrite):
+    """The rewritten copies lowering exports (TVM, ONNX) must not duplicate the weights (each was a whole
+    second copy of the model)."""
+    from fxpress.passes.trace import annotate_shapes
+
+    gm = fx.symbolic_trace(_Clamped())
+    annotate_shapes(gm, (torch.randint(0, 64, (2, 5)),))
+    new = rewrite(gm)
+    assert new is not gm  # the model has a view, an embedding and a clamp: each rewrite applies
     for name, t in _storages(gm).items():
         assert _storages(new)[name].data_ptr() == t.data_ptr(), name
 
