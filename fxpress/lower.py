@@ -274,10 +274,19 @@ class _TorchExecutor:
             return [t.numpy() for t in flatten_outputs(self.gm(*[torch.from_numpy(x) for x in inputs]))]
 
 
+_TENSOR_DATA = ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data")
+
+
 def _onnx_text(path: str) -> str:
+    """The ONNX graph as text, each initializer by type and shape only: the printer writes every value of
+    every weight, a text ~3x the model's bytes that the report would keep (issue #19)."""
     import onnx
 
     try:
-        return onnx.printer.to_text(onnx.load(path, load_external_data=False).graph)
+        graph = onnx.load(path, load_external_data=False).graph
+        for t in graph.initializer:
+            for name in _TENSOR_DATA:
+                t.ClearField(name)
+        return onnx.printer.to_text(graph)
     except Exception:  # noqa: BLE001 - text form is informative only
         return ""
