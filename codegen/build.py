@@ -30,7 +30,9 @@ dlight still schedules kernels (a CUDA kernel needs thread bindings) unless the 
 """
 from __future__ import annotations
 
+import bisect
 import contextlib
+import itertools
 import os
 import tempfile
 import time
@@ -71,20 +73,30 @@ class BuiltModule:
     extern_objects: list[str] = field(default_factory=list)
 
     def transform_params(self, params: list) -> list:
-        """The parameters ``main`` of this build takes, from the model's original ones (numpy in, numpy out)."""
-        if self.param_transform is None:
-            return list(params)
+        """The parameters ``main`` of this build takes, from the model's original ones (numpy in, numpy out).
+
+        The result is the build's own copy of the weights: it never shares memory with ``params``, which
+        may be views of the caller's torch tensors (to_relax hands them over without a copy). A weight the
+        transform changes is its new output; one it returns as it is (or as a view) is copied once, here.
+        Nothing else is copied, so a compile holds the model's weights plus one runtime copy (issue #19).
+        """
         import numpy as np
 
         from fxpress.runtime.backends import cpu_tensor_view, tvm_tensor_as_numpy
 
         dev = tvm.cpu(0)
-        vm = relax.VirtualMachine(self.param_transform, dev)
         arrays = [np.ascontiguousarray(p) for p in params]
+        if self.param_transform is None:
+            return [_own_copy(a, dev) for a in arrays]
+        # "naive": outputs freed later go back to the system; the VM's default pool would keep them
+        vm = relax.VirtualMachine(self.param_transform, dev, memory_cfg="naive")
         out = vm[TRANSFORM_FUNC]([cpu_tensor_view(a) or tvm.runtime.tensor(a, dev) for a in arrays])
-        # Views, not copies: a weight the transform returns unchanged may share the input's memory, which is
-        # fine (parameters are never written); a compile then holds one copy of the weights.
-        return [tvm_tensor_as_numpy(t) for t in out]
+        shared = _Ranges(arrays)
+        result = []
+        for t in out:
+            a = tvm_tensor_as_numpy(t)
+            result.append(_own_copy(a, dev) if shared.overlaps(a) else a)
+        return result
 
     def export_library(self, path: str | os.PathLike) -> None:
         """Write a shared library that ``tvm.runtime.load_module`` loads (host compiler: g++)."""
@@ -151,6 +163,29 @@ def build(mod: tvm.IRModule, target: str | tvm.target.Target, *, instrument: boo
                        seconds=time.perf_counter() - start, pass_timings=timings,
                        _device_payloads=payloads, param_transform=param_transform,
                        extern_objects=extern)
+
+
+class _Ranges:
+    """The memory address ranges of some arrays: does another array overlap any of them?"""
+
+    def __init__(self, arrays: list):
+        spans = sorted((a.ctypes.data, a.ctypes.data + a.nbytes) for a in arrays if a.nbytes)
+        self._starts = [lo for lo, _ in spans]
+        self._ends = list(itertools.accumulate((hi for _, hi in spans), max))  # ends, running max
+
+    def overlaps(self, a) -> bool:
+        if not a.nbytes:
+            return False
+        lo, hi = a.ctypes.data, a.ctypes.data + a.nbytes
+        i = bisect.bisect_left(self._starts, hi) - 1  # the last range starting below hi
+        return i >= 0 and self._ends[i] > lo
+
+
+def _own_copy(a, dev):
+    """A copy of numpy array ``a`` in a new TVM tensor (64-byte aligned, as kernels assume), seen as numpy."""
+    from fxpress.runtime.backends import tvm_tensor_as_numpy
+
+    return tvm_tensor_as_numpy(tvm.runtime.tensor(a, dev))
 
 
 def front_stages(lifted: dict) -> list[tuple[str, list]]:

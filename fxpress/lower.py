@@ -41,8 +41,9 @@ def build_tvm(gm: fx.GraphModule, example_inputs: tuple, target: str, tune: int 
         built = tune_module(relax_mod.mod, target, trials=tune, **(tune_options or {}))
     else:
         built = build(relax_mod.mod, target)
+    # the build's own weights: to_relax's params may be views of the model's tensors
+    relax_mod.params = built.transform_params(relax_mod.params)
     if built.param_transform is not None:
-        relax_mod.params = built.transform_params(relax_mod.params)
         relax_mod.param_names = [f"transformed_{i}" for i in range(len(relax_mod.params))]
     return TVMBuild(relax=relax_mod, built=built, target=target)
 
@@ -281,10 +282,19 @@ class _TorchExecutor:
             return [t.numpy() for t in flatten_outputs(self.gm(*[torch.from_numpy(x) for x in inputs]))]
 
 
+_TENSOR_DATA = ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data")
+
+
 def _onnx_text(path: str) -> str:
+    """The ONNX graph as text, each initializer by type and shape only: the printer writes every value of
+    every weight, a text ~3x the model's bytes that the report would keep (issue #19)."""
     import onnx
 
     try:
-        return onnx.printer.to_text(onnx.load(path, load_external_data=False).graph)
+        graph = onnx.load(path, load_external_data=False).graph
+        for t in graph.initializer:
+            for name in _TENSOR_DATA:
+                t.ClearField(name)
+        return onnx.printer.to_text(graph)
     except Exception:  # noqa: BLE001 - text form is informative only
         return ""

@@ -26,7 +26,7 @@ from .torch_semantics import (NAN_CONVERTERS, _with_importer, ascending_aranges,
 @dataclass
 class RelaxModule:
     mod: "tvm.IRModule"  # noqa: F821 - tvm is imported lazily
-    params: list[np.ndarray]
+    params: list[np.ndarray]  # may be views of the lowered graph's (and so the caller's) tensors: read only
     param_names: list[str]
     num_inputs: int
     ir_text: str = ""
@@ -159,6 +159,8 @@ def to_relax(gm: torch.nn.Module, example_inputs: tuple, dynamic_batch: bool = F
     names = [p.name for p in mod["main"].params[len(example_inputs):]]
     from fxpress.runtime.backends import tvm_tensor_as_numpy
 
-    arrays = [tvm_tensor_as_numpy(t) for t in tensors]  # views: the weights stay one copy
+    # Views of the graph's own tensors (the importer takes them through DLPack, and the export shares the
+    # graph's weights): no copy here. BuiltModule.transform_params makes the build's own copy.
+    arrays = [tvm_tensor_as_numpy(t) for t in tensors]
     return RelaxModule(mod=mod, params=arrays, param_names=names, num_inputs=len(example_inputs),
                        ir_text=mod.script(show_meta=False))

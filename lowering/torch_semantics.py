@@ -266,7 +266,9 @@ NAN_CONVERTERS = {
 
 
 def views_as_reshapes(gm: torch.nn.Module) -> torch.nn.Module:
-    """A copy of ``gm`` with every ``view`` written as ``reshape`` (``gm`` itself when it has none).
+    """A copy of ``gm`` with every ``view`` written as ``reshape`` (``gm`` itself when it has none). The copy
+    shares ``gm``'s weights: it is only exported, never run on real tensors, and a full copy was the largest
+    allocation of a compile (issue #19).
 
     Lowering exports the FX graph again, with fake tensors, whose strides follow the meta kernels rather
     than the CPU kernels that ran at trace time. After SDPA attention (HF BERT's default) the fake output
@@ -283,7 +285,7 @@ def views_as_reshapes(gm: torch.nn.Module) -> torch.nn.Module:
         return gm
     from fxpress.passes.trace import copy_graph_module
 
-    new = copy_graph_module(gm)
+    new = copy_graph_module(gm, share_weights=True)
     names = {n.name for n in views}
     for n in new.graph.nodes:
         if n.name not in names:
@@ -343,7 +345,7 @@ def negative_ids_out_of_range(gm: torch.nn.Module) -> torch.nn.Module:
         return gm
     from fxpress.passes.trace import copy_graph_module
 
-    new = copy_graph_module(gm)
+    new = copy_graph_module(gm, share_weights=True)  # a graph rewrite, only exported: no weight copy
     by_name = {n.name: n for n in new.graph.nodes}
     for name, pos, rows in sites:
         node = by_name[name]
@@ -440,7 +442,7 @@ def _calls_replaced(gm: fx.GraphModule, args_of, fn) -> fx.GraphModule:
         return gm
     from fxpress.passes.trace import copy_graph_module
 
-    new = copy_graph_module(gm)
+    new = copy_graph_module(gm, share_weights=True)  # a graph rewrite, only exported: no weight copy
     # ``found`` holds the original graph's nodes: point the arguments at the copy's nodes of the same name.
     by_name = {n.name: n for n in new.graph.nodes}
     for n in new.graph.nodes:

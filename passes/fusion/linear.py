@@ -26,8 +26,8 @@ def _linear(gm: fx.GraphModule, node) -> nn.Linear | None:
 
 
 def _new_linear(weight: torch.Tensor, bias: torch.Tensor | None, like: nn.Linear) -> nn.Linear:
-    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None,
-                    dtype=like.weight.dtype, device=like.weight.device)
+    # on "meta": set_param replaces both tensors, so a random init of real ones would be wasted memory
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=like.weight.dtype, device="meta")
     set_param(lin, "weight", weight, like.weight)
     if bias is not None:
         set_param(lin, "bias", bias, like.weight)
@@ -166,11 +166,11 @@ def merge_parallel_linears(state: FuseState) -> bool:
         members.sort(key=order.__getitem__)
         mods = [_linear(gm, m) for m in members]
         sizes = [m.out_features for m in mods]
-        weight = torch.cat([m.weight.detach().double() for m in mods])
+        weight = torch.cat([m.weight.detach() for m in mods])  # exact in any dtype: no float64 detour
         bias = None
         if any(m.bias is not None for m in mods):
-            bias = torch.cat([m.bias.detach().double() if m.bias is not None else
-                              torch.zeros(m.out_features, dtype=torch.float64) for m in mods])
+            bias = torch.cat([m.bias.detach() if m.bias is not None else
+                              m.weight.new_zeros(m.out_features) for m in mods])
         path = add_module(gm, path_for([m.target for m in members]), _new_linear(weight, bias, mods[0]))
         acts = [_sole_activation(gm, m) for m in members] if act_sig is not None else []
         with gm.graph.inserting_before(members[0]):
