@@ -122,7 +122,7 @@ def test_quantized_lowering_rounding_ties_apart_from_the_graph_is_accepted_when_
     """fxpress.models' BERT-style encoder (seeded random weights) with int8 on llvm: one-ulp differences in
     the fp32 softmax flip u8 codes, so the lowered outputs and the FX graph's land on opposite sides of
     eager (each within the quantization's error, 1.5e-2 apart). That is a model as good as the graph and
-    must compile, with the note saying so; the lowered error against eager stays within the graph's."""
+    must compile, with the note saying so; the lowered error against eager stays within twice the graph's."""
     from fxpress.models.bert import bert_small
 
     gen = torch.Generator().manual_seed(0)
@@ -130,7 +130,7 @@ def test_quantized_lowering_rounding_ties_apart_from_the_graph_is_accepted_when_
     cm = fxpress.compile(bert_small(), x, passes=["fuse", "quantize"], target="llvm")
     quantize, lowered = cm.report[-2], cm.report[-1]
     assert lowered.status == "ok"
-    assert lowered.max_rel_error <= 1.5 * quantize.max_rel_error
+    assert lowered.max_rel_error <= 2 * quantize.max_rel_error
 
 
 def test_lowering_of_a_quantized_graph_further_from_eager_than_the_graph_is_refused(monkeypatch):
@@ -157,4 +157,4 @@ def test_lowering_of_a_quantized_graph_further_from_eager_than_the_graph_is_refu
     check.after(opposite)
     assert "rounded the other way" in opposite.note
     with pytest.raises(LoweringError, match="changed the numbers"):
-        check.after(stage_with(torch.ones(16) * 1.025))  # 1.5 % from the graph but 2.5 % from eager
+        check.after(stage_with(torch.ones(16) * 1.029))  # 1.9 % from the graph but 2.9 % from eager
