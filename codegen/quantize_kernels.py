@@ -262,26 +262,32 @@ def has_avx2(target) -> bool:
 MB, NV = 4, 3  # register tile: 4 rows × 3 vectors of 8 output channels (12 ymm accumulators)
 
 
-def _gemm_core(x_at, Mp: int, Kp: int, wpack, Np: int, name: str = "q_acc"):
+def _gemm_core(x_at, Mp: int, Kp: int, wpack, Np: int, name: str = "q_acc", lanes: int = 8, group: int = 2):
+    """acc[m, j] = Σ_k x[m, k] · w[j, k] over weights packed as [Np/lanes, Kp/group, lanes, group]."""
     k = te.reduce_axis((0, Kp), name="k")
     return te.compute((Mp, Np), lambda m, j: te.sum(
-        x_at(m, k).astype("int32") * wpack[j // 8, k // 2, j % 8, k % 2].astype("int32"), axis=k), name=name)
+        x_at(m, k).astype("int32") * wpack[j // lanes, k // group, j % lanes, k % group].astype("int32"), axis=k),
+        name=name)
 
 
-def _schedule_gemm(sch: s_tir.Schedule, a_dtype: str, block_name: str = "q_acc", b_dtype: str = "int8") -> None:
-    """[batch,] M × N tiles of MB × (NV·8), parallel over tiles, the 8 × 2 inner product tensorized."""
+def _schedule_gemm(sch: s_tir.Schedule, intrin: str, *, rows: int = MB, vectors: int = NV, lanes: int = 8,
+                   group: int = 2, panel_major: bool = False, block_name: str = "q_acc") -> None:
+    """[batch,] M × N tiles of rows × (vectors·lanes), parallel over tiles, the lanes × group inner product
+    tensorized with ``intrin``. ``panel_major`` walks a weight panel across every row block (weights packed
+    once, reused by all rows) instead of rows first."""
     b = sch.get_sblock(block_name)
     *batch, i, j, kk = sch.get_loops(b)
-    io, ii = sch.split(i, [None, MB])
-    jo, jv, ji = sch.split(j, [None, NV, 8])
-    ko, ki = sch.split(kk, [None, 2])
-    sch.reorder(*batch, io, jo, ko, ii, jv, ji, ki)
-    outer = sch.fuse(*batch, io, jo)
+    io, ii = sch.split(i, [None, rows])
+    jo, jv, ji = sch.split(j, [None, vectors, lanes])
+    ko, ki = sch.split(kk, [None, group])
+    tiles = (jo, io) if panel_major else (io, jo)
+    sch.reorder(*batch, *tiles, ko, ii, jv, ji, ki)
+    outer = sch.fuse(*batch, *tiles)
     sch.parallel(outer)
     cb = sch.cache_write(b, 0, "local")
     sch.reverse_compute_at(cb, outer)
     init = sch.decompose_reduction(b, ko)
-    sch.tensorize(sch.blockize(ji), _intrin_name(a_dtype, b_dtype))
+    sch.tensorize(sch.blockize(ji), intrin)
     sch.unroll(ii)
     sch.unroll(jv)
     sch.vectorize(sch.get_loops(init)[-1])
@@ -358,7 +364,7 @@ def qlinear_avx2_func(M: int, K: int, C: int, N: int, x_scale: float, x_zp: int,
     y = te.compute((M, N), lambda m, n: _epilogue(lambda c: acc[m, c * Np1 + n], wsum, ws, bq, C, x_scale, x_zp)(None, n),
                    name="q_out")
     sch = s_tir.Schedule(te.create_prim_func([x, w, ws, bq, y]))
-    _schedule_gemm(sch, x_dtype)
+    _schedule_gemm(sch, _intrin_name(x_dtype))
     _schedule_pack(sch)
     for name in ("q_xpad", "q_wsum"):
         _schedule_simple(sch, name)
@@ -404,7 +410,7 @@ def qconv2d_avx2_func(x_shape, w_shape, x_scale: float, x_zp: int, stride, paddi
     y = te.compute((B, O, OH, OW), lambda b, o, i, j: _epilogue(
         lambda c: acc[b * OH * OW + i * OW + j, c * Np1 + o], wsum, ws, bq, C, x_scale, x_zp)(None, o), name="q_out")
     sch = s_tir.Schedule(te.create_prim_func([x, w, ws, bq, y]))
-    _schedule_gemm(sch, x_dtype)
+    _schedule_gemm(sch, _intrin_name(x_dtype))
     _schedule_pack(sch)
     for name in ("q_xpad", "q_wsum", "q_out"):
         _schedule_simple(sch, name)
@@ -433,7 +439,7 @@ def qmatmul_avx2_func(G: int, M: int, K: int, N: int, a_scale: float, a_zp: int,
                                                + _i32(K * a_zp * b_zp)).astype("float32")
                    * (_f32(a_scale) * _f32(b_scale)), name="q_out")
     sch = s_tir.Schedule(te.create_prim_func([a, b, y]))
-    _schedule_gemm(sch, a_dtype, b_dtype=b_dtype)
+    _schedule_gemm(sch, _intrin_name(a_dtype, b_dtype))
     _schedule_pack(sch)
     for name in ("q_xpad", "q_asum", "q_wsum"):
         _schedule_simple(sch, name)

@@ -40,8 +40,8 @@ from tvm.script import tirx as T
 
 from . import isa
 from .kernel_families import SCHEDULE_ATTR
-from .quantize_kernels import (ARGS_ATTR, SCHEDULE_TAG, _f32, _intrin_name, _round_up,
-                               _schedule_simple, has_avx2)
+from .quantize_kernels import (ARGS_ATTR, SCHEDULE_TAG, _f32, _gemm_core, _intrin_name, _round_up,
+                               _schedule_gemm, _schedule_simple, has_avx2)
 
 __all__ = ["Layout", "layout_for", "pack_weights_func", "bias_adjust_func", "qlinear_packed_func",
            "qmatmul_vnni_func", "PrepackQuantizedWeights", "PREPACK_ENV"]
@@ -195,30 +195,13 @@ def bias_adjust_func(w_shape, x_zp: int) -> tirx.PrimFunc:
 # ----------------------------------------------------------------------------- packed GEMM kernels
 
 def _packed_gemm(x_at, Mp: int, Kp: int, wp, cols: int, layout: Layout):
-    L, G = layout.lanes, layout.group
-    k = te.reduce_axis((0, Kp), name="k")
-    return te.compute((Mp, cols), lambda m, j: te.sum(
-        x_at(m, k).astype("int32") * wp[j // L, k // G, j % L, k % G].astype("int32"), axis=k), name="q_acc")
+    return _gemm_core(x_at, Mp, Kp, wp, cols, lanes=layout.lanes, group=layout.group)
 
 
 def _schedule_packed_gemm(sch: s_tir.Schedule, layout: Layout, x_dtype: str) -> None:
     """Tiles of rows × (vectors·lanes); panel-major so a weight panel is reused by every row block."""
-    b = sch.get_sblock("q_acc")
-    *batch, i, j, kk = sch.get_loops(b)
-    io, ii = sch.split(i, [None, layout.rows])
-    jo, jv, ji = sch.split(j, [None, layout.vectors, layout.lanes])
-    ko, ki = sch.split(kk, [None, layout.group])
-    sch.reorder(*batch, jo, io, ko, ii, jv, ji, ki)
-    outer = sch.fuse(*batch, jo, io)
-    sch.parallel(outer)
-    cb = sch.cache_write(b, 0, "local")
-    sch.reverse_compute_at(cb, outer)
-    init = sch.decompose_reduction(b, ko)
-    sch.tensorize(sch.blockize(ji), _intrin(layout, x_dtype))
-    sch.unroll(ii)
-    sch.unroll(jv)
-    sch.vectorize(sch.get_loops(init)[-1])
-    sch.vectorize(sch.get_loops(cb)[-1])
+    _schedule_gemm(sch, _intrin(layout, x_dtype), rows=layout.rows, vectors=layout.vectors, lanes=layout.lanes,
+                   group=layout.group, panel_major=True)
 
 
 def _epilogue(acc_at, ws, badj, C: int, x_scale: float):
