@@ -5,6 +5,9 @@ The pipeline, with the text of the module after each stage kept in ``BuiltModule
   relax.decomposed  DispatchSampling/DispatchSortScan (target-specific sort, scan, sampling),
                     DecomposeOpsForInference (batch_norm, layer_norm... → arithmetic),
                     FastErf (fp32 GELU/erf → vectorizable topi.fast_erf; relax_prep.py),
+                    WinogradConv (llvm: 3x3 stride-1 convs → Winograd F(4x4,3x3); winograd_route.py),
+                    RouteConvToGemm (llvm: strided / narrow convs → im2col + matmul; conv_route.py),
+                    PrepackQuantizedWeights (int8 weights packed for the ISA; quantize_packed.py),
                     RouteGemmToBlas (llvm: fp32 matmuls → the BLAS GEMM shim; gemm_route.py)
   relax.lifted      weight-only work moved to main_transform_params, run once at compile time
                     (BuiltModule.transform_params; only when main has num_input; relax_prep.py)
@@ -48,6 +51,7 @@ from .conv_route import RouteConvToGemm
 from .gemm_route import RouteGemmToBlas
 from .quantize_packed import PrepackQuantizedWeights
 from .relax_prep import TRANSFORM_FUNC, FastErf, lift_param_transforms
+from .winograd_route import WinogradConv
 from .parallel_threshold import serialize_small_kernels
 from .schedule import schedule_cpu, schedule_gpu
 from .targets import resolve_target, target_kind
@@ -198,7 +202,7 @@ def front_stages(lifted: dict) -> list[tuple[str, list]]:
 
     return [("relax.decomposed", [relax.backend.DispatchSampling(), relax.backend.DispatchSortScan(),
                                   relax.transform.DecomposeOpsForInference(), FastErf(),
-                                  RouteConvToGemm(), RouteGemmToBlas(), PrepackQuantizedWeights()]),
+                                  WinogradConv(), RouteConvToGemm(), RouteGemmToBlas(), PrepackQuantizedWeights()]),
             ("relax.lifted", [lift]),
             ("relax.legalized", [relax.transform.LegalizeOps()]),
             ("relax.fused", [relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),

@@ -14,7 +14,8 @@ function ``main_transform_params``, which ``BuiltModule.transform_params`` runs 
 time; the exported params are its outputs. It only applies when ``main`` carries ``num_input``
 (fxpress.lower sets it; a bare ``build()`` of a module without it is unchanged), and it is
 skipped when the transformed floating-point weights would be larger than the originals (weight-only
-quantized models decode int8 codes to fp32 that way, and the artifact would grow 4×). Integer params
+quantized models decode int8 codes to fp32 that way, and the artifact would grow 4×), except by what
+kernels marked ``GROWTH_ATTR`` add on purpose (Winograd-domain conv weights, winograd_route.py). Integer params
 are not counted: int8 weights packed for the int8 GEMM (``quantize_packed.py``) grow only by the
 zero padding of their last tile, and packing them once is the point.
 """
@@ -24,6 +25,8 @@ import tvm
 from tvm import relax, topi, tirx
 
 TRANSFORM_FUNC = "main_transform_params"
+# PrimFunc attribute of a weight transform whose growth lifting accepts (winograd_route.py)
+GROWTH_ATTR = "fxpress.lifted_growth_ok"
 
 
 def _te_fast_gelu(x):
@@ -109,9 +112,29 @@ def lift_param_transforms(mod: tvm.IRModule) -> tuple[tvm.IRModule, tvm.IRModule
     # Widening to float is what must not be lifted (int8 codes decoded to fp32: 4x the bytes); integer
     # params may grow a little: packed int8 weights are padded to whole tiles (quantize_packed.py).
     before, after = _float_param_bytes(main), _float_param_bytes(lifted["main"])
-    if before is None or after is None or after > before:
+    if before is None or after is None or after > before + _allowed_growth(lifted):
         return mod, None
     return _without(lifted, TRANSFORM_FUNC, "main"), _without(lifted, "main", TRANSFORM_FUNC)
+
+
+def _allowed_growth(lifted: tvm.IRModule) -> int:
+    """Bytes by which the lifted weights may outgrow the originals: what the weight transforms marked
+    ``GROWTH_ATTR`` add (Winograd's 6x6 per 3x3 kernel: the growth buys 4x fewer multiplies)."""
+    growth = 0
+    for block in lifted[TRANSFORM_FUNC].body.blocks:
+        for binding in block.bindings:
+            call = binding.value
+            if not (isinstance(call, relax.Call) and call.op.same_as(tvm.ir.Op.get("relax.call_tir"))):
+                continue
+            kernel = lifted[call.args[0]]
+            if kernel.attrs is None or GROWTH_ATTR not in kernel.attrs:
+                continue
+            out = _static_bytes(binding.var.ty)
+            # constants (the transform's coefficients) are not weights: only the weights it reads count
+            ins = [_static_bytes(a.ty) for a in call.args[1].fields if not isinstance(a, tvm.ir.expr.Constant)]
+            if out is not None and None not in ins:
+                growth += max(0, out - sum(ins))
+    return growth
 
 
 def _without(mod: tvm.IRModule, drop: str, entry: str) -> tvm.IRModule:

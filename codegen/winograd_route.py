@@ -1,0 +1,118 @@
+"""Relax pass: fp32 3x3 stride-1 ``nn.conv2d`` → Winograd F(4x4, 3x3), its 36 GEMMs through the BLAS shim.
+
+Why: on ResNet-style models the 3x3 stride-1 convs are most of the FLOPs, and TVM's direct kernel
+(and OpenBLAS on im2col) already run them near this CPU's FMA rate; only fewer multiplications are
+faster. F(4x4, 3x3) does 36 multiply-adds per 4x4 output tile and channel pair instead of 144.
+Measured per conv (one thread, docs/tuning.md "Winograd"): 2.2-2.5x faster than the direct kernel
+on 56x56 and 28x28 maps, 1.8x on 14x14.
+
+What is rewritten: ``relax.nn.conv2d`` that conv_route.conv_geometry accepts (NCHW/OIHW, groups 1,
+fp32, static shapes) with a 3x3 kernel, stride 1, dilation 1, padding at most 2, an output map at
+least ``MIN_MAP`` wide and high, and at least ``MIN_CHANNELS`` input and output channels:
+
+    U = weight_transform(w)           [36, O, C]   (reads the weight only: lifted to compile time)
+    V = winograd_input(x)             [36, C, Q]   (winograd_transforms.input_transform)
+    M = matmul(U, V)                  [36, O, Q]   (RouteGemmToBlas: 36 GEMMs split over the cores)
+    y = winograd_output(M)            [N, O, OH, OW]
+
+Bias, batch norm, ReLU and the residual after the conv fuse into one elementwise kernel after it,
+as they do after the GEMM route. The transformed weights are 4x the size of the originals (36 vs 9
+values per channel pair): the artifact and the compiled model's weights grow by that much for the
+rewritten convs (relax_prep.lift_param_transforms allows it for this transform only).
+
+Numerics: F(4x4, 3x3) in fp32 differs from the direct conv by ~1e-5 relative to the output's
+largest value (its transform constants reach 8 and 1/24); tests/test_winograd.py bounds it.
+
+Runs for an llvm target with the GEMM shim available (as conv_route). ``FXPRESS_WINOGRAD=0`` turns it
+off. Must run before RouteConvToGemm and RouteGemmToBlas.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import tvm
+from tvm import relax, te
+
+from . import blas
+from . import winograd_transforms as wt
+from .conv_route import conv_geometry
+from .relax_prep import GROWTH_ATTR
+
+F4_MIN_MAP = 16    # F(4x4) from here; F(2x2) below (F(4x4)'s GEMMs get too few tiles, its weights 4x)
+MIN_MAP = 8        # narrower maps: the GEMM route (conv_route) or the direct kernel
+MIN_CHANNELS = 16  # fewer channels: the transforms cost more than the GEMMs save
+MAX_PAD = 2
+
+
+def enabled() -> bool:
+    return os.environ.get("FXPRESS_WINOGRAD", "1") != "0"
+
+
+def eligible(g: dict) -> bool:
+    """Whether a conv of geometry ``g`` (conv_route.conv_geometry) is rewritten (module docstring)."""
+    return (g["kh"] == g["kw"] == 3 and g["stride"] == (1, 1) and g["dilation"] == (1, 1)
+            and max(g["pad"]) <= MAX_PAD and min(g["oh"], g["ow"]) >= MIN_MAP
+            and min(g["c"], g["o"]) >= MIN_CHANNELS)
+
+
+def tile_size(g: dict) -> int:
+    """F(4x4, 3x3) on maps at least ``F4_MIN_MAP`` wide, else F(2x2, 3x3)."""
+    return 4 if min(g["oh"], g["ow"]) >= F4_MIN_MAP else 2
+
+
+def _te_weight_transform(w, coefficients):
+    """U[e, o, c] = sum_t coefficients[e, t] * w[o, c, t // 3, t % 3]."""
+    t = te.reduce_axis((0, 9), name="t")
+    return te.compute((coefficients.shape[0], w.shape[0], w.shape[1]),
+                      lambda e, o, c: te.sum(coefficients[e, t] * w[o, c, t // 3, t % 3], axis=t),
+                      name="winograd_weight")
+
+
+@relax.expr_functor.mutator
+class _WinogradRewriter(relax.PyExprMutator):
+    def __init__(self, mod):
+        super().__init__(mod)
+        self.rewritten = 0
+        self.coefficients = {m: relax.const(np.asarray(wt.weight_coefficients(m), dtype="float32"))
+                             for m in wt.VARIANTS}
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        call = super().visit_call_(call)
+        if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.nn.conv2d"):
+            return call
+        g = conv_geometry(call)
+        if g is None or not eligible(g):
+            return call
+        self.rewritten += 1
+        x, weight = call.args
+        n, c, h, w, o, oh, ow = (g[k] for k in ("n", "c", "h", "w", "o", "oh", "ow"))
+        top, left = g["pad"][0], g["pad"][1]
+        tile = tile_size(g)
+        points = wt.VARIANTS[tile].alpha ** 2
+        q = n * wt.tile_count(oh, ow, tile)
+        bb = self.builder_
+        u = bb.emit(bb.call_te(_te_weight_transform, weight, self.coefficients[tile],
+                               primfunc_name_hint="winograd_weight", primfunc_attrs={GROWTH_ATTR: 1}))
+        into = bb.add_func(wt.input_transform(n, c, h, w, top, left, oh, ow, tile), "winograd_input")
+        v = bb.emit(relax.call_tir(into, [x], relax.TensorType([points, c, q], "float32")))
+        m = bb.emit(relax.op.matmul(u, v))
+        out = bb.add_func(wt.output_transform(n, o, oh, ow, c, h, w, top, left, tile), "winograd_output")
+        return relax.call_tir(out, [m, x, u], relax.TensorType([n, o, oh, ow], "float32"))
+
+
+@tvm.transform.module_pass(opt_level=0, name="FxpressWinogradConv")
+class WinogradConv:
+    """fp32 3x3 stride-1 conv2d → Winograd F(4x4, 3x3) (module docstring); identity off llvm or without the shim."""
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        target = tvm.target.Target.current(allow_none=True)
+        if target is None or target.kind.name != "llvm" or not enabled() or not blas.available():
+            return mod
+        rewriter = _WinogradRewriter(mod)
+        for gv, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
+        if not rewriter.rewritten:
+            return mod
+        return rewriter.builder_.get()
