@@ -439,8 +439,10 @@ def _input_specs(inputs: tuple) -> list[dict[str, Any]]:
 
 def bench_peers(model: nn.Module, example_inputs, peers: Sequence[str] = PEERS, repeat: int = 20,
                 warmup: int | None = None, labels=None, stats: dict | None = None,
-                reference: list[torch.Tensor] | None = None) -> list[PeerResult]:
-    """Time the non-fxpress peers (any of "eager", "torch.compile", "onnxruntime")."""
+                reference: list[torch.Tensor] | None = None, keep: bool = False) -> list[PeerResult]:
+    """Time the non-fxpress peers (any of "eager", "torch.compile", "onnxruntime").
+
+    keep: leave each peer's callable on ``result.compiled`` (to time them again, interleaved)."""
     inputs = _inputs(example_inputs)
     model = model.eval()
     warmup = _warmup(repeat, warmup)
@@ -455,8 +457,31 @@ def bench_peers(model: nn.Module, example_inputs, peers: Sequence[str] = PEERS, 
     setups = {"eager": lambda: _setup_eager(model, stats),
               "torch.compile": lambda: _setup_torch_compile(model, inputs, stats),
               "onnxruntime": lambda: _setup_onnxruntime(model, inputs, stats)}
-    return [_measure(PeerResult(peer=p), setups[p](), inputs, reference, repeat, warmup, labels, batch)
+    return [_measure(PeerResult(peer=p), setups[p](), inputs, reference, repeat, warmup, labels, batch, keep)
             for p in peers]
+
+
+def time_blocks(fns: dict[str, Callable], inputs: tuple, blocks: int, per_block: int,
+                warmup: int = 3) -> dict[str, list[list[float]]]:
+    """Call times (ms) of each of ``fns`` in ``blocks`` rounds; in each round every callable runs a
+    block (``warmup`` untimed calls, then ``per_block`` timed ones) after the other. A burst of load from
+    outside slows one block, not a runtime's every block, so the best block median is the steady-state
+    latency. Blocks, not single calls, alternate: the runtime that ran just before keeps its worker
+    threads spinning for a while (ONNX Runtime's pool, OpenMP's) and takes cores from the next one, a
+    cost no single-runtime deployment pays (measured: +45 % on fxpress right after ORT, 2 cores)."""
+    times: dict[str, list[list[float]]] = {k: [] for k in fns}
+    with torch.no_grad():
+        for _ in range(blocks):
+            for label, fn in fns.items():
+                for _ in range(warmup):
+                    fn(*inputs)
+                block = []
+                for _ in range(per_block):
+                    t0 = time.perf_counter_ns()
+                    fn(*inputs)
+                    block.append((time.perf_counter_ns() - t0) / 1e6)
+                times[label].append(block)
+    return times
 
 
 def bench_fxpress(model: nn.Module, example_inputs, target: str = "llvm", passes="default", repeat: int = 20,

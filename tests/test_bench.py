@@ -121,3 +121,16 @@ def test_run_all_renders_markdown_and_plots(digits_bench, tmp_path):
     assert "| fxpress:llvm | none |" in md and "shift_add not registered yet" in md
     for png in ("t-accuracy_vs_size.png", "t-latency_vs_passes.png"):
         assert (tmp_path / png).stat().st_size > 10_000
+
+
+def test_time_blocks_alternates_whole_blocks():
+    """Each callable runs warm-up + timed calls as one block, the callables take turns block by block,
+    and every timed call is returned (in ms, per block)."""
+    from fxpress.bench import time_blocks
+
+    order = []
+    fns = {"a": lambda x: order.append("a"), "b": lambda x: order.append("b")}
+    times = time_blocks(fns, (torch.zeros(1),), blocks=2, per_block=3, warmup=1)
+    assert order == ["a"] * 4 + ["b"] * 4 + ["a"] * 4 + ["b"] * 4
+    assert [len(b) for b in times["a"]] == [3, 3] and [len(b) for b in times["b"]] == [3, 3]
+    assert all(t >= 0 for blocks in times.values() for b in blocks for t in b)
