@@ -119,6 +119,19 @@ def commit() -> str:
         return "?"
 
 
+def paired_ratios(rows: list[dict]) -> None:
+    """``ratio_paired``: per round, a row's block median over the best peer's block median in the same
+    round; the median over rounds. The machine's speed drifts (a shared VM); rows of one round share it."""
+    peers = [r for r in rows if r.get("block_medians_ms") and not r["peer"].startswith("fxpress")]
+    if not peers:
+        return
+    rounds = min(len(r["block_medians_ms"]) for r in peers)
+    best = [min(r["block_medians_ms"][i] for r in peers) for i in range(rounds)]
+    for r in rows:
+        if r.get("block_medians_ms") and len(r["block_medians_ms"]) >= rounds:
+            r["ratio_paired"] = round(statistics.median(m / b for m, b in zip(r["block_medians_ms"], best)), 2)
+
+
 def row(res, label: str) -> dict:
     keys = ("ok", "error", "median_ms", "min_ms", "p10_ms", "p90_ms", "runs", "compile_s", "max_rel_error",
             "load_avg", "note")
@@ -164,7 +177,7 @@ def per_gemm(cm, inputs, peak: float, datapath: float, calls: int = 10) -> list[
         for _ in range(calls):
             cm(*inputs)
     finally:
-        vm.set_instrument(lambda *a: 0)
+        vm.set_instrument(None)  # None clears it; a no-op callback still costs ~5 % per call
     rows = []
     for name, (batch, m, n, k) in sorted(shapes.items()):
         if name not in best:
@@ -230,6 +243,7 @@ def run(args) -> dict:
                 print(f"   best of {BLOCKS} blocks {r['peer']:28s} {r['median_ms']:.2f} ms "
                       f"(block medians {r['block_medians_ms']})", flush=True)
         callables.clear()
+        paired_ratios(rows)
         entry = model_result(desc, rows)
         if gemms:
             entry["gemms"] = gemms
@@ -337,21 +351,24 @@ def markdown(out: dict) -> str:
               if out.get("mode") else
               f"Median (min) ms per call, in one process: every row timed in {BLOCKS} rounds of blocks (3 "
               "warm-up calls, then the timed ones; each row's block in turn), the best block median kept; "
-              "ratio = median / best peer's median. 'block medians' lists the first timing and each round's."), ""]
+              "ratio = median / best peer's median. 'block medians' lists the first timing and each round's; "
+              "'paired ratio' = the median over those rounds of the row's block median / the best peer's in "
+              "the same round (the machine's speed drifts; a round's rows share it)."), ""]
     for name, m in out["models"].items():
         lines += [f"## {name}: {m['description']}", "", "| peer | median ms | min ms | ratio to best peer | "
-                  "max rel. error | compile s | load | block medians ms |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "max rel. error | compile s | load | block medians ms | paired ratio |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in m["rows"]:
             if not r.get("ok"):
-                lines.append(f"| {r['peer']} | failed: {(r.get('error') or '')[:120]} | | | | | | |")
+                lines.append(f"| {r['peer']} | failed: {(r.get('error') or '')[:120]} | | | | | | | |")
                 continue
             err = r.get("max_rel_error")
             block = " / ".join(f"{m:.1f}" for m in r.get("block_medians_ms") or [])
             lines.append(f"| {r['peer']} | {r['median_ms']:.2f} | {r['min_ms']:.2f} | "
                          f"{r.get('ratio_to_best_peer', '')} | {err:.1e} | "
-                         f"{(r.get('compile_s') or 0):.1f} | {r.get('load_avg')} | {block} |" if err is not None else
+                         f"{(r.get('compile_s') or 0):.1f} | {r.get('load_avg')} | {block} | {r.get('ratio_paired', '')} |"
+                         if err is not None else
                          f"| {r['peer']} | {r['median_ms']:.2f} | {r['min_ms']:.2f} | "
-                         f"{r.get('ratio_to_best_peer', '')} | | | {r.get('load_avg')} | {block} |")
+                         f"{r.get('ratio_to_best_peer', '')} | | | {r.get('load_avg')} | {block} | {r.get('ratio_paired', '')} |")
         if m.get("gemms"):
             one = " on one thread, against one core's peak" if out.get("mode") else ""
             lines += ["", f"GEMMs of `fxpress llvm default` (each timed alone, min of 10 model calls{one}):", "",
