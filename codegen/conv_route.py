@@ -39,6 +39,7 @@ from tvm import relax, s_tir, te, tirx, topi
 from . import blas
 from .gemm_route import MIN_FLOPS as GEMM_MIN_FLOPS
 from .gemm_route import _static_shape
+from .relax_prep import rewrite_functions
 
 MIN_FLOPS = GEMM_MIN_FLOPS
 KERNEL_NAME = "im2col"
@@ -191,10 +192,4 @@ class RouteConvToGemm:
         how = mode()
         if target is None or target.kind.name != "llvm" or how == "0" or not blas.available():
             return mod
-        rewriter = _ConvRewriter(mod, how)
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
-        if not rewriter.rewritten:
-            return mod
-        return rewriter.builder_.get()
+        return rewrite_functions(mod, _ConvRewriter(mod, how))

@@ -55,16 +55,23 @@ class _FastErfRewriter(relax.PyExprMutator):
         return self.builder_.call_te(fast[0], call.args[0], *attrs, primfunc_name_hint=fast[1])
 
 
+def rewrite_functions(mod: tvm.IRModule, rewriter) -> tvm.IRModule:
+    """Run a ``PyExprMutator`` built on ``mod`` over each of its Relax functions. Returns ``mod`` itself
+    when the rewriter counts its rewrites (``rewriter.rewritten``) and made none."""
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
+    if getattr(rewriter, "rewritten", None) == 0:
+        return mod
+    return rewriter.builder_.get()
+
+
 @tvm.transform.module_pass(opt_level=0, name="FxpressFastErf")
 class FastErf:
     """fp32 ``nn.gelu`` and ``erf`` → vectorizable ``topi.fast_erf`` (see the module docstring)."""
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        rewriter = _FastErfRewriter(mod)
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
-        return rewriter.builder_.get()
+        return rewrite_functions(mod, _FastErfRewriter(mod))
 
 
 def _static_bytes(ty) -> int | None:

@@ -37,7 +37,7 @@ from tvm import relax, te
 from . import blas
 from . import winograd_transforms as wt
 from .conv_route import conv_geometry
-from .relax_prep import GROWTH_ATTR
+from .relax_prep import GROWTH_ATTR, rewrite_functions
 
 F4_MIN_MAP = 16    # F(4x4) from here; F(2x2) below (F(4x4)'s GEMMs get too few tiles, its weights 4x)
 MIN_MAP = 8        # narrower maps: the GEMM route (conv_route) or the direct kernel
@@ -109,10 +109,4 @@ class WinogradConv:
         target = tvm.target.Target.current(allow_none=True)
         if target is None or target.kind.name != "llvm" or not enabled() or not blas.available():
             return mod
-        rewriter = _WinogradRewriter(mod)
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
-        if not rewriter.rewritten:
-            return mod
-        return rewriter.builder_.get()
+        return rewrite_functions(mod, _WinogradRewriter(mod))
