@@ -7,7 +7,8 @@ Measured per conv (one thread, docs/tuning.md "Winograd"): 2.2-2.5x faster than 
 on 56x56 and 28x28 maps, 1.8x on 14x14.
 
 What is rewritten: ``relax.nn.conv2d`` that conv_route.conv_geometry accepts (NCHW/OIHW, groups 1,
-fp32, static shapes) with a 3x3 kernel, stride 1, dilation 1, padding at most 2, an output map at
+fp32, static shapes), whose kernel is computed from the weights alone (when ``main`` says which params
+are weights: ``num_input``), with a 3x3 kernel, stride 1, dilation 1, padding at most 2, an output map at
 least ``MIN_MAP`` wide and high, and at least ``MIN_CHANNELS`` input and output channels:
 
     U = weight_transform(w)           [36, O, C]   (reads the weight only: lifted to compile time)
@@ -76,13 +77,29 @@ class _WinogradRewriter(relax.PyExprMutator):
         self.rewritten = 0
         self.coefficients = {m: relax.const(np.asarray(wt.weight_coefficients(m), dtype="float32"))
                              for m in wt.VARIANTS}
+        self.weights: set | None = None  # the function's weight params (after num_input); None: unknown
+
+    def visit_function_(self, func: relax.Function) -> relax.Expr:
+        num_input = func.attrs.get("num_input") if func.attrs is not None else None
+        self.weights = set(func.params[int(num_input):]) if num_input is not None else None
+        return super().visit_function_(func)
+
+    def _from_weights(self, expr, depth: int = 0) -> bool:
+        """Whether ``expr`` is computed from weights and constants only (so its transform is lifted to
+        compile time); a kernel computed from the inputs would be transformed on every call."""
+        if isinstance(expr, tvm.ir.expr.Constant) or (isinstance(expr, relax.Var) and expr in self.weights):
+            return True
+        bound = self.lookup_binding(expr) if isinstance(expr, relax.Var) else expr
+        if depth > 16 or not isinstance(bound, relax.Call):
+            return False
+        return all(self._from_weights(a, depth + 1) for a in bound.args if isinstance(a, relax.Expr))
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = super().visit_call_(call)
         if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.nn.conv2d"):
             return call
         g = conv_geometry(call)
-        if g is None or not eligible(g):
+        if g is None or not eligible(g) or (self.weights is not None and not self._from_weights(call.args[1])):
             return call
         self.rewritten += 1
         x, weight = call.args

@@ -119,6 +119,15 @@ def test_nan_and_inf_stay_where_torch_puts_them(size):
     assert np.abs(y[finite] - ref[finite]).max() <= 5e-5 * np.abs(ref[finite]).max()
 
 
+@needs_shim
+def test_a_kernel_computed_from_the_inputs_is_left_to_the_direct_conv():
+    """Its Winograd transform could not be lifted: it would run on every call."""
+    mod = _conv_module((1, 32, 28, 28), (32, 32, 3, 3))
+    mod["main"] = mod["main"].with_attr("num_input", 2)  # the kernel is an input now
+    with resolve_target("llvm"):
+        assert tvm_ffi.structural_equal(mod, winograd_route.WinogradConv()(mod))
+
+
 def test_off_switch_and_other_targets_leave_the_module_alone(monkeypatch):
     mod = _conv_module((1, 32, 28, 28), (32, 32, 3, 3))
     with resolve_target("llvm"):
