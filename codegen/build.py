@@ -49,6 +49,7 @@ from ..errors import BuildError
 from . import blas, cuda
 from .conv_route import RouteConvToGemm
 from .gemm_route import RouteGemmToBlas
+from .kernel_families import KERNEL_ATTR, OP_PATTERN_OPAQUE
 from .quantize_packed import PrepackQuantizedWeights
 from .relax_prep import TRANSFORM_FUNC, FastErf, lift_param_transforms
 from .winograd_route import WinogradConv
@@ -56,8 +57,6 @@ from .parallel_threshold import serialize_small_kernels
 from .schedule import schedule_cpu, schedule_gpu
 from .targets import resolve_target, target_kind
 
-KERNEL_ATTR = "fxpress.kernel"
-OP_PATTERN_OPAQUE = 8  # relax OpPatternKind::kOpaque: FuseOps never fuses it
 
 
 @dataclass

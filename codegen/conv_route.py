@@ -39,11 +39,11 @@ from tvm import relax, s_tir, te, tirx, topi
 from . import blas
 from .gemm_route import MIN_FLOPS as GEMM_MIN_FLOPS
 from .gemm_route import _static_shape
+from .kernel_families import OP_PATTERN_OPAQUE
 from .relax_prep import rewrite_functions
 
 MIN_FLOPS = GEMM_MIN_FLOPS
 KERNEL_NAME = "im2col"
-OP_PATTERN_OPAQUE = 8  # relax OpPatternKind::kOpaque (as in build.py)
 
 
 def mode() -> str:

@@ -23,6 +23,7 @@ import tvm
 from tvm import relax, te, tirx
 
 from . import blas
+from .relax_prep import weight_params
 
 MIN_FLOPS = 1 << 18  # 2*M*N*K*batch; ~0.3 µs of FMA peak, well above the call's overhead
 KERNEL_NAME = "blas_sgemm"
@@ -144,8 +145,7 @@ class RouteGemmToBlas:
         router = _Router(mod, _parts(target))
         for gv, func in mod.functions_items():
             if isinstance(func, relax.Function):
-                num_input = func.attrs.get("num_input") if func.attrs is not None else None
-                router.weights = set(func.params[int(num_input):]) if num_input is not None else set()
+                router.weights = weight_params(func) or set()
                 router.builder_.update_func(gv, router.visit_expr(func))
         if not router.routed:
             return mod

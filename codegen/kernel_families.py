@@ -12,8 +12,10 @@ import tvm
 from tvm import tirx
 
 SCHEDULE_ATTR = "fxpress.schedule"
+OP_PATTERN_OPAQUE = 8  # relax OpPatternKind::kOpaque: FuseOps never fuses a kernel marked with it
+KERNEL_ATTR = "fxpress.kernel"  # = 1 on every hand-written PrimFunc (build.py; tuning leaves them alone)
 
-__all__ = ["SCHEDULE_ATTR", "schedule_tagged"]
+__all__ = ["KERNEL_ATTR", "OP_PATTERN_OPAQUE", "SCHEDULE_ATTR", "schedule_tagged"]
 
 
 def schedule_tagged(mod: tvm.IRModule, tag: str,

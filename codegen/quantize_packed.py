@@ -39,7 +39,7 @@ from tvm import relax, s_tir, te, tirx
 from tvm.script import tirx as T
 
 from . import isa
-from .kernel_families import SCHEDULE_ATTR
+from .kernel_families import KERNEL_ATTR, OP_PATTERN_OPAQUE, SCHEDULE_ATTR
 from .quantize_kernels import (ARGS_ATTR, SCHEDULE_TAG, _f32, _gemm_core, _intrin_name, _round_up,
                                _schedule_gemm, _schedule_simple, has_avx2)
 
@@ -335,8 +335,6 @@ def _packed_kernels(args: dict, layout: Layout):
 
 def as_kernel(func: tirx.PrimFunc) -> tirx.PrimFunc:
     """``func`` marked as build() marks hand-written kernels (opaque to FuseOps), without a global symbol."""
-    from .build import KERNEL_ATTR, OP_PATTERN_OPAQUE  # build imports this module
-
     if "global_symbol" in func.attrs:
         func = func.without_attr("global_symbol")  # te.create_prim_func names every kernel "main"
     return func.with_attrs({KERNEL_ATTR: 1, "op_pattern": OP_PATTERN_OPAQUE})

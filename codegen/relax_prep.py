@@ -55,6 +55,12 @@ class _FastErfRewriter(relax.PyExprMutator):
         return self.builder_.call_te(fast[0], call.args[0], *attrs, primfunc_name_hint=fast[1])
 
 
+def weight_params(func: relax.Function) -> set | None:
+    """``func``'s weight parameters (those after ``num_input``); None when it does not say (no ``num_input``)."""
+    num_input = func.attrs.get("num_input") if func.attrs is not None else None
+    return set(func.params[int(num_input):]) if num_input is not None else None
+
+
 def rewrite_functions(mod: tvm.IRModule, rewriter) -> tvm.IRModule:
     """Run a ``PyExprMutator`` built on ``mod`` over each of its Relax functions. Returns ``mod`` itself
     when the rewriter counts its rewrites (``rewriter.rewritten``) and made none."""

@@ -38,6 +38,7 @@ import tvm_ffi
 from tvm import relax, tirx
 
 from .build import BuiltModule, _mark_kernels, build, front_stages
+from .kernel_families import KERNEL_ATTR
 from .schedule import is_contraction
 from .targets import resolve_target, target_kind
 from .tuning_db import TuningDatabase, apply_database
@@ -145,7 +146,7 @@ def extract_tasks(mod: tvm.IRModule, target: str | tvm.target.Target,
     fused = _front_half(mod, target)
     counts = _call_counts(fused)
     for gv, func in fused.functions_items():
-        if isinstance(func, tirx.PrimFunc) and not (func.attrs and func.attrs.get("fxpress.kernel", 0)):
+        if isinstance(func, tirx.PrimFunc) and not (func.attrs and func.attrs.get(KERNEL_ATTR, 0)):
             add(gv.name_hint, func, counts.get(gv.name_hint, 1), "fused")
     return tasks
 

@@ -1,24 +1,25 @@
-"""Relax pass: fp32 3x3 stride-1 ``nn.conv2d`` → Winograd F(4x4, 3x3), its 36 GEMMs through the BLAS shim.
+"""Relax pass: fp32 3x3 stride-1 ``nn.conv2d`` → Winograd F(4x4, 3x3) or F(2x2, 3x3), its GEMMs through the BLAS shim.
 
 Why: on ResNet-style models the 3x3 stride-1 convs are most of the FLOPs, and TVM's direct kernel
 (and OpenBLAS on im2col) already run them near this CPU's FMA rate; only fewer multiplications are
-faster. F(4x4, 3x3) does 36 multiply-adds per 4x4 output tile and channel pair instead of 144.
-Measured per conv (one thread, docs/tuning.md "Winograd"): 2.2-2.5x faster than the direct kernel
-on 56x56 and 28x28 maps, 1.8x on 14x14.
+faster. F(4x4, 3x3) does 36 multiply-adds per 4x4 output tile and channel pair instead of 144,
+F(2x2, 3x3) 16 instead of 36. Measured per conv (one thread, docs/tuning.md "Winograd"): 2.2-3x faster
+than the direct kernel on 56x56 and 28x28 maps (F(4x4)), 1.6x on 14x14 (F(2x2)).
 
 What is rewritten: ``relax.nn.conv2d`` that conv_route.conv_geometry accepts (NCHW/OIHW, groups 1,
 fp32, static shapes), whose kernel is computed from the weights alone (when ``main`` says which params
 are weights: ``num_input``), with a 3x3 kernel, stride 1, dilation 1, padding at most 2, an output map at
-least ``MIN_MAP`` wide and high, and at least ``MIN_CHANNELS`` input and output channels:
+least ``MIN_MAP`` wide and high, and at least ``MIN_CHANNELS`` input and output channels (``tile_size``
+picks F(4x4) on maps of ``F4_MIN_MAP`` and more; a = 6 for F(4x4), 4 for F(2x2)):
 
-    U = weight_transform(w)           [36, O, C]   (reads the weight only: lifted to compile time)
-    V = winograd_input(x)             [36, C, Q]   (winograd_transforms.input_transform)
-    M = matmul(U, V)                  [36, O, Q]   (RouteGemmToBlas: 36 GEMMs split over the cores)
-    y = winograd_output(M)            [N, O, OH, OW]
+    U = weight_transform(w)           [a*a, O, C]   (reads the weight only: lifted to compile time)
+    V = winograd_input(x)             [a*a, C, Q]   (winograd_transforms.input_transform)
+    M = matmul(U, V)                  [a*a, O, Q]   (RouteGemmToBlas: a*a GEMMs split over the cores)
+    y = winograd_output(M, x, U)      [N, O, OH, OW] (x and U only for outputs that come out NaN/Inf)
 
 Bias, batch norm, ReLU and the residual after the conv fuse into one elementwise kernel after it,
-as they do after the GEMM route. The transformed weights are 4x the size of the originals (36 vs 9
-values per channel pair): the artifact and the compiled model's weights grow by that much for the
+as they do after the GEMM route. The transformed weights are 4x (F(2x2): 16/9) the size of the
+originals: the artifact and the compiled model's weights grow by that much for the
 rewritten convs (relax_prep.lift_param_transforms allows it for this transform only).
 
 Numerics: F(4x4, 3x3) in fp32 differs from the direct conv by ~1e-5 relative to the output's
@@ -38,7 +39,7 @@ from tvm import relax, te
 from . import blas
 from . import winograd_transforms as wt
 from .conv_route import conv_geometry
-from .relax_prep import GROWTH_ATTR, rewrite_functions
+from .relax_prep import GROWTH_ATTR, rewrite_functions, weight_params
 
 F4_MIN_MAP = 16    # F(4x4) from here; F(2x2) below (F(4x4)'s GEMMs get too few tiles, its weights 4x)
 MIN_MAP = 8        # narrower maps: the GEMM route (conv_route) or the direct kernel
@@ -80,8 +81,7 @@ class _WinogradRewriter(relax.PyExprMutator):
         self.weights: set | None = None  # the function's weight params (after num_input); None: unknown
 
     def visit_function_(self, func: relax.Function) -> relax.Expr:
-        num_input = func.attrs.get("num_input") if func.attrs is not None else None
-        self.weights = set(func.params[int(num_input):]) if num_input is not None else None
+        self.weights = weight_params(func)
         return super().visit_function_(func)
 
     def _from_weights(self, expr, depth: int = 0) -> bool:
@@ -120,7 +120,7 @@ class _WinogradRewriter(relax.PyExprMutator):
 
 @tvm.transform.module_pass(opt_level=0, name="FxpressWinogradConv")
 class WinogradConv:
-    """fp32 3x3 stride-1 conv2d → Winograd F(4x4, 3x3) (module docstring); identity off llvm or without the shim."""
+    """fp32 3x3 stride-1 conv2d → Winograd (module docstring); identity off llvm or without the shim."""
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         target = tvm.target.Target.current(allow_none=True)

@@ -34,8 +34,8 @@ from fractions import Fraction as Fr
 import tvm
 from tvm import tirx
 
-VEC = "T.vectorized"
-OP_PATTERN_OPAQUE = 8  # relax OpPatternKind::kOpaque: FuseOps leaves these kernels alone
+from .kernel_families import KERNEL_ATTR, OP_PATTERN_OPAQUE
+
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,7 @@ def _parse(signature: str, body: str, name: str) -> tirx.PrimFunc:
         func = func["main"]
     if func.attrs is not None and "global_symbol" in func.attrs:
         func = func.without_attr("global_symbol")  # the module names it (winograd_input, ..._1, ...)
-    return func.with_attrs({"op_pattern": OP_PATTERN_OPAQUE, "tirx.is_scheduled": True, "fxpress.kernel": name})
+    return func.with_attrs({"op_pattern": OP_PATTERN_OPAQUE, "tirx.is_scheduled": True, KERNEL_ATTR: 1})
 
 
 def _lines(lines: list[str], indent: int) -> str:
@@ -148,7 +148,7 @@ def input_transform(n: int, c: int, h: int, w: int, pad_top: int, pad_left: int,
         f"    for r, s in T.grid({rows}, {cols}):",
         f"        xs[(s + {pad_left}) % {m}, r + {pad_top}, (s + {pad_left}) // {m}] = x[ni, ci, r, s]",
         f"    for ti in range({th}):",
-        f"        for lane in {VEC}({tw}):",
+        f"        for lane in T.vectorized({tw}):",
     ], 8) + _lines(inner, 20)
     signature = (f'def main(x: T.Buffer(({n}, {c}, {h}, {w}), "float32"), '
                  f'v: T.Buffer(({a * a}, {c}, {n * q}), "float32")):')
@@ -184,14 +184,12 @@ def output_transform(n: int, o: int, out_h: int, out_w: int, c: int, h: int, w: 
         f'    s = T.alloc_buffer(({a * m}, {tw}), "float32", scope="local")',
         f'    out = T.alloc_buffer(({m * m}, {tw}), "float32", scope="local")',
         f'    bad = T.alloc_buffer(({tw},), "float32", scope="local")',
-        f'    g = T.alloc_buffer(({c * 9},), "float32")',
-        '    acc = T.alloc_buffer((1,), "float32", scope="local")',
         f"    ni = plane // {o}",
         f"    oi = plane % {o}",
         f"    for lane in T.vectorized({tw}):",
         "        bad[lane] = T.float32(0)",
         f"    for ti in range({th}):",
-        f"        for lane in {VEC}({tw}):",
+        f"        for lane in T.vectorized({tw}):",
     ], 8) + _lines(inner, 20) + _lines([
         f"        for i in range(T.min({m}, {out_h} - ti * {m})):",
         f"            for col in range({out_w}):",
@@ -199,6 +197,8 @@ def output_transform(n: int, o: int, out_h: int, out_w: int, c: int, h: int, w: 
         f"    for lane in range(1, {tw}):",
         "        bad[0] = T.max(bad[0], bad[lane])",
         "    if bad[0] > T.float32(0):",
+        f'        g = T.alloc_buffer(({c * 9},), "float32")  # the recovered kernel: only on this rare path',
+        '        acc = T.alloc_buffer((1,), "float32", scope="local")',
         f"        for ci in range({c}):",
     ], 8) + _lines(kernel, 20) + _lines([
         f"        for r, col in T.grid({out_h}, {out_w}):",
