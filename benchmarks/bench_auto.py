@@ -92,29 +92,11 @@ def ort_peers(model, x, calib, workdir):
     return {"ORT fp32": (wrap(s32), os.path.getsize(fp32)), "ORT int8 (static)": (wrap(s8), os.path.getsize(int8))}
 
 
-def time_blocks(fns: dict, x, runs: int, reps: int = 3) -> dict:
-    """ms per call: each callable timed in its own block (TVM's worker threads spin after a call and would
-    slow whatever runs next if calls were interleaved), the blocks repeated ``reps`` times in turn; the
-    lowest block median is kept."""
-    best = {k: float("inf") for k in fns}
-    for _ in range(reps):
-        for k, f in fns.items():
-            for _ in range(5):
-                f(x)
-            ts = []
-            for _ in range(max(1, runs // reps)):
-                t = time.perf_counter()
-                f(x)
-                ts.append(time.perf_counter() - t)
-            best[k] = min(best[k], statistics.median(ts) * 1e3)
-            time.sleep(0.05)
-    return best
-
-
 def bench_model(name, build, args):
     import torch
 
     import fxpress
+    from fxpress.bench import time_blocks
 
     t0 = time.time()
     model, (xtr, _), (xs, ys), (xh, yh) = build()
@@ -147,8 +129,10 @@ def bench_model(name, build, args):
         for r in rows.values():
             r["held_out"] = held(r["fn"])
             r["drop"] = base - r["held_out"]
-        with torch.no_grad():
-            lat = time_blocks({k: r["fn"] for k, r in rows.items()}, x, args.runs)
+        # each configuration in its own block, 3 rounds of blocks in turn, the lowest block median kept
+        blocks = time_blocks({k: r["fn"] for k, r in rows.items()}, (x,), blocks=3,
+                             per_block=max(1, args.runs // 3), warmup=5, pause=0.05)
+        lat = {k: min(statistics.median(b) for b in bs) for k, bs in blocks.items()}
     for k, r in rows.items():
         r["latency_ms"] = lat[k]
         del r["fn"]

@@ -119,6 +119,12 @@ def commit() -> str:
         return "?"
 
 
+def fxpress_rows(int8: bool) -> list[tuple[str, str | list[str]]]:
+    """(label, passes) of the fxpress rows: the user's default call, the kernels alone, and int8."""
+    rows = [("fxpress llvm default", "default"), ("fxpress llvm no passes", "none")]
+    return rows + [("fxpress llvm fuse+quantize", ["fuse", "quantize"])] if int8 else rows
+
+
 def paired_ratios(rows: list[dict]) -> None:
     """``ratio_paired``: per round, a row's block median over the best peer's block median in the same
     round; the median over rounds. The machine's speed drifts (a shared VM); rows of one round share it."""
@@ -214,11 +220,8 @@ def run(args) -> dict:
             if res.ok:
                 callables[res.peer] = res.compiled
             print(f"   {res.peer:28s} {res.median_ms} ms {res.error[:200] if not res.ok else ''}", flush=True)
-        variants = [("fxpress llvm default", "default"), ("fxpress llvm no passes", "none")]
-        if args.int8:
-            variants.append(("fxpress llvm fuse+quantize", ["fuse", "quantize"]))
         gemms = None
-        for label, passes in variants:
+        for label, passes in fxpress_rows(args.int8):
             res = bench_fxpress(model, inputs, target="llvm", passes=passes, repeat=args.repeat,
                                 reference=reference, keep=True)
             rows.append(row(res, label))
@@ -311,11 +314,8 @@ def run_cpu_time(args) -> dict:
             rows.append({"peer": "onnxruntime", "ok": False, "error": str(e)[:300]})
         with torch.no_grad():
             ref = model(*inputs).numpy()
-        variants = [("fxpress llvm default", "default"), ("fxpress llvm no passes", "none")]
-        if args.int8:
-            variants.append(("fxpress llvm fuse+quantize", ["fuse", "quantize"]))
         gemms = None
-        for label, passes in variants:
+        for label, passes in fxpress_rows(args.int8):
             try:
                 cm = fxpress.compile(model, inputs, passes=passes, target="llvm")
                 y = np.asarray(cm(*inputs))

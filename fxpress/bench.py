@@ -462,13 +462,14 @@ def bench_peers(model: nn.Module, example_inputs, peers: Sequence[str] = PEERS, 
 
 
 def time_blocks(fns: dict[str, Callable], inputs: tuple, blocks: int, per_block: int,
-                warmup: int = 3) -> dict[str, list[list[float]]]:
+                warmup: int = 3, pause: float = 0.0) -> dict[str, list[list[float]]]:
     """Call times (ms) of each of ``fns`` in ``blocks`` rounds; in each round every callable runs a
     block (``warmup`` untimed calls, then ``per_block`` timed ones) after the other. A burst of load from
     outside slows one block, not a runtime's every block, so the best block median is the steady-state
     latency. Blocks, not single calls, alternate: the runtime that ran just before keeps its worker
     threads spinning for a while (ONNX Runtime's pool, OpenMP's) and takes cores from the next one, a
-    cost no single-runtime deployment pays (measured: +45 % on fxpress right after ORT, 2 cores)."""
+    cost no single-runtime deployment pays (measured: +45 % on fxpress right after ORT, 2 cores).
+    ``pause``: seconds of sleep after each block, to let those threads go idle."""
     times: dict[str, list[list[float]]] = {k: [] for k in fns}
     with torch.no_grad():
         for _ in range(blocks):
@@ -481,6 +482,7 @@ def time_blocks(fns: dict[str, Callable], inputs: tuple, blocks: int, per_block:
                     fn(*inputs)
                     block.append((time.perf_counter_ns() - t0) / 1e6)
                 times[label].append(block)
+                time.sleep(pause)
     return times
 
 
