@@ -152,3 +152,20 @@ def test_resnet18_compiles_through_winograd_within_fp32_tolerance():
     with torch.no_grad():
         ref = model(x)
     assert rel_err(cm(x), ref) <= 1e-4
+
+
+@needs_shim
+def test_transformers_resnet_compiles_through_winograd_within_fp32_tolerance():
+    """transformers ResNetModel from a small config (fxpress.models.corpus, seeded, nothing downloaded):
+    its stride-1 3x3 convs with 16+ channels take the Winograd route; the lowering matches eager."""
+    from fxpress.models import corpus
+
+    spec = corpus.get_corpus("hf_resnet")
+    model = spec.build().eval()
+    inputs = spec.example_inputs(1)
+    cm = fxpress.compile(model, inputs, target="llvm")
+    assert cm._lowered.built.ir_after["relax.decomposed"].count("cls.winograd_input") >= 1
+    with torch.no_grad():
+        ref = model(*inputs)
+    got, want = torch.utils._pytree.tree_leaves(cm(*inputs)), torch.utils._pytree.tree_leaves(ref)
+    assert len(got) == len(want) and all(rel_err(g, w) <= 1e-4 for g, w in zip(got, want))
