@@ -201,6 +201,7 @@ def front_stages(lifted: dict) -> list[tuple[str, list]]:
 
     return [("relax.decomposed", [relax.backend.DispatchSampling(), relax.backend.DispatchSortScan(),
                                   relax.transform.DecomposeOpsForInference(), FastErf(),
+                                  relax.transform.EliminateCommonSubexpr(),
                                   WinogradConv(), RouteConvToGemm(), RouteGemmToBlas(), PrepackQuantizedWeights()]),
             ("relax.lifted", [lift]),
             ("relax.legalized", [relax.transform.LegalizeOps()]),

@@ -94,6 +94,9 @@ def conv_flops(g: dict) -> int:
 
 MAX_STRIDED_PIXELS = 1024  # output pixels per image above which a strided conv stays TVM's
 NARROW_MAP = 8  # output rows narrower than this go through the GEMM at any stride
+# Narrow convs go through the GEMM from this size on, below MIN_FLOPS too: a 3x3 64->128 conv onto a
+# 1x1 map (147 kFLOP) took 80 µs in TVM's direct kernel, ~4 µs as im2col + sgemm.
+NARROW_MIN_FLOPS = 1 << 14
 
 
 def route_conv(g: dict, how: str = "rule") -> bool:
@@ -105,6 +108,8 @@ def route_conv(g: dict, how: str = "rule") -> bool:
     longer fused into the conv) make the route slower. A strided conv with a large output map (the
     7x7 stem at 112x112) still loses: its im2col and epilogue passes cost more than the GEMM saves.
     """
+    if g["ow"] < NARROW_MAP and conv_flops(g) >= NARROW_MIN_FLOPS:
+        return True  # any size: TVM's direct kernel cannot vectorize a row this narrow (scalar, ~2 GFLOP/s)
     if conv_flops(g) < MIN_FLOPS:
         return False
     if how == "all":

@@ -24,7 +24,7 @@ from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
 from tvm.s_tir.dlight.analysis import collect_vars_used_in_prim_expr
 
-from .cpu_schedules import schedule_contraction, schedule_injective, vectorize_reductions
+from .cpu_schedules import schedule_contraction, schedule_gemv, schedule_injective, vectorize_reductions
 from .tuning_db import apply_database
 
 
@@ -53,7 +53,10 @@ def schedule_cpu(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
         if not isinstance(func, tirx.PrimFunc) or func.attrs.get("tirx.is_scheduled", False):
             continue
         with target:
-            done = (schedule_contraction if is_contraction(func) else schedule_injective)(func, target)
+            if is_contraction(func):
+                done = schedule_gemv(func, target) or schedule_contraction(func, target)
+            else:
+                done = schedule_injective(func, target)
         if done is not None:
             out.update_func(gv, done.with_attr("tirx.is_scheduled", True))
     return out

@@ -91,6 +91,9 @@ class CompiledModel:
 
     # ------------------------------------------------------------------ running
     def __call__(self, *inputs):
+        arrays = self._exact_arrays(inputs)
+        if arrays is not None:
+            return self._run(arrays)
         for i, x in enumerate(inputs):
             if isinstance(x, torch.Tensor) and x.device.type != "cpu":
                 name = self.input_specs[i]["name"] if i < len(self.input_specs) else f"input_{i}"
@@ -102,7 +105,32 @@ class CompiledModel:
             check_inputs(inputs, self.input_specs, convert=lambda x: x if isinstance(x, torch.Tensor) else torch.as_tensor(x))
             with torch.no_grad():
                 return self.gm(*inputs)
-        arrays = check_inputs(inputs, self.input_specs, convert=_to_numpy)
+        return self._run(check_inputs(inputs, self.input_specs, convert=_to_numpy))
+
+    def _exact_arrays(self, inputs) -> list | None:
+        """The fast path of a call (a few µs less per call, which is most of a small model's overhead):
+        CPU tensors of exactly the compiled shapes and dtypes, no index range to check, as numpy views.
+        None sends the call through check_inputs, which also writes the error messages."""
+        if self.target == "torch" or self._executor is None:
+            return None
+        signature = self.__dict__.get("_signature")
+        if signature is None:
+            # dynamic_dims (set after __init__) only widen what check_inputs accepts; "range" is set in
+            # __init__: an exact-shape match is always a valid call
+            signature = self._signature = (
+                False if any("range" in s for s in self.input_specs) else
+                [(torch.Size(s["shape"]), getattr(torch, s["dtype"], None)) for s in self.input_specs])
+        if signature is False or len(inputs) != len(signature):
+            return None
+        arrays = []
+        for x, (shape, dtype) in zip(inputs, signature):
+            if type(x) is not torch.Tensor or x.dtype is not dtype or x.shape != shape \
+                    or x.device.type != "cpu" or x.requires_grad:
+                return None
+            arrays.append(x.numpy())
+        return arrays
+
+    def _run(self, arrays: list):
         if self._executor is None:
             raise TargetUnavailableError(
                 f"this model was compiled for target={self.target!r}, which this machine cannot run "

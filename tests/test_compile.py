@@ -113,3 +113,23 @@ def test_lowering_record_counts_params_like_the_trace():
     cm = fxpress.compile(spec.build(), spec.example_inputs(), passes="none", target="torch")
     trace, low = cm.report["trace"], cm.report["lower:torch"]
     assert (low.params, low.param_bytes) == (trace.params, trace.param_bytes)
+
+
+def test_every_kind_of_input_gives_the_same_answer():
+    """The call's fast path (CPU tensors of exactly the compiled shape and dtype) and the checked path
+    (numpy, non-contiguous, requires_grad) agree; a wrong shape or dtype still gets the clear error."""
+    from fxpress.errors import InputError
+
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(12, 8), torch.nn.Tanh()).eval()
+    x = torch.randn(3, 12)
+    cm = fxpress.compile(m, (x,), passes="none", target="llvm")
+    want = cm(x)
+    wide = torch.randn(3, 24)[:, ::2]
+    wide.copy_(x)  # same values, strided
+    for given in (x.numpy(), wide, x.clone().requires_grad_(True), torch.nn.Parameter(x.clone())):
+        assert torch.equal(cm(given), want)
+    with pytest.raises(InputError, match="expected shape"):
+        cm(torch.randn(4, 12))
+    with pytest.raises(InputError, match="dtype"):
+        cm(x.double())
