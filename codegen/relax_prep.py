@@ -38,18 +38,44 @@ def _te_fast_softmax(x, axis):
     return topi.nn.fast_softmax(x, axis)
 
 
+def _te_fast_sigmoid(x):
+    one = tirx.const(1.0, x.dtype)
+    return one / (one + topi.fast_exp(-x))
+
+
 # Relax op → (TE replacement, PrimFunc name, attributes passed on)
 _FAST = {"relax.nn.gelu": (_te_fast_gelu, "gelu", ()), "relax.erf": (topi.fast_erf, "erf", ()),
-         "relax.exp": (topi.fast_exp, "exp", ()),
+         "relax.exp": (topi.fast_exp, "exp", ()), "relax.tanh": (topi.fast_tanh, "tanh", ()),
+         "relax.sigmoid": (_te_fast_sigmoid, "sigmoid", ()),
          "relax.nn.softmax": (_te_fast_softmax, "softmax", ("axis",))}
+# x ** c for these constant exponents: multiplies (LegalizeOps calls libm's powf per element)
+_SMALL_POWERS = (2.0, 3.0)
+
+
+def _small_power(call: relax.Call) -> float | None:
+    """The exponent of ``power(x, c)`` when c is a scalar constant in _SMALL_POWERS, else None."""
+    if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.power"):
+        return None
+    c = call.args[1]
+    if not isinstance(c, tvm.ir.expr.Constant) or c.value.numpy().size != 1:
+        return None
+    value = float(c.value.numpy().reshape(()))
+    return value if value in _SMALL_POWERS else None
 
 
 @relax.expr_functor.mutator
 class _FastErfRewriter(relax.PyExprMutator):
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = super().visit_call_(call)
+        if not call.args or getattr(call.args[0].ty, "dtype", None) != "float32":
+            return call
+        power = _small_power(call)
+        if power is not None and tuple(call.ty.shape) == tuple(call.args[0].ty.shape):
+            x = call.args[0]
+            square = self.builder_.emit(relax.op.multiply(x, x))
+            return square if power == 2.0 else relax.op.multiply(square, x)
         fast = _FAST.get(call.op.name) if isinstance(call.op, tvm.ir.Op) else None
-        if fast is None or getattr(call.args[0].ty, "dtype", None) != "float32":
+        if fast is None:
             return call
         attrs = [int(getattr(call.attrs, a)) for a in fast[2]]
         return self.builder_.call_te(fast[0], call.args[0], *attrs, primfunc_name_hint=fast[1])

@@ -13,6 +13,7 @@ from torch import fx
 from fxpress.errors import ArtifactError, InputError, TargetUnavailableError
 from fxpress.runtime.loader import check_inputs
 
+from .outputs import output_builder
 from .report import Report
 
 
@@ -138,7 +139,10 @@ class CompiledModel:
         # executors hand back arrays the caller owns (zero-copy views on CPU TVM); copy only read-only ones
         outs = [torch.from_numpy(o if isinstance(o, np.ndarray) and o.flags.writeable else np.array(o))
                 for o in self._executor.run(arrays)]
-        return torch.utils._pytree.tree_unflatten(outs, self._out_spec)
+        build = self.__dict__.get("_build_outputs")
+        if build is None:
+            build = self._build_outputs = output_builder(self._out_spec)
+        return build(outs)
 
     # ------------------------------------------------------------------ inspecting
     def graph(self, stage: str = "final") -> fx.GraphModule:
