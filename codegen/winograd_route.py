@@ -79,6 +79,7 @@ class _WinogradRewriter(relax.PyExprMutator):
         self.coefficients = {m: relax.const(np.asarray(wt.weight_coefficients(m), dtype="float32"))
                              for m in wt.VARIANTS}
         self.weights: set | None = None  # the function's weight params (after num_input); None: unknown
+        self.geometry: dict[str, tuple] = {}  # output kernel name → output_transform's arguments
 
     def visit_function_(self, func: relax.Function) -> relax.Expr:
         self.weights = weight_params(func)
@@ -114,7 +115,9 @@ class _WinogradRewriter(relax.PyExprMutator):
         into = bb.add_func(wt.input_transform(n, c, h, w, top, left, oh, ow, tile), "winograd_input")
         v = bb.emit(relax.call_tir(into, [x], relax.TensorType([points, c, q], "float32")))
         m = bb.emit(relax.op.matmul(u, v))
-        out = bb.add_func(wt.output_transform(n, o, oh, ow, c, h, w, top, left, tile), "winograd_output")
+        geometry = (n, o, oh, ow, c, h, w, top, left, tile)
+        out = bb.add_func(wt.output_transform(*geometry), "winograd_output")
+        self.geometry[out.name_hint] = geometry
         return relax.call_tir(out, [m, x, u], relax.TensorType([n, o, oh, ow], "float32"))
 
 
@@ -126,4 +129,117 @@ class WinogradConv:
         target = tvm.target.Target.current(allow_none=True)
         if target is None or target.kind.name != "llvm" or not enabled() or not blas.available():
             return mod
-        return rewrite_functions(mod, _WinogradRewriter(mod))
+        rewriter = _WinogradRewriter(mod)
+        mod = rewrite_functions(mod, rewriter)
+        return fuse_epilogues(mod, rewriter.geometry) if rewriter.rewritten else mod
+
+
+# ---------------------------------------------------------------------------------------------- epilogues
+# The conv's bias, the residual and the ReLU after a Winograd conv, folded into its output kernel: applied
+# to each output plane while it is in cache, instead of a separate pass over the whole tensor (one kernel
+# call and one tensor less). The ReLU is fxpress's NaN-keeping form, relu/isnan/where (torch_semantics).
+
+
+def fuse_epilogues(mod: tvm.IRModule, geometry: dict[str, tuple]) -> tvm.IRModule:
+    """Every ``winograd_output(m, x, u)`` followed by ``+ bias[1, O, 1, 1]`` [``+ residual``] [ReLU] →
+    one ``winograd_output(m, x, u, bias[, residual])`` with that epilogue (output_transform's flags)."""
+    fused_funcs: dict[tuple, tvm.ir.GlobalVar] = {}
+    bb = relax.BlockBuilder(mod)
+    changed = False
+    for gv, func in list(mod.functions_items()):
+        if not isinstance(func, relax.Function) or not isinstance(func.body, relax.SeqExpr):
+            continue
+        blocks = _fuse_in_function(func, bb, geometry, fused_funcs)
+        if blocks is not None:
+            body = relax.SeqExpr(blocks, func.body.body)
+            bb.update_func(gv, relax.Function(func.params, body, func.ret_ty, func.is_pure, func.attrs))
+            changed = True
+    return relax.transform.DeadCodeElimination()(bb.get()) if changed else mod
+
+
+def _fuse_in_function(func, bb, geometry, fused_funcs) -> list | None:
+    bindings = {b.var: b.value for block in func.body.blocks for b in block.bindings
+                if isinstance(b, relax.VarBinding)}
+    uses: dict = {}
+    for value in [*bindings.values(), func.body.body]:
+        for v in relax.analysis.free_vars(value):
+            uses.setdefault(v, []).append(value)
+    replace: dict = {}  # the chain's last var → its new value
+    for var, value in bindings.items():
+        chain = _epilogue_chain(var, value, bindings, uses, geometry)
+        if chain is None:
+            continue
+        last, kernel, args, flags = chain
+        key = (kernel, flags)
+        if key not in fused_funcs:
+            name = f"{kernel}_epilogue" + "".join(f for f, on in zip(("_bias", "_res", "_relu"), flags) if on)
+            fused_funcs[key] = bb.add_func(wt.output_transform(*geometry[kernel], *flags), name)
+        replace[last] = relax.call_tir(fused_funcs[key], args, last.ty)
+    if not replace:
+        return None
+    return [type(block)([relax.VarBinding(b.var, replace[b.var]) if b.var in replace else b
+                         for b in block.bindings]) for block in func.body.blocks]
+
+
+def _epilogue_chain(var, value, bindings, uses, geometry):
+    """(last var, output kernel name, new call's args, (bias, residual, relu)) when ``var = value`` is
+    a Winograd output followed by a bias add (at least), else None."""
+    if not (isinstance(value, relax.Call) and value.op.same_as(tvm.ir.Op.get("relax.call_tir"))):
+        return None
+    kernel = value.args[0].name_hint
+    if kernel not in geometry or len(value.args[1].fields) != 3:
+        return None
+    n, o, oh, ow = geometry[kernel][:4]
+    added = _sole_add_user(var, bindings, uses)
+    if added is None or not _has_shape(added[1], [1, o, 1, 1]):
+        return None
+    args, last, residual, relu = [*value.args[1].fields, added[1]], added[0], False, False
+    after = _sole_add_user(last, bindings, uses)
+    if after is not None and _has_shape(after[1], [n, o, oh, ow]) and not after[1].same_as(last):
+        args.append(after[1])
+        last, residual = after[0], True
+    relu_out = _nan_keeping_relu(last, bindings, uses)
+    if relu_out is not None:
+        last, relu = relu_out, True
+    return last, kernel, args, (True, residual, relu)
+
+
+def _sole_add_user(var, bindings, uses):
+    """(w, other) when ``var``'s one use is ``w = add(var, other)`` (either order), else None."""
+    users = uses.get(var, [])
+    if len(users) != 1 or not _is_op(users[0], "relax.add"):
+        return None
+    a, b = users[0].args
+    other = b if a.same_as(var) else a if b.same_as(var) else None
+    w = next((v for v, val in bindings.items() if val.same_as(users[0])), None)
+    return None if other is None or w is None else (w, other)
+
+
+def _nan_keeping_relu(var, bindings, uses):
+    """The var of ``where(isnan(var), var, relu(var))`` when that is all ``var`` is used for, else None."""
+    users = uses.get(var, [])
+    if len(users) != 3:
+        return None
+    where = next((u for u in users if _is_op(u, "relax.where")), None)
+    if where is None:
+        return None
+    cond, keep, relu = where.args
+    if not keep.same_as(var) or not (_is_op(bindings.get(cond), "relax.isnan") and _is_op(bindings.get(relu), "relax.nn.relu")):
+        return None
+    if not (bindings[cond].args[0].same_as(var) and bindings[relu].args[0].same_as(var)):
+        return None
+    if len(uses.get(cond, [])) != 1 or len(uses.get(relu, [])) != 1:
+        return None
+    return next((v for v, val in bindings.items() if val.same_as(where)), None)
+
+
+def _is_op(expr, name: str) -> bool:
+    return isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == name
+
+
+def _has_shape(expr, shape: list[int]) -> bool:
+    ty = expr.ty
+    if not isinstance(ty, relax.TensorType) or ty.dtype != "float32" or ty.shape is None:
+        return False
+    dims = getattr(ty.shape, "values", None)
+    return dims is not None and [int(d) if isinstance(d, tvm.tirx.IntImm) else None for d in dims] == shape

@@ -157,13 +157,18 @@ def input_transform(n: int, c: int, h: int, w: int, pad_top: int, pad_left: int,
 
 @functools.lru_cache(maxsize=64)
 def output_transform(n: int, o: int, out_h: int, out_w: int, c: int, h: int, w: int, pad_top: int,
-                     pad_left: int, m: int = 4) -> tirx.PrimFunc:
-    """(M[a*a, o, n * tile_count], x[n, c, h, w], U[a*a, o, c]) → y[n, o, out_h, out_w].
+                     pad_left: int, m: int = 4, bias: bool = False, residual: bool = False,
+                     relu: bool = False) -> tirx.PrimFunc:
+    """(M[a*a, o, n * tile_count], x[n, c, h, w], U[a*a, o, c][, bias[1, o, 1, 1]][, res[n, o, out_h,
+    out_w]]) → y[n, o, out_h, out_w].
 
     An output that comes out NaN or Inf is recomputed directly from x and the kernel (recovered from U,
     for an output channel that has one): in the Winograd domain one NaN or Inf input spreads to
     its whole tile and its neighbours' (Inf - Inf), where the direct conv, and torch, give NaN/Inf only
-    in the windows that hold it. Finite outputs never take that path."""
+    in the windows that hold it. Finite outputs never take that path.
+
+    The epilogue (``bias``, ``residual``, ``relu``: y = relu(conv + bias + res)) runs on each output
+    plane right after it is written, while it is in cache; ReLU keeps NaN (as torch's does)."""
     var = VARIANTS[m]
     a = var.alpha
     th, tw = tiles(out_h, out_w, m)
@@ -210,8 +215,27 @@ def output_transform(n: int, o: int, out_h: int, out_w: int, c: int, h: int, w: 
         f"                        acc[0] = acc[0] + x[ni, ci, r + ki - {pad_top}, col + kj - {pad_left}] "
         "* g[ci * 9 + ki * 3 + kj]",
         "                y[ni, oi, r, col] = acc[0]",
-    ], 8)
+    ], 8) + _epilogue(out_h, out_w, bias, residual, relu)
+    extra = ((f'b: T.Buffer((1, {o}, 1, 1), "float32"), ' if bias else "")
+             + (f'res: T.Buffer(({n}, {o}, {out_h}, {out_w}), "float32"), ' if residual else ""))
     signature = (f'def main(mm: T.Buffer(({a * a}, {o}, {n * q}), "float32"), '
                  f'x: T.Buffer(({n}, {c}, {h}, {w}), "float32"), u: T.Buffer(({a * a}, {o}, {c}), "float32"), '
-                 f'y: T.Buffer(({n}, {o}, {out_h}, {out_w}), "float32")):')
+                 f'{extra}y: T.Buffer(({n}, {o}, {out_h}, {out_w}), "float32")):')
     return _parse(signature, body, "winograd_output")
+
+
+def _epilogue(out_h: int, out_w: int, bias: bool, residual: bool, relu: bool) -> str:
+    """The per-plane epilogue loop of output_transform (empty when there is none)."""
+    if not (bias or residual or relu):
+        return ""
+    value = "y[ni, oi, r, col]" + (" + b[0, oi, 0, 0]" if bias else "") + (" + res[ni, oi, r, col]" if residual else "")
+    # ReLU as a select, not max: max(NaN, 0) is 0 in LLVM's maxnum, torch's relu keeps the NaN
+    store = "T.Select(e[col] < T.float32(0), T.float32(0), e[col])" if relu else "e[col]"
+    # e: a local buffer, not a let (VectorizeLoop mistypes let-bound vectors: module docstring)
+    return _lines([
+        f'    e = T.alloc_buffer(({out_w},), "float32", scope="local")',
+        f"    for r in range({out_h}):",
+        f"        for col in T.vectorized({out_w}):",
+        f"            e[col] = {value}",
+        f"            y[ni, oi, r, col] = {store}",
+    ], 8)

@@ -169,3 +169,37 @@ def test_transformers_resnet_compiles_through_winograd_within_fp32_tolerance():
         ref = model(*inputs)
     got, want = torch.utils._pytree.tree_leaves(cm(*inputs)), torch.utils._pytree.tree_leaves(ref)
     assert len(got) == len(want) and all(rel_err(g, w) <= 1e-4 for g, w in zip(got, want))
+
+
+@needs_shim
+@pytest.mark.parametrize("residual,relu", [(False, False), (False, True), (True, True), (True, False)])
+def test_bias_residual_and_relu_fold_into_the_output_kernel(residual, relu):
+    """conv + bias [+ residual] [+ ReLU] is one output kernel (its epilogue runs per plane); NaN and
+    Inf inputs (in x and in the residual) give torch's NaN/Inf positions, ReLU keeps NaN as torch's."""
+    torch.manual_seed(1)
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(16, 16, 3, padding=1)
+
+        def forward(self, x, r):
+            y = self.conv(x)
+            y = y + r if residual else y
+            return torch.relu(y) if relu else y
+
+    m = Block().eval()
+    x, r = torch.randn(1, 16, 20, 20), torch.randn(1, 16, 20, 20)
+    x[0, 3, 5, 6], x[0, 5, 2, 2], r[0, 7, 9, 9], r[0, 1, 0, 0] = float("inf"), float("nan"), float("-inf"), float("nan")
+    cm = fxpress.compile(m, (x, r), target="llvm", passes="none")
+    flags = "_bias" + ("_res" if residual else "") + ("_relu" if relu else "")
+    main = cm._lowered.built.ir_after["relax.fused"].split("def main", 1)[1]
+    assert f"winograd_output_epilogue{flags}," in main
+    with torch.no_grad():
+        want = m(x, r)
+    got = cm(x, r)
+    assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.isnan(want).any()
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    assert torch.equal(got[torch.isinf(want)], want[torch.isinf(want)])
+    finite = torch.isfinite(want)
+    assert rel_err(got[finite], want[finite]) <= 1e-4
