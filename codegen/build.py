@@ -4,7 +4,7 @@ The pipeline, with the text of the module after each stage kept in ``BuiltModule
 
   relax.decomposed  DispatchSampling/DispatchSortScan (target-specific sort, scan, sampling),
                     DecomposeOpsForInference (batch_norm, layer_norm... → arithmetic),
-                    FastErf (fp32 GELU/erf → vectorizable topi.fast_erf; relax_prep.py),
+                    FastMath (vectorizable GELU/erf/exp/tanh/sigmoid, row softmax; relax_prep.py),
                     WinogradConv (llvm: 3x3 stride-1 convs → Winograd F(4x4,3x3); winograd_route.py),
                     RouteConvToGemm (llvm: strided / narrow convs → im2col + matmul; conv_route.py),
                     PrepackQuantizedWeights (int8 weights packed for the ISA; quantize_packed.py),
@@ -51,7 +51,7 @@ from .conv_route import RouteConvToGemm
 from .gemm_route import RouteGemmToBlas
 from .kernel_families import KERNEL_ATTR, OP_PATTERN_OPAQUE
 from .quantize_packed import PrepackQuantizedWeights
-from .relax_prep import TRANSFORM_FUNC, FastErf, lift_param_transforms
+from .relax_prep import TRANSFORM_FUNC, FastMath, lift_param_transforms
 from .winograd_route import WinogradConv
 from .parallel_threshold import serialize_small_kernels
 from .schedule import schedule_cpu, schedule_gpu
@@ -200,7 +200,7 @@ def front_stages(lifted: dict) -> list[tuple[str, list]]:
         return m
 
     return [("relax.decomposed", [relax.backend.DispatchSampling(), relax.backend.DispatchSortScan(),
-                                  relax.transform.DecomposeOpsForInference(), FastErf(),
+                                  relax.transform.DecomposeOpsForInference(), FastMath(),
                                   relax.transform.EliminateCommonSubexpr(),
                                   WinogradConv(), RouteConvToGemm(), RouteGemmToBlas(), PrepackQuantizedWeights()]),
             ("relax.lifted", [lift]),

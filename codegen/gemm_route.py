@@ -17,12 +17,12 @@ found); otherwise the module is returned unchanged. ``FXPRESS_BLAS=0`` turns it 
 from __future__ import annotations
 
 import math
-import os
 
 import tvm
 from tvm import relax, te, tirx
 
 from . import blas
+from .targets import pool_workers
 from .relax_prep import weight_params
 
 MIN_FLOPS = 1 << 18  # 2*M*N*K*batch; ~0.3 µs of FMA peak, well above the call's overhead
@@ -53,16 +53,6 @@ def _te_sgemm(a, b, *, batch, m, n, k, sa, ta, sb, tb, out_shape, parts):
         return tirx.For(part, i64(0), i64(parts), kind, tirx.Evaluate(call))
 
     return te.extern([out_shape], [a, b], body, dtype="float32", name=KERNEL_NAME)
-
-
-def _parts(target: tvm.target.Target) -> int:
-    """How many shares a GEMM is cut into: one per core TVM's pool will run on."""
-    cores = target.attrs.get("num-cores") if target.attrs is not None else None
-    cores = max(1, int(cores) if cores else (os.cpu_count() or 1))
-    # A pool held to fewer threads (TVM_NUM_THREADS) runs the shares one after another, and each share
-    # re-packs its operand: cut no more shares than the pool has workers.
-    pool = os.environ.get("TVM_NUM_THREADS", "")
-    return min(cores, int(pool)) if pool.isdigit() and int(pool) > 0 else cores
 
 
 @relax.expr_functor.mutator
@@ -142,7 +132,7 @@ class RouteGemmToBlas:
         target = tvm.target.Target.current(allow_none=True)
         if target is None or target.kind.name != "llvm" or not blas.available():
             return mod
-        router = _Router(mod, _parts(target))
+        router = _Router(mod, pool_workers(target))
         for gv, func in mod.functions_items():
             if isinstance(func, relax.Function):
                 router.weights = weight_params(func) or set()

@@ -21,8 +21,14 @@ zero padding of their last tile, and packing them once is the point.
 """
 from __future__ import annotations
 
+import math
+
 import tvm
 from tvm import relax, topi, tirx
+
+from . import row_kernels
+from .cpu_schedules import vector_lanes
+from .targets import pool_workers
 
 TRANSFORM_FUNC = "main_transform_params"
 # PrimFunc attribute of a weight transform whose growth lifting accepts (winograd_route.py)
@@ -54,7 +60,7 @@ _SMALL_POWERS = (2.0, 3.0)
 
 def _small_power(call: relax.Call) -> float | None:
     """The exponent of ``power(x, c)`` when c is a scalar constant in _SMALL_POWERS, else None."""
-    if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.power"):
+    if not _is_op(call, "relax.power"):
         return None
     c = call.args[1]
     if not isinstance(c, tvm.ir.expr.Constant) or c.value.numpy().size != 1:
@@ -64,7 +70,7 @@ def _small_power(call: relax.Call) -> float | None:
 
 
 @relax.expr_functor.mutator
-class _FastErfRewriter(relax.PyExprMutator):
+class _FastMathRewriter(relax.PyExprMutator):
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = super().visit_call_(call)
         if not call.args or getattr(call.args[0].ty, "dtype", None) != "float32":
@@ -74,11 +80,35 @@ class _FastErfRewriter(relax.PyExprMutator):
             x = call.args[0]
             square = self.builder_.emit(relax.op.multiply(x, x))
             return square if power == 2.0 else relax.op.multiply(square, x)
+        if _is_op(call, "relax.broadcast_to") and _same_static_shape(call, call.args[0]):
+            return call.args[0]  # torch.matmul's expand to the shape it already has: a copy of nothing
+        if _is_op(call, "relax.nn.softmax"):
+            rows = self._row_softmax(call)
+            if rows is not None:
+                return rows
         fast = _FAST.get(call.op.name) if isinstance(call.op, tvm.ir.Op) else None
         if fast is None:
             return call
         attrs = [int(getattr(call.attrs, a)) for a in fast[2]]
         return self.builder_.call_te(fast[0], call.args[0], *attrs, primfunc_name_hint=fast[1])
+
+    def _row_softmax(self, call: relax.Call) -> relax.Expr | None:
+        """Softmax over the last axis of a static-shape tensor → row_kernels.softmax_rows on its 2-D view."""
+        shape = _static_dims(call.args[0])
+        target = tvm.target.Target.current(allow_none=True)
+        if shape is None or target is None or target.kind.name != "llvm" or not shape:
+            return None
+        if int(call.attrs.axis) not in (-1, len(shape) - 1):
+            return None
+        n = shape[-1]
+        rows = max(1, math.prod(shape[:-1]))
+        width = row_kernels.vector_width(n, vector_lanes(target))
+        if width is None:
+            return None
+        kernel = self.builder_.add_func(row_kernels.softmax_rows(rows, n, width, pool_workers(target)), "softmax_rows")
+        flat = self.builder_.emit(relax.op.reshape(call.args[0], [rows, n]))
+        out = self.builder_.emit(relax.call_tir(kernel, [flat], relax.TensorType([rows, n], "float32")))
+        return relax.op.reshape(out, shape)
 
 
 def weight_params(func: relax.Function) -> set | None:
@@ -98,12 +128,29 @@ def rewrite_functions(mod: tvm.IRModule, rewriter) -> tvm.IRModule:
     return rewriter.builder_.get()
 
 
-@tvm.transform.module_pass(opt_level=0, name="FxpressFastErf")
-class FastErf:
-    """fp32 ``nn.gelu`` and ``erf`` → vectorizable ``topi.fast_erf`` (see the module docstring)."""
+def _is_op(expr, name: str) -> bool:
+    return isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == name
+
+
+def _static_dims(expr) -> list[int] | None:
+    ty = expr.ty
+    dims = getattr(getattr(ty, "shape", None), "values", None) if isinstance(ty, relax.TensorType) else None
+    if dims is None or not all(isinstance(d, tirx.IntImm) for d in dims):
+        return None
+    return [int(d) for d in dims]
+
+
+def _same_static_shape(a, b) -> bool:
+    da, db = _static_dims(a), _static_dims(b)
+    return da is not None and da == db and a.ty.dtype == b.ty.dtype
+
+
+@tvm.transform.module_pass(opt_level=0, name="FxpressFastMath")
+class FastMath:
+    """Vectorizable fp32 math (module docstring): GELU/erf/exp/tanh/sigmoid, x**2, x**3, row softmax."""
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        return rewrite_functions(mod, _FastErfRewriter(mod))
+        return rewrite_functions(mod, _FastMathRewriter(mod))
 
 
 def _static_bytes(ty) -> int | None:

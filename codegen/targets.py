@@ -73,3 +73,13 @@ def gpu_available() -> bool:
         return bool(tvm.cuda(0).exist)
     except RuntimeError:  # TVM errors derive from RuntimeError: driver present but unusable
         return False
+
+
+def pool_workers(target: tvm.target.Target) -> int:
+    """How many shares a parallel kernel is cut into: one per core TVM's pool will run on."""
+    cores = target.attrs.get("num-cores") if target.attrs is not None else None
+    cores = max(1, int(cores) if cores else (os.cpu_count() or 1))
+    # A pool held to fewer threads (TVM_NUM_THREADS) runs the shares one after another, and each share
+    # re-packs its operand: cut no more shares than the pool has workers.
+    pool = os.environ.get("TVM_NUM_THREADS", "")
+    return min(cores, int(pool)) if pool.isdigit() and int(pool) > 0 else cores

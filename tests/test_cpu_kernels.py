@@ -330,3 +330,26 @@ def test_fast_tanh_sigmoid_and_small_powers_match_torch():
     assert rel_err(got[finite], want[finite]) <= 1e-5
     decomposed = cm._lowered.built.ir_after["relax.decomposed"]
     assert "R.power" not in decomposed and "R.tanh" not in decomposed and "R.sigmoid" not in decomposed
+
+
+@pytest.mark.parametrize("shape", [(2, 12, 16, 128), (3, 37, 100), (5, 7), (4, 17)])
+def test_row_softmax_matches_torch_with_nan_inf_and_masked_rows(shape):
+    """Softmax over the last axis (row_kernels.softmax_rows where the row has a vector width, TVM's
+    otherwise: 17 has no divisor from 4 to the lane count): values to fp32 rounding; masked (-inf)
+    entries exactly 0; a row with a NaN, a +inf or only -inf entries all NaN, as torch gives."""
+    torch.manual_seed(0)
+    x = torch.randn(*shape) * 4
+    rows = x.reshape(-1, shape[-1])
+    rows[0, 1] = float("nan")
+    rows[1, 2] = float("inf")
+    rows[2, :] = -float("inf")
+    rows[3, : shape[-1] // 2] = -float("inf")  # a causal/padding mask
+    m = torch.nn.Softmax(dim=-1).eval()
+    cm = fxpress.compile(m, (x,), passes="none", target="llvm")
+    got, want = cm(x), m(x)
+    assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.isnan(want).any()
+    finite = ~torch.isnan(want)
+    assert torch.equal(got[finite] == 0, want[finite] == 0)
+    assert (got[finite] - want[finite]).abs().max() <= 1e-6
+    routed = "softmax_rows" in cm._lowered.built.ir_after["relax.decomposed"]
+    assert routed == (shape[-1] != 17)
