@@ -60,7 +60,7 @@ _SMALL_POWERS = (2.0, 3.0)
 
 def _small_power(call: relax.Call) -> float | None:
     """The exponent of ``power(x, c)`` when c is a scalar constant in _SMALL_POWERS, else None."""
-    if not _is_op(call, "relax.power"):
+    if not is_op(call, "relax.power"):
         return None
     c = call.args[1]
     if not isinstance(c, tvm.ir.expr.Constant) or c.value.numpy().size != 1:
@@ -80,10 +80,10 @@ class _FastMathRewriter(relax.PyExprMutator):
             x = call.args[0]
             square = self.builder_.emit(relax.op.multiply(x, x))
             return square if power == 2.0 else relax.op.multiply(square, x)
-        if _is_op(call, "relax.broadcast_to") and _same_static_shape(call, call.args[0]):
+        if is_op(call, "relax.broadcast_to") and _same_static_shape(call, call.args[0]):
             return call.args[0]  # torch.matmul's expand to the shape it already has: a copy of nothing
-        if _is_op(call, "relax.nn.softmax"):
-            rows = self._row_softmax(call)
+        if is_op(call, "relax.nn.softmax") or is_op(call, "relax.nn.layer_norm"):
+            rows = self._row_kernel(call)
             if rows is not None:
                 return rows
         fast = _FAST.get(call.op.name) if isinstance(call.op, tvm.ir.Op) else None
@@ -92,22 +92,33 @@ class _FastMathRewriter(relax.PyExprMutator):
         attrs = [int(getattr(call.attrs, a)) for a in fast[2]]
         return self.builder_.call_te(fast[0], call.args[0], *attrs, primfunc_name_hint=fast[1])
 
-    def _row_softmax(self, call: relax.Call) -> relax.Expr | None:
-        """Softmax over the last axis of a static-shape tensor → row_kernels.softmax_rows on its 2-D view."""
-        shape = _static_dims(call.args[0])
+    def _row_kernel(self, call: relax.Call) -> relax.Expr | None:
+        """Softmax, or LayerNorm with weight and bias, over the last axis of a static-shape fp32 tensor →
+        the row_kernels kernel on its 2-D view; None where that does not apply."""
+        shape = static_dims(call.args[0])
         target = tvm.target.Target.current(allow_none=True)
-        if shape is None or target is None or target.kind.name != "llvm" or not shape:
+        if not shape or target is None or target.kind.name != "llvm":
             return None
-        if int(call.attrs.axis) not in (-1, len(shape) - 1):
-            return None
-        n = shape[-1]
-        rows = max(1, math.prod(shape[:-1]))
+        n, rows, cores = shape[-1], max(1, math.prod(shape[:-1])), pool_workers(target)
         width = row_kernels.vector_width(n, vector_lanes(target))
         if width is None:
             return None
-        kernel = self.builder_.add_func(row_kernels.softmax_rows(rows, n, width, pool_workers(target)), "softmax_rows")
+        last = (-1, len(shape) - 1)
+        if call.op.name == "relax.nn.softmax":
+            if int(call.attrs.axis) not in last:
+                return None
+            kernel, name, extra = row_kernels.softmax_rows(rows, n, width, cores), "softmax_rows", []
+        else:
+            axes = [int(a) for a in call.attrs.axes]
+            if len(axes) != 1 or axes[0] not in last or not (call.attrs.center and call.attrs.scale):
+                return None
+            if static_dims(call.args[1]) != [n] or static_dims(call.args[2]) != [n]:
+                return None
+            kernel = row_kernels.layer_norm_rows(rows, n, width, cores, float(call.attrs.epsilon))
+            name, extra = "layer_norm_rows", list(call.args[1:3])
+        func = self.builder_.add_func(kernel, name)
         flat = self.builder_.emit(relax.op.reshape(call.args[0], [rows, n]))
-        out = self.builder_.emit(relax.call_tir(kernel, [flat], relax.TensorType([rows, n], "float32")))
+        out = self.builder_.emit(relax.call_tir(func, [flat, *extra], relax.TensorType([rows, n], "float32")))
         return relax.op.reshape(out, shape)
 
 
@@ -128,11 +139,13 @@ def rewrite_functions(mod: tvm.IRModule, rewriter) -> tvm.IRModule:
     return rewriter.builder_.get()
 
 
-def _is_op(expr, name: str) -> bool:
+def is_op(expr, name: str) -> bool:
+    """Whether ``expr`` is a call of the Relax operator ``name``."""
     return isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == name
 
 
-def _static_dims(expr) -> list[int] | None:
+def static_dims(expr) -> list[int] | None:
+    """The static shape of a tensor-typed expression, else None."""
     ty = expr.ty
     dims = getattr(getattr(ty, "shape", None), "values", None) if isinstance(ty, relax.TensorType) else None
     if dims is None or not all(isinstance(d, tirx.IntImm) for d in dims):
@@ -141,7 +154,7 @@ def _static_dims(expr) -> list[int] | None:
 
 
 def _same_static_shape(a, b) -> bool:
-    da, db = _static_dims(a), _static_dims(b)
+    da, db = static_dims(a), static_dims(b)
     return da is not None and da == db and a.ty.dtype == b.ty.dtype
 
 

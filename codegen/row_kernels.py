@@ -1,4 +1,4 @@
-"""Hand-written row kernels: softmax over the last axis, one row per task, every pass vectorized.
+"""Hand-written row kernels: softmax and LayerNorm over the last axis, every pass over a row vectorized.
 
 Why: TVM's softmax (``topi.nn.fast_softmax``, scheduled by dlight's Reduction rule) sums each row's
 exponentials in a serial chain of scalar adds and goes through three row-sized intermediates; on the
@@ -44,17 +44,12 @@ def vector_width(n: int, lanes: int) -> int | None:
 
 @functools.lru_cache(maxsize=32)
 def softmax_rows(rows: int, n: int, width: int, cores: int) -> tirx.PrimFunc:
-    """x[rows, n] → y[rows, n], softmax of each row (module docstring). The rows are split into one
-    share per core: buffers allocated inside a parallel loop are heap allocations (TVM's workspace),
-    so they are made once per share, not once per row (per row: 230 µs for 1536 rows of 128, 105 µs
-    on one core)."""
+    """x[rows, n] → y[rows, n], softmax of each row (module docstring), one share of rows per core."""
     chunks = n // width
     c = [f"T.float32({v!r})" for v in _POLY]
     poly = (f"(((((({c[0]} * r[lane] + {c[1]}) * r[lane] + {c[2]}) * r[lane] + {c[3]}) * r[lane] + {c[4]})"
             f" * r[lane] + {c[5]}) * r[lane] * r[lane] + r[lane] + T.float32(1))")
-    parts = max(1, min(cores, rows)) if rows * n >= PARALLEL_MIN else 1
-    share = -(-rows // parts)
-    head = [f"for part in T.parallel({parts}):" if parts > 1 else "for part in range(1):"]
+    head, share = _row_shares(rows, n, cores)
     lines = [
         f'    m = T.alloc_buffer(({width},), "float32", scope="local")',
         f'    bad = T.alloc_buffer(({width},), "float32", scope="local")',
@@ -103,10 +98,63 @@ def softmax_rows(rows: int, n: int, width: int, cores: int) -> tirx.PrimFunc:
         f"                for lane in T.vectorized({width}):",
         f"                    y[row, k * {width} + lane] = y[row, k * {width} + lane] * red[1]",
     ]
-    source = ("# from tvm.script import tirx as T\n@T.prim_func(s_tir=True)\n"
-              f'def main(x: T.Buffer(({rows}, {n}), "float32"), y: T.Buffer(({rows}, {n}), "float32")):\n'
+    return _parse(f'def main(x: T.Buffer(({rows}, {n}), "float32"), y: T.Buffer(({rows}, {n}), "float32")):',
+                  head + lines)
+
+
+@functools.lru_cache(maxsize=32)
+def layer_norm_rows(rows: int, n: int, width: int, cores: int, eps: float) -> tirx.PrimFunc:
+    """(x[rows, n], gamma[n], beta[n]) → y[rows, n]: LayerNorm of each row, torch's two-pass form
+    (mean, then the biased variance of x - mean), partial sums in vectors. NaN/Inf propagate by
+    IEEE arithmetic alone (no max/min here), as in torch."""
+    chunks = n // width
+    head, share = _row_shares(rows, n, cores)
+    lines = [
+        f'    acc = T.alloc_buffer(({width},), "float32", scope="local")',
+        f'    d = T.alloc_buffer(({width},), "float32", scope="local")',
+        '    red = T.alloc_buffer((2,), "float32", scope="local")',
+        f"    for row in range(part * {share}, T.min({rows}, part * {share} + {share})):",
+        f"        for lane in T.vectorized({width}):",
+        "            acc[lane] = T.float32(0)",
+        f"        for k in range({chunks}):",
+        f"            for lane in T.vectorized({width}):",
+        f"                acc[lane] = acc[lane] + x[row, k * {width} + lane]",
+        "        red[0] = acc[0]",
+        f"        for lane in range(1, {width}):",
+        "            red[0] = red[0] + acc[lane]",
+        f"        red[0] = red[0] * T.float32({1.0 / n!r})",
+        f"        for lane in T.vectorized({width}):",
+        "            acc[lane] = T.float32(0)",
+        f"        for k in range({chunks}):",
+        f"            for lane in T.vectorized({width}):",
+        f"                d[lane] = x[row, k * {width} + lane] - red[0]",
+        "                acc[lane] = acc[lane] + d[lane] * d[lane]",
+        "        red[1] = acc[0]",
+        f"        for lane in range(1, {width}):",
+        "            red[1] = red[1] + acc[lane]",
+        f"        red[1] = T.float32(1) / T.sqrt(red[1] * T.float32({1.0 / n!r}) + T.float32({float(eps)!r}))",
+        f"        for k in range({chunks}):",
+        f"            for lane in T.vectorized({width}):",
+        f"                y[row, k * {width} + lane] = (x[row, k * {width} + lane] - red[0]) * red[1] "
+        f"* g[k * {width} + lane] + b[k * {width} + lane]",
+    ]
+    return _parse(f'def main(x: T.Buffer(({rows}, {n}), "float32"), g: T.Buffer(({n},), "float32"), '
+                  f'b: T.Buffer(({n},), "float32"), y: T.Buffer(({rows}, {n}), "float32")):', head + lines)
+
+
+def _row_shares(rows: int, n: int, cores: int) -> tuple[list[str], int]:
+    """The loop over shares of rows (one per core, or one share for a small tensor) and the share size.
+    Buffers allocated inside a parallel loop are heap allocations (TVM's workspace): once per share,
+    not once per row (per row: 230 µs for 1536 softmax rows of 128, 105 µs on one core)."""
+    parts = max(1, min(cores, rows)) if rows * n >= PARALLEL_MIN else 1
+    head = [f"for part in T.parallel({parts}):" if parts > 1 else "for part in range(1):"]
+    return head, -(-rows // parts)
+
+
+def _parse(signature: str, lines: list[str]) -> tirx.PrimFunc:
+    source = ("# from tvm.script import tirx as T\n@T.prim_func(s_tir=True)\n" + signature + "\n"
               '    T.func_attr({"tirx.noalias": True})\n    with T.sblock("root"):\n'
-              + "".join(" " * 8 + line + "\n" for line in head + lines))
+              + "".join(" " * 8 + line + "\n" for line in lines))
     func = tvm.script.from_source(source)
     if isinstance(func, tvm.IRModule):
         func = func["main"]

@@ -39,7 +39,7 @@ from tvm import relax, te
 from . import blas
 from . import winograd_transforms as wt
 from .conv_route import conv_geometry
-from .relax_prep import GROWTH_ATTR, rewrite_functions, weight_params
+from .relax_prep import GROWTH_ATTR, is_op, rewrite_functions, static_dims, weight_params
 
 F4_MIN_MAP = 16    # F(4x4) from here; F(2x2) below (F(4x4)'s GEMMs get too few tiles, its weights 4x)
 MIN_MAP = 8        # narrower maps: the GEMM route (conv_route) or the direct kernel
@@ -207,7 +207,7 @@ def _epilogue_chain(var, value, bindings, uses, geometry):
 def _sole_add_user(var, bindings, uses):
     """(w, other) when ``var``'s one use is ``w = add(var, other)`` (either order), else None."""
     users = uses.get(var, [])
-    if len(users) != 1 or not _is_op(users[0], "relax.add"):
+    if len(users) != 1 or not is_op(users[0], "relax.add"):
         return None
     a, b = users[0].args
     other = b if a.same_as(var) else a if b.same_as(var) else None
@@ -220,11 +220,11 @@ def _nan_keeping_relu(var, bindings, uses):
     users = uses.get(var, [])
     if len(users) != 3:
         return None
-    where = next((u for u in users if _is_op(u, "relax.where")), None)
+    where = next((u for u in users if is_op(u, "relax.where")), None)
     if where is None:
         return None
     cond, keep, relu = where.args
-    if not keep.same_as(var) or not (_is_op(bindings.get(cond), "relax.isnan") and _is_op(bindings.get(relu), "relax.nn.relu")):
+    if not keep.same_as(var) or not (is_op(bindings.get(cond), "relax.isnan") and is_op(bindings.get(relu), "relax.nn.relu")):
         return None
     if not (bindings[cond].args[0].same_as(var) and bindings[relu].args[0].same_as(var)):
         return None
@@ -233,13 +233,5 @@ def _nan_keeping_relu(var, bindings, uses):
     return next((v for v, val in bindings.items() if val.same_as(where)), None)
 
 
-def _is_op(expr, name: str) -> bool:
-    return isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == name
-
-
 def _has_shape(expr, shape: list[int]) -> bool:
-    ty = expr.ty
-    if not isinstance(ty, relax.TensorType) or ty.dtype != "float32" or ty.shape is None:
-        return False
-    dims = getattr(ty.shape, "values", None)
-    return dims is not None and [int(d) if isinstance(d, tvm.tirx.IntImm) else None for d in dims] == shape
+    return getattr(expr.ty, "dtype", None) == "float32" and static_dims(expr) == shape

@@ -353,3 +353,27 @@ def test_row_softmax_matches_torch_with_nan_inf_and_masked_rows(shape):
     assert (got[finite] - want[finite]).abs().max() <= 1e-6
     routed = "softmax_rows" in cm._lowered.built.ir_after["relax.decomposed"]
     assert routed == (shape[-1] != 17)
+
+
+@pytest.mark.parametrize("shape", [(2, 64, 384), (3, 100), (5, 7), (4, 17)])
+def test_row_layer_norm_matches_torch_with_nan_and_inf(shape):
+    """LayerNorm over the last axis (row_kernels.layer_norm_rows where the row has a vector width):
+    values to fp32 rounding; a row holding a NaN or an Inf comes out as torch's (all NaN)."""
+    torch.manual_seed(0)
+    m = torch.nn.LayerNorm(shape[-1]).eval()
+    with torch.no_grad():
+        m.weight.normal_()
+        m.bias.normal_()
+    x = torch.randn(*shape) * 3 + 1
+    rows = x.reshape(-1, shape[-1])
+    rows[0, 1] = float("nan")
+    rows[1, 2] = float("inf")
+    cm = fxpress.compile(m, (x,), passes="none", target="llvm")
+    with torch.no_grad():
+        want = m(x)
+    got = cm(x)
+    assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.isnan(want).any()
+    ok = ~torch.isnan(want)
+    assert rel_err(got[ok], want[ok]) <= 1e-5
+    routed = "layer_norm_rows" in cm._lowered.built.ir_after["relax.decomposed"]
+    assert routed == (shape[-1] != 17)
