@@ -40,6 +40,7 @@ from . import blas
 from . import winograd_transforms as wt
 from .conv_route import conv_geometry
 from .relax_prep import GROWTH_ATTR, is_op, rewrite_functions, static_dims, weight_params
+from .targets import pool_workers
 
 F4_MIN_MAP = 16    # F(4x4) from here; F(2x2) below (F(4x4)'s GEMMs get too few tiles, its weights 4x)
 MIN_MAP = 8        # narrower maps: the GEMM route (conv_route) or the direct kernel
@@ -80,6 +81,7 @@ class _WinogradRewriter(relax.PyExprMutator):
                              for m in wt.VARIANTS}
         self.weights: set | None = None  # the function's weight params (after num_input); None: unknown
         self.geometry: dict[str, tuple] = {}  # output kernel name → output_transform's arguments
+        self.cores = pool_workers(tvm.target.Target.current())
 
     def visit_function_(self, func: relax.Function) -> relax.Expr:
         self.weights = weight_params(func)
@@ -112,11 +114,11 @@ class _WinogradRewriter(relax.PyExprMutator):
         bb = self.builder_
         u = bb.emit(bb.call_te(_te_weight_transform, weight, self.coefficients[tile],
                                primfunc_name_hint="winograd_weight", primfunc_attrs={GROWTH_ATTR: 1}))
-        into = bb.add_func(wt.input_transform(n, c, h, w, top, left, oh, ow, tile), "winograd_input")
+        into = bb.add_func(wt.input_transform(n, c, h, w, top, left, oh, ow, tile, cores=self.cores), "winograd_input")
         v = bb.emit(relax.call_tir(into, [x], relax.TensorType([points, c, q], "float32")))
         m = bb.emit(relax.op.matmul(u, v))
         geometry = (n, o, oh, ow, c, h, w, top, left, tile)
-        out = bb.add_func(wt.output_transform(*geometry), "winograd_output")
+        out = bb.add_func(wt.output_transform(*geometry, cores=self.cores), "winograd_output")
         self.geometry[out.name_hint] = geometry
         return relax.call_tir(out, [m, x, u], relax.TensorType([n, o, oh, ow], "float32"))
 
@@ -131,7 +133,7 @@ class WinogradConv:
             return mod
         rewriter = _WinogradRewriter(mod)
         mod = rewrite_functions(mod, rewriter)
-        return fuse_epilogues(mod, rewriter.geometry) if rewriter.rewritten else mod
+        return fuse_epilogues(mod, rewriter.geometry, rewriter.cores) if rewriter.rewritten else mod
 
 
 # ---------------------------------------------------------------------------------------------- epilogues
@@ -140,7 +142,7 @@ class WinogradConv:
 # call and one tensor less). The ReLU is fxpress's NaN-keeping form, relu/isnan/where (torch_semantics).
 
 
-def fuse_epilogues(mod: tvm.IRModule, geometry: dict[str, tuple]) -> tvm.IRModule:
+def fuse_epilogues(mod: tvm.IRModule, geometry: dict[str, tuple], cores: int = 1) -> tvm.IRModule:
     """Every ``winograd_output(m, x, u)`` followed by ``+ bias[1, O, 1, 1]`` [``+ residual``] [ReLU] →
     one ``winograd_output(m, x, u, bias[, residual])`` with that epilogue (output_transform's flags)."""
     fused_funcs: dict[tuple, tvm.ir.GlobalVar] = {}
@@ -149,7 +151,7 @@ def fuse_epilogues(mod: tvm.IRModule, geometry: dict[str, tuple]) -> tvm.IRModul
     for gv, func in list(mod.functions_items()):
         if not isinstance(func, relax.Function) or not isinstance(func.body, relax.SeqExpr):
             continue
-        blocks = _fuse_in_function(func, bb, geometry, fused_funcs)
+        blocks = _fuse_in_function(func, bb, geometry, fused_funcs, cores)
         if blocks is not None:
             body = relax.SeqExpr(blocks, func.body.body)
             bb.update_func(gv, relax.Function(func.params, body, func.ret_ty, func.is_pure, func.attrs))
@@ -157,7 +159,7 @@ def fuse_epilogues(mod: tvm.IRModule, geometry: dict[str, tuple]) -> tvm.IRModul
     return relax.transform.DeadCodeElimination()(bb.get()) if changed else mod
 
 
-def _fuse_in_function(func, bb, geometry, fused_funcs) -> list | None:
+def _fuse_in_function(func, bb, geometry, fused_funcs, cores: int) -> list | None:
     bindings = {b.var: b.value for block in func.body.blocks for b in block.bindings
                 if isinstance(b, relax.VarBinding)}
     uses: dict = {}
@@ -173,7 +175,7 @@ def _fuse_in_function(func, bb, geometry, fused_funcs) -> list | None:
         key = (kernel, flags)
         if key not in fused_funcs:
             name = f"{kernel}_epilogue" + "".join(f for f, on in zip(("_bias", "_res", "_relu"), flags) if on)
-            fused_funcs[key] = bb.add_func(wt.output_transform(*geometry[kernel], *flags), name)
+            fused_funcs[key] = bb.add_func(wt.output_transform(*geometry[kernel], *flags, cores=cores), name)
         replace[last] = relax.call_tir(fused_funcs[key], args, last.ty)
     if not replace:
         return None

@@ -119,7 +119,7 @@ def _lines(lines: list[str], indent: int) -> str:
 # 3 geometries), and PrimFuncs are immutable.
 @functools.lru_cache(maxsize=64)
 def input_transform(n: int, c: int, h: int, w: int, pad_top: int, pad_left: int,
-                    out_h: int, out_w: int, m: int = 4) -> tirx.PrimFunc:
+                    out_h: int, out_w: int, m: int = 4, *, cores: int = 1) -> tirx.PrimFunc:
     """x[n, c, h, w] → V[a*a, c, n * tile_count] (see the module docstring)."""
     var = VARIANTS[m]
     a = var.alpha
@@ -152,13 +152,13 @@ def input_transform(n: int, c: int, h: int, w: int, pad_top: int, pad_left: int,
     ], 8) + _lines(inner, 20)
     signature = (f'def main(x: T.Buffer(({n}, {c}, {h}, {w}), "float32"), '
                  f'v: T.Buffer(({a * a}, {c}, {n * q}), "float32")):')
-    return _parse(signature, body, "winograd_input")
+    return _parse(signature, _per_share(body, n * c, cores), "winograd_input")
 
 
 @functools.lru_cache(maxsize=64)
 def output_transform(n: int, o: int, out_h: int, out_w: int, c: int, h: int, w: int, pad_top: int,
                      pad_left: int, m: int = 4, bias: bool = False, residual: bool = False,
-                     relu: bool = False) -> tirx.PrimFunc:
+                     relu: bool = False, *, cores: int = 1) -> tirx.PrimFunc:
     """(M[a*a, o, n * tile_count], x[n, c, h, w], U[a*a, o, c][, bias[1, o, 1, 1]][, res[n, o, out_h,
     out_w]]) → y[n, o, out_h, out_w].
 
@@ -221,7 +221,27 @@ def output_transform(n: int, o: int, out_h: int, out_w: int, c: int, h: int, w: 
     signature = (f'def main(mm: T.Buffer(({a * a}, {o}, {n * q}), "float32"), '
                  f'x: T.Buffer(({n}, {c}, {h}, {w}), "float32"), u: T.Buffer(({a * a}, {o}, {c}), "float32"), '
                  f'{extra}y: T.Buffer(({n}, {o}, {out_h}, {out_w}), "float32")):')
-    return _parse(signature, body, "winograd_output")
+    return _parse(signature, _per_share(body, n * o, cores), "winograd_output")
+
+
+def _per_share(body: str, planes: int, cores: int) -> str:
+    """``for plane in T.parallel(planes)`` → one share of planes per core, the plane loop's buffers
+    allocated once per share: a buffer allocated inside a parallel loop is a workspace (heap)
+    allocation on every iteration (row_kernels.py measured it)."""
+    lines = body.split("\n")
+    at = next(i for i, line in enumerate(lines) if line.strip().startswith("for plane in T.parallel("))
+    base = len(lines[at]) - len(lines[at].lstrip())
+    inner = lines[at + 1:]
+    hoisted = [line for line in inner
+               if len(line) - len(line.lstrip()) == base + 4 and "T.alloc_buffer(" in line]
+    rest = [line for line in inner if line not in hoisted]
+    parts = max(1, min(cores, planes))
+    share = -(-planes // parts)
+    return "\n".join(lines[:at] + [" " * base + (f"for part in T.parallel({parts}):" if parts > 1
+                                                 else "for part in range(1):")]
+                     + hoisted
+                     + [" " * (base + 4) + f"for plane in range(part * {share}, T.min({planes}, part * {share} + {share})):"]
+                     + ["    " + line if line.strip() else line for line in rest])
 
 
 def _epilogue(out_h: int, out_w: int, bias: bool, residual: bool, relu: bool) -> str:
