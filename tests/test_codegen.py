@@ -206,19 +206,10 @@ def test_recurrent_net_weight_transposes_are_lifted_once():
     common-subexpression elimination each transpose is computed once, at compile time (the lift
     tolerates the few hundred bytes of constants folded with the biases), and outputs match eager."""
     import fxpress
+    from fxpress.models import corpus
 
-    torch.manual_seed(0)
-
-    class GRUHead(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.gru = nn.GRU(16, 24, num_layers=2, batch_first=True)
-            self.head = nn.Linear(24, 8)
-
-        def forward(self, x):
-            return self.head(self.gru(x)[0][:, -1])
-
-    m, x = GRUHead().eval(), torch.randn(1, 10, 16)
+    spec = corpus.get_corpus("gru_head")  # (fxpress.models.corpus: seeded, built in code)
+    m, (x,) = spec.build().eval(), spec.example_inputs(1)
     cm = fxpress.compile(m, (x,), passes="none", target="llvm")
     with torch.no_grad():
         assert rel_err(cm(x), m(x)) <= 1e-5
