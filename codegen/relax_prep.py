@@ -26,7 +26,7 @@ import math
 import tvm
 from tvm import relax, topi, tirx
 
-from . import row_kernels
+from . import rowwise
 from .cpu_schedules import vector_lanes
 from .targets import pool_workers
 
@@ -80,6 +80,10 @@ class _FastMathRewriter(relax.PyExprMutator):
             x = call.args[0]
             square = self.builder_.emit(relax.op.multiply(x, x))
             return square if power == 2.0 else relax.op.multiply(square, x)
+        if is_op(call, "relax.split"):
+            pushed = self._bias_split(call)
+            if pushed is not None:
+                return pushed
         if is_op(call, "relax.broadcast_to") and _same_static_shape(call, call.args[0]):
             return call.args[0]  # torch.matmul's expand to the shape it already has: a copy of nothing
         if is_op(call, "relax.nn.softmax") or is_op(call, "relax.nn.layer_norm"):
@@ -92,29 +96,69 @@ class _FastMathRewriter(relax.PyExprMutator):
         attrs = [int(getattr(call.attrs, a)) for a in fast[2]]
         return self.builder_.call_te(fast[0], call.args[0], *attrs, primfunc_name_hint=fast[1])
 
+    def _bias_split(self, call: relax.Call) -> relax.Expr | None:
+        """``split(reshape?(x + bias), last axis)`` (a fused Q/K/V projection's output cut into Q, K and V)
+        → ``(reshape?(x[.., s] + bias[s]) for each section s)``. Each section then fuses with the head
+        reshape/transpose after it into one kernel reading the GEMM's output, instead of a bias-and-split
+        pass writing three copies and a transpose pass per section reading them again."""
+        x = call.args[0]
+        shape = static_dims(x)
+        if not shape or int(call.attrs.axis) not in (-1, len(shape) - 1):
+            return None
+        cuts = call.attrs.indices_or_sections
+        if isinstance(cuts, tirx.IntImm):
+            if shape[-1] % int(cuts):
+                return None
+            size = shape[-1] // int(cuts)
+            bounds = [size * i for i in range(int(cuts) + 1)]
+        else:
+            bounds = [0, *[int(c) for c in cuts], shape[-1]]
+        if any(b >= e for b, e in zip(bounds, bounds[1:])):
+            return None
+        inner = self.lookup_binding(x) if isinstance(x, relax.Var) else None
+        reshaped = is_op(inner, "relax.reshape")
+        added = self.lookup_binding(inner.args[0]) if reshaped and isinstance(inner.args[0], relax.Var) else inner
+        if not is_op(added, "relax.add"):
+            return None
+        full = static_dims(added)
+        if not full or full[-1] != shape[-1]:
+            return None
+        sides = [(a, b) for a, b in (added.args, added.args[::-1]) if static_dims(a) == full]
+        bias = sides[0][1] if sides else None
+        if bias is None or static_dims(bias) != [shape[-1]]:
+            return None
+        parts = []
+        for begin, end in zip(bounds, bounds[1:]):
+            piece = relax.op.add(relax.op.strided_slice(sides[0][0], [len(full) - 1], [begin], [end]),
+                                 relax.op.strided_slice(bias, [0], [begin], [end]))
+            if reshaped:
+                piece = relax.op.reshape(self.builder_.emit(piece), [*shape[:-1], end - begin])
+            parts.append(self.builder_.emit(piece))
+        return relax.Tuple(parts)
+
     def _row_kernel(self, call: relax.Call) -> relax.Expr | None:
         """Softmax, or LayerNorm with weight and bias, over the last axis of a static-shape fp32 tensor →
-        the row_kernels kernel on its 2-D view; None where that does not apply."""
+        the rowwise kernel on its 2-D view; None where that does not apply."""
         shape = static_dims(call.args[0])
         target = tvm.target.Target.current(allow_none=True)
         if not shape or target is None or target.kind.name != "llvm":
             return None
         n, rows, cores = shape[-1], max(1, math.prod(shape[:-1])), pool_workers(target)
-        width = row_kernels.vector_width(n, vector_lanes(target))
+        width = rowwise.vector_width(n, vector_lanes(target))
         if width is None:
             return None
         last = (-1, len(shape) - 1)
         if call.op.name == "relax.nn.softmax":
             if int(call.attrs.axis) not in last:
                 return None
-            kernel, name, extra = row_kernels.softmax_rows(rows, n, width, cores), "softmax_rows", []
+            kernel, name, extra = rowwise.softmax_rows(rows, n, width, cores), "softmax_rows", []
         else:
             axes = [int(a) for a in call.attrs.axes]
             if len(axes) != 1 or axes[0] not in last or not (call.attrs.center and call.attrs.scale):
                 return None
             if static_dims(call.args[1]) != [n] or static_dims(call.args[2]) != [n]:
                 return None
-            kernel = row_kernels.layer_norm_rows(rows, n, width, cores, float(call.attrs.epsilon))
+            kernel = rowwise.layer_norm_rows(rows, n, width, cores, float(call.attrs.epsilon))
             name, extra = "layer_norm_rows", list(call.args[1:3])
         func = self.builder_.add_func(kernel, name)
         flat = self.builder_.emit(relax.op.reshape(call.args[0], [rows, n]))

@@ -227,7 +227,7 @@ def output_transform(n: int, o: int, out_h: int, out_w: int, c: int, h: int, w: 
 def _per_share(body: str, planes: int, cores: int) -> str:
     """``for plane in T.parallel(planes)`` → one share of planes per core, the plane loop's buffers
     allocated once per share: a buffer allocated inside a parallel loop is a workspace (heap)
-    allocation on every iteration (row_kernels.py measured it)."""
+    allocation on every iteration (rowwise.py measured it)."""
     lines = body.split("\n")
     at = next(i for i, line in enumerate(lines) if line.strip().startswith("for plane in T.parallel("))
     base = len(lines[at]) - len(lines[at].lstrip())

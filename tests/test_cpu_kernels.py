@@ -334,7 +334,7 @@ def test_fast_tanh_sigmoid_and_small_powers_match_torch():
 
 @pytest.mark.parametrize("shape", [(2, 12, 16, 128), (3, 37, 100), (5, 7), (4, 17)])
 def test_row_softmax_matches_torch_with_nan_inf_and_masked_rows(shape):
-    """Softmax over the last axis (row_kernels.softmax_rows where the row has a vector width, TVM's
+    """Softmax over the last axis (rowwise.softmax_rows where the row has a vector width, TVM's
     otherwise: 17 has no divisor from 4 to the lane count): values to fp32 rounding; masked (-inf)
     entries exactly 0; a row with a NaN, a +inf or only -inf entries all NaN, as torch gives."""
     torch.manual_seed(0)
@@ -357,7 +357,7 @@ def test_row_softmax_matches_torch_with_nan_inf_and_masked_rows(shape):
 
 @pytest.mark.parametrize("shape", [(2, 64, 384), (3, 100), (5, 7), (4, 17)])
 def test_row_layer_norm_matches_torch_with_nan_and_inf(shape):
-    """LayerNorm over the last axis (row_kernels.layer_norm_rows where the row has a vector width):
+    """LayerNorm over the last axis (rowwise.layer_norm_rows where the row has a vector width):
     values to fp32 rounding; a row holding a NaN or an Inf comes out as torch's (all NaN)."""
     torch.manual_seed(0)
     m = torch.nn.LayerNorm(shape[-1]).eval()
@@ -377,3 +377,30 @@ def test_row_layer_norm_matches_torch_with_nan_and_inf(shape):
     assert rel_err(got[ok], want[ok]) <= 1e-5
     routed = "layer_norm_rows" in cm._lowered.built.ir_after["relax.decomposed"]
     assert routed == (shape[-1] != 17)
+
+
+@pytest.mark.parametrize("sections", [32, [16, 48, 32]])
+def test_bias_split_goes_through_to_each_section(sections):
+    """A fused projection's output split into sections (Q, K, V): the bias add is pushed into each
+    section (split(x + b) → x[s] + b[s]), so each fuses with its head transpose; values match eager."""
+    torch.manual_seed(0)
+
+    class QKV(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(32, 96)
+
+        def forward(self, x):
+            q, k, v = self.proj(x).split(sections, dim=-1)
+            heads = [t.reshape(1, 8, -1, t.shape[-1] // 4 if t.shape[-1] % 4 == 0 else 1).transpose(1, 2)
+                     for t in (q, k, v)]
+            return heads[0].sum(-1) + heads[1].mean(-1), heads[2]
+
+    m, x = QKV().eval(), torch.randn(1, 8, 32)
+    cm = fxpress.compile(m, (x,), passes="none", target="llvm")
+    with torch.no_grad():
+        want = m(x)
+    got = cm(x)
+    assert all(rel_err(g, w) <= 1e-5 for g, w in zip(got, want))
+    decomposed = cm._lowered.built.ir_after["relax.decomposed"]
+    assert "R.split" not in decomposed and decomposed.count("R.strided_slice") >= 6

@@ -1,4 +1,4 @@
-"""Hand-written row kernels: softmax and LayerNorm over the last axis, every pass over a row vectorized.
+"""Hand-written row-wise kernels: softmax and LayerNorm over the last axis, every pass over a row vectorized.
 
 Why: TVM's softmax (``topi.nn.fast_softmax``, scheduled by dlight's Reduction rule) sums each row's
 exponentials in a serial chain of scalar adds and goes through three row-sized intermediates; on the
