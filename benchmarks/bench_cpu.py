@@ -201,6 +201,7 @@ def run(args) -> dict:
 
     from fxpress.bench import bench_fxpress, bench_peers, machine_info, thread_info, time_blocks
     from fxpress.codegen import blas
+    from fxpress.runtime import blas as runtime_blas
 
     facts = cpu_facts()
     out = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": commit(),
@@ -230,6 +231,7 @@ def run(args) -> dict:
             if passes == "default" and res.ok:
                 gemms = per_gemm(res.compiled, inputs, facts["peak_gflops_formula"], facts["peak_gflops_datapath"])
                 out["blas"]["symbol"] = blas.bound_symbol()
+                out["blas"].update(runtime_blas.choice())
             if res.ok:
                 callables[label] = res.compiled
         # The figures: every row timed again in BLOCKS rounds of blocks, the best block median kept (the
@@ -388,7 +390,7 @@ AVX2_ENV = {  # set before numpy/torch load their libraries
     "OPENBLAS_CORETYPE": "Haswell",     # the GEMM shim's OpenBLAS: its AVX2 kernels
     "ATEN_CPU_CAPABILITY": "avx2",      # torch's own vectorized kernels
     "DNNL_MAX_CPU_ISA": "AVX2",         # oneDNN (torch, Inductor's packed GEMMs)
-    "MKL_ENABLE_INSTRUCTIONS": "AVX2",  # MKL (torch)
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",  # MKL (torch's, and the GEMM shim's when it picks the mkl wheel)
 }
 
 

@@ -57,9 +57,13 @@ static const char *fxpress_blas_symbol = "none";
 static void fxpress_blas_single_thread(void) {
   static const char *setters[] = {"scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
                                   "openblas_set_num_threads64_", "openblas_set_num_threads",
-                                  "mkl_set_num_threads_local", "MKL_Set_Num_Threads_Local",
+                                  "MKL_Set_Num_Threads_Local",
                                   "bli_thread_set_num_threads", 0};
   int i;
+  /* MKL: its sequential layer, chosen before its first call (a later call to this is ignored).
+     The lower-case mkl_* setters take pointers (the Fortran interface): only the mixed-case ones. */
+  void *layer = dlsym(RTLD_DEFAULT, "MKL_Set_Threading_Layer");
+  if (layer) ((int (*)(int))layer)(1 /* MKL_THREADING_SEQUENTIAL */);
   for (i = 0; setters[i]; ++i) {
     void *f = dlsym(RTLD_DEFAULT, setters[i]);
     if (f) ((void (*)(int))f)(1);

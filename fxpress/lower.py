@@ -223,14 +223,16 @@ def _quantizes(gm: fx.GraphModule) -> bool:
 
 
 def _allowed_lowering_drift(gm: fx.GraphModule, graph_outs, reference) -> float:
-    """How far a lowering may differ from its FX graph: fp32 noise; for a quantized graph, up to twice the
-    error the passes already added against eager (a tie rounded the other way moves a value one grid step;
-    the graph and the lowering each land within the quantization's error of eager, possibly on opposite
-    sides). LoweringCheck also holds the lowered model's own error against eager to twice the graph's."""
+    """How far a lowering may differ from its FX graph: fp32 noise; for a quantized graph, three times the
+    error the passes already added against eager. A tie rounded the other way moves a value one grid step,
+    so the graph and the lowering each land within the quantization's error of eager, possibly on opposite
+    sides: with the lowering held to twice the graph's error against eager (LoweringCheck), the two can be
+    that error plus twice it apart (BERT-style int8 on an Intel Xeon: graph 1.4e-3 and lowering 2.0e-3 from
+    eager, 3.3e-3 apart; one-ulp differences in torch's and TVM's fp32 GELU/softmax flipped u8 codes)."""
     if not _quantizes(gm):
         return LOSSLESS_RTOL
     _, pass_error = output_error(graph_outs, reference)
-    return max(LOSSLESS_RTOL, 2 * pass_error)
+    return max(LOSSLESS_RTOL, 3 * pass_error)
 
 
 def _check_other_batch(gm: fx.GraphModule, example_inputs: tuple, executor) -> None:

@@ -4,6 +4,7 @@ Numerics only: nothing here depends on the CPU's ISA or speed. Each routed kerne
 numpy (float64) on odd shapes, batched and transposed operands, and the shim's no-BLAS fallback loop
 is checked on its own in a subprocess that never loads a BLAS.
 """
+import json
 import os
 import subprocess
 import sys
@@ -151,6 +152,41 @@ def test_shim_without_blas_uses_its_loop():
     assert symbol == "none"
     assert "no CBLAS sgemm" in r.stderr
     assert float(err) < 1e-4
+
+
+CHOICE = textwrap.dedent("""
+    # Which BLAS the shim gets: every candidate timed, the fastest opened globally, numpy left as it was.
+    import ctypes, json, numpy
+    from fxpress.runtime import blas
+    lib = next(p for p in blas.candidates() if "openblas" in p)
+    get = getattr(ctypes.CDLL(lib), "scipy_openblas_get_num_threads64_", None)
+    before = get() if get else None
+    blas.preload()
+    print(json.dumps({**blas.choice(), "candidates": blas.candidates(),
+                      "threads": [before, get() if get else None]}))
+""")
+
+
+@needs_shim
+def test_blas_library_is_the_fastest_candidate_and_numpy_keeps_its_threads():
+    r = subprocess.run([sys.executable, "-c", CHOICE], capture_output=True, text=True, timeout=120,
+                       env={k: v for k, v in os.environ.items() if k != "FXPRESS_BLAS_LIB"})
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    if len(out["candidates"]) > 1:
+        probes = out["probe_us"]
+        assert len(probes) == len(out["candidates"])
+        assert os.path.basename(out["library"]) == min(probes, key=probes.get)
+    else:
+        assert out["library"] == out["candidates"][0]
+    assert out["threads"][0] == out["threads"][1]  # numpy's OpenBLAS thread count is the user's
+
+
+def test_blas_library_from_the_environment_is_taken_as_it_is(monkeypatch):
+    from fxpress.runtime import blas as runtime_blas
+
+    monkeypatch.setenv("FXPRESS_BLAS_LIB", "/opt/my/libblas.so")
+    assert runtime_blas.candidates() == ["/opt/my/libblas.so"]
 
 
 class _Attention(torch.nn.Module):

@@ -121,8 +121,9 @@ def test_quantized_graph_lowering_may_round_ties_but_not_more():
 def test_quantized_lowering_rounding_ties_apart_from_the_graph_is_accepted_when_no_worse():
     """fxpress.models' BERT-style encoder (seeded random weights) with int8 on llvm: one-ulp differences in
     the fp32 softmax flip u8 codes, so the lowered outputs and the FX graph's land on opposite sides of
-    eager (each within the quantization's error, 1.5e-2 apart). That is a model as good as the graph and
-    must compile, with the note saying so; the lowered error against eager stays within twice the graph's."""
+    eager (each within the quantization's error; on an Intel Xeon 1.4e-3 and 2.0e-3 from it, 3.3e-3 apart).
+    That is a model as good as the graph and must compile, with the note saying so; the lowered error
+    against eager stays within twice the graph's."""
     from fxpress.models.bert import bert_small
 
     gen = torch.Generator().manual_seed(0)
@@ -156,5 +157,9 @@ def test_lowering_of_a_quantized_graph_further_from_eager_than_the_graph_is_refu
     opposite = stage_with(torch.ones(16) * 0.995)   # 1.5 % from the graph, 0.5 % from eager: accepted
     check.after(opposite)
     assert "rounded the other way" in opposite.note
+    # opposite sides at the limits: 1.9 % below eager, 2.9 % from the graph (the triangle's 1 % + 2 %)
+    far_side = stage_with(torch.ones(16) * 0.981)
+    check.after(far_side)
+    assert "rounded the other way" in far_side.note
     with pytest.raises(LoweringError, match="changed the numbers"):
         check.after(stage_with(torch.ones(16) * 1.029))  # 1.9 % from the graph but 2.9 % from eager
