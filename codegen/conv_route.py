@@ -20,8 +20,7 @@ lose its schedule) and scheduled here: padding is written once into a scratch bu
 output row is a copy from it with no bounds test, parallel over input channels, the row
 vectorized.
 
-Which convs: ``route_conv`` decides: strided convs with small output maps and convs whose
-output rows are narrower than 8. Elsewhere TVM's direct kernel (epilogue fused, no extra pass)
+Which convs: ``route_conv`` decides: strided convs and convs whose output rows are narrower than 8. Elsewhere TVM's direct kernel (epilogue fused, no extra pass)
 was as fast as OpenBLAS and so faster than im2col + GEMM + epilogue, 1x1 convs included
 (docs/tuning.md, "Convolutions through the GEMM", has the measurements).
 
@@ -92,7 +91,16 @@ def conv_flops(g: dict) -> int:
     return 2 * g["n"] * g["o"] * g["c"] * g["kh"] * g["kw"] * g["oh"] * g["ow"]
 
 
-MAX_STRIDED_PIXELS = 1024  # output pixels per image above which a strided conv stays TVM's
+# Output pixels per image above which a strided conv stays TVM's. 1024 from the Zen 4 / OpenBLAS
+# timings (the 112x112 stem lost there); on the Intel Xeon of 2026-12-07 the stem through im2col +
+# MKL (or OpenBLAS) beat TVM's direct kernel (1.4 vs 2.2 ms; ResNet-18 15.0 -> 13.0 ms), so none now.
+MAX_STRIDED_PIXELS = float("inf")
+
+
+def max_strided_pixels() -> float:
+    """``FXPRESS_CONV_STRIDED_MAX`` (pixels, or "inf"), else MAX_STRIDED_PIXELS; for A/B measurements."""
+    value = os.environ.get("FXPRESS_CONV_STRIDED_MAX")
+    return float(value) if value else MAX_STRIDED_PIXELS
 NARROW_MAP = 8  # output rows narrower than this go through the GEMM at any stride
 # Narrow convs go through the GEMM from this size on, below MIN_FLOPS too: a 3x3 64->128 conv onto a
 # 1x1 map (147 kFLOP) took 80 µs in TVM's direct kernel, ~4 µs as im2col + sgemm.
@@ -106,7 +114,7 @@ def route_conv(g: dict, how: str = "rule") -> bool:
     the output row, so it loses on strided rows (strided loads) and on rows narrower than a vector;
     elsewhere it is as fast as OpenBLAS, and the GEMM's extra passes (im2col, the epilogue no
     longer fused into the conv) make the route slower. A strided conv with a large output map (the
-    7x7 stem at 112x112) still loses: its im2col and epilogue passes cost more than the GEMM saves.
+    7x7 stem at 112x112) lost on Zen 4 with OpenBLAS and wins on an Intel Xeon (MAX_STRIDED_PIXELS).
     """
     if g["ow"] < NARROW_MAP and conv_flops(g) >= NARROW_MIN_FLOPS:
         return True  # any size: TVM's direct kernel cannot vectorize a row this narrow (scalar, ~2 GFLOP/s)
@@ -114,7 +122,7 @@ def route_conv(g: dict, how: str = "rule") -> bool:
         return False
     if how == "all":
         return True
-    strided = g["stride"] != (1, 1) and g["oh"] * g["ow"] <= MAX_STRIDED_PIXELS
+    strided = g["stride"] != (1, 1) and g["oh"] * g["ow"] <= max_strided_pixels()
     return strided or g["ow"] < NARROW_MAP
 
 

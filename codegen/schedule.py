@@ -24,7 +24,8 @@ from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
 from tvm.s_tir.dlight.analysis import collect_vars_used_in_prim_expr
 
-from .cpu_schedules import schedule_contraction, schedule_gemv, schedule_injective, vectorize_reductions
+from .cpu_schedules import (schedule_contraction, schedule_gemv, schedule_injective, schedule_window_reduction,
+                            vectorize_reductions)
 from .tuning_db import apply_database
 
 
@@ -56,7 +57,7 @@ def schedule_cpu(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
             if is_contraction(func):
                 done = schedule_gemv(func, target) or schedule_contraction(func, target)
             else:
-                done = schedule_injective(func, target)
+                done = schedule_injective(func, target) or schedule_window_reduction(func, target)
         if done is not None:
             out.update_func(gv, done.with_attr("tirx.is_scheduled", True))
     return out

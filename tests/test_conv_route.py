@@ -47,14 +47,17 @@ def _geometry(cin, cout, k, stride, pad, size, batch=1):
             "stride": (stride, stride), "dilation": (1, 1), "oh": out, "ow": out}
 
 
-def test_rule_routes_strided_and_narrow_convs_only():
+def test_rule_routes_strided_and_narrow_convs_only(monkeypatch):
     route = conv_route.route_conv
     # ResNet-18's convs at 224: the strided ones with small maps and the 7x7-map stage are routed
     assert route(_geometry(64, 128, 3, 2, 1, 56)) and route(_geometry(256, 512, 1, 2, 0, 14))
     assert route(_geometry(512, 512, 3, 1, 1, 7))
-    # stride-1 convs on wide maps and the 112x112 stem stay TVM's
+    # stride-1 convs on wide maps stay TVM's; the 112x112 stem is routed (MAX_STRIDED_PIXELS), unless
+    # the measurement switch restores the old limit
     assert not route(_geometry(64, 64, 3, 1, 1, 56)) and not route(_geometry(256, 256, 3, 1, 1, 14))
-    assert not route(_geometry(3, 64, 7, 2, 3, 224))
+    assert route(_geometry(3, 64, 7, 2, 3, 224))
+    monkeypatch.setenv("FXPRESS_CONV_STRIDED_MAX", "1024")
+    assert not route(_geometry(3, 64, 7, 2, 3, 224)) and route(_geometry(64, 128, 3, 2, 1, 56))
     # below MIN_FLOPS nothing is routed, even with "all"
     tiny = _geometry(4, 4, 3, 2, 1, 8)
     assert conv_route.conv_flops(tiny) < conv_route.MIN_FLOPS
