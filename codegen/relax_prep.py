@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 
 import tvm
-from tvm import relax, topi, tirx
+from tvm import relax, te, tirx, topi
 
 from . import rowwise
 from .cpu_schedules import vector_lanes
@@ -47,6 +47,24 @@ def _te_fast_softmax(x, axis):
 def _te_fast_sigmoid(x):
     one = tirx.const(1.0, x.dtype)
     return one / (one + topi.fast_exp(-x))
+
+
+def _te_max_pool2d(x, kernel, strides, dilation, padding):
+    """NCHW max pool with torch's semantics: a window holding a NaN gives NaN (whatever its position),
+    padding is -inf (so a window of -inf values gives -inf). TOPI's pool pads with, and starts from, the
+    lowest finite float and takes ``max``, which keeps a NaN only when it is the window's last value."""
+    (kh, kw), (sh, sw), (dh, dw), (top, left, bottom, right) = kernel, strides, dilation, padding
+    n, c, h, w = (int(d) for d in x.shape)
+    oh = (h + top + bottom - dh * (kh - 1) - 1) // sh + 1
+    ow = (w + left + right - dw * (kw - 1) - 1) // sw + 1
+    minus_inf = tirx.const(float("-inf"), x.dtype)
+    if any(padding):
+        x = topi.nn.pad(x, [0, 0, top, left], [0, 0, bottom, right], pad_value=minus_inf, name="pool_pad")
+    nan_max = te.comm_reducer(lambda a, b: tirx.Select(tirx.isnan(a) | (a > b), a, b),
+                              lambda dtype: tirx.const(float("-inf"), dtype), name="nan_max")
+    rh, rw = te.reduce_axis((0, kh), name="rh"), te.reduce_axis((0, kw), name="rw")
+    return te.compute((n, c, oh, ow), lambda i, j, y, z: nan_max(x[i, j, y * sh + rh * dh, z * sw + rw * dw],
+                                                                    axis=[rh, rw]), name="pool_max")
 
 
 # Relax op → (TE replacement, PrimFunc name, attributes passed on)
@@ -86,6 +104,10 @@ class _FastMathRewriter(relax.PyExprMutator):
                 return pushed
         if is_op(call, "relax.broadcast_to") and _same_static_shape(call, call.args[0]):
             return call.args[0]  # torch.matmul's expand to the shape it already has: a copy of nothing
+        if is_op(call, "relax.nn.max_pool2d"):
+            pool = self._max_pool(call)
+            if pool is not None:
+                return pool
         if is_op(call, "relax.nn.softmax") or is_op(call, "relax.nn.layer_norm"):
             rows = self._row_kernel(call)
             if rows is not None:
@@ -135,6 +157,20 @@ class _FastMathRewriter(relax.PyExprMutator):
                 piece = relax.op.reshape(self.builder_.emit(piece), [*shape[:-1], end - begin])
             parts.append(self.builder_.emit(piece))
         return relax.Tuple(parts)
+
+    def _max_pool(self, call: relax.Call) -> relax.Expr | None:
+        """max_pool2d (NCHW, static shape, floor mode) on llvm → ``_te_max_pool2d`` (torch's NaN and
+        -inf semantics; cpu_schedules.schedule_window_reduction vectorizes it)."""
+        a = call.attrs
+        target = tvm.target.Target.current(allow_none=True)
+        if (target is None or target.kind.name != "llvm" or a.layout != "NCHW" or a.out_layout != "NCHW"
+                or bool(a.ceil_mode) or len(static_dims(call.args[0]) or []) != 4):
+            return None
+        pad = [int(p) for p in a.padding]
+        pad = pad * 2 if len(pad) == 2 else pad
+        return self.builder_.call_te(_te_max_pool2d, call.args[0], [int(k) for k in a.pool_size],
+                                     [int(k) for k in a.strides], [int(k) for k in a.dilation], pad,
+                                     primfunc_name_hint="max_pool2d")
 
     def _row_kernel(self, call: relax.Call) -> relax.Expr | None:
         """Softmax, or LayerNorm with weight and bias, over the last axis of a static-shape fp32 tensor →
