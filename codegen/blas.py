@@ -157,6 +157,76 @@ int32_t fxpress_sgemm(int64_t part, int64_t parts, int64_t batch, int64_t M, int
   }
   return 0;
 }
+/* ---- int8: C[M, N] (int32) = A[M, K] (uint8) . B[N, K]^T (int8), exact int32 sums ----
+   Bound to MKL's cblas_gemm_s8u8s32 (row-major: A unsigned, B signed; AMX or VNNI on parts that have
+   them) only after a probe shows it exact: without VNNI, MKL may sum u8 x s8 pairs in saturating int16
+   (vpmaddubsw). Otherwise, and with no MKL, a plain exact loop. */
+typedef void (*gemm_s8u8s32_fn)(int, int, int, int, int32_t, int32_t, int32_t, float, const void *, int32_t,
+                                int8_t, const void *, int32_t, int8_t, float, int32_t *, int32_t,
+                                const int32_t *);
+static gemm_s8u8s32_fn fxpress_i8_fn = 0;
+static pthread_once_t fxpress_i8_once = PTHREAD_ONCE_INIT;
+static const char *fxpress_i8_symbol = "none";
+
+static void fxpress_i8_loop(int64_t M, int64_t N, int64_t K, const uint8_t *a, const int8_t *b, int64_t ldb,
+                            int32_t *c, int64_t ldc) {
+  int64_t i, j, k;
+  for (i = 0; i < M; ++i)
+    for (j = 0; j < N; ++j) {
+      int32_t s = 0;
+      for (k = 0; k < K; ++k) s += (int32_t)a[i * K + k] * (int32_t)b[j * ldb + k];
+      c[i * ldc + j] = s;
+    }
+}
+
+static void fxpress_i8_resolve(void) {
+  enum { PM = 4, PN = 16, PK = 256 };
+  static uint8_t a[PM * PK];
+  static int8_t b[PN * PK];
+  static int32_t got[PM * PN], want[PM * PN];
+  int32_t zero = 0;
+  int i;
+  void *f;
+  FXPRESS_BLAS_READY(); /* MKL's sequential layer first */
+  f = dlsym(RTLD_DEFAULT, "cblas_gemm_s8u8s32");
+  if (!f) return;
+  /* worst case for int16 pair sums: 255 x -128 everywhere, plus a pattern */
+  for (i = 0; i < PM * PK; ++i) a[i] = (uint8_t)(i % 7 == 0 ? 3 * i : 255);
+  for (i = 0; i < PN * PK; ++i) b[i] = (int8_t)(i % 5 == 0 ? i : -128);
+  ((gemm_s8u8s32_fn)f)(101, 111, 112, 173, PM, PN, PK, 1.0f, a, PK, 0, b, PK, 0, 0.0f, got, PN, &zero);
+  fxpress_i8_loop(PM, PN, PK, a, b, PK, want, PN);
+  for (i = 0; i < PM * PN; ++i)
+    if (got[i] != want[i]) {
+      fprintf(stderr, "fxpress: cblas_gemm_s8u8s32 is not exact on this CPU (saturating int16 sums); "
+                      "int8 GEMMs run as plain loops\n");
+      return;
+    }
+  fxpress_i8_fn = (gemm_s8u8s32_fn)f;
+  fxpress_i8_symbol = "cblas_gemm_s8u8s32";
+}
+
+const char *fxpress_blas_int8_name(void) {
+  pthread_once(&fxpress_i8_once, fxpress_i8_resolve);
+  return fxpress_i8_symbol;
+}
+
+/* Part `part` of `parts`: the columns of C (16-aligned shares), each worker one single-threaded call. */
+int32_t fxpress_gemm_u8s8(int64_t part, int64_t parts, int64_t M, int64_t N, int64_t K, const uint8_t *A,
+                          const int8_t *B, int32_t *C) {
+  int64_t chunk = (N + parts - 1) / parts, j0, j1;
+  int32_t zero = 0;
+  pthread_once(&fxpress_i8_once, fxpress_i8_resolve);
+  chunk = (chunk + 15) / 16 * 16;
+  j0 = part * chunk;
+  j1 = j0 + chunk < N ? j0 + chunk : N;
+  if (j0 >= j1) return 0;
+  if (fxpress_i8_fn && M < 2147483647 && N < 2147483647 && K < 2147483647)
+    fxpress_i8_fn(101, 111, 112, 173, (int32_t)M, (int32_t)(j1 - j0), (int32_t)K, 1.0f, A, (int32_t)K, 0,
+                  B + j0 * K, (int32_t)K, 0, 0.0f, C + j0, (int32_t)N, &zero);
+  else
+    fxpress_i8_loop(M, j1 - j0, K, A, B + j0 * K, K, C + j0, N);
+  return 0;
+}
 #ifdef __cplusplus
 }
 #endif
@@ -218,6 +288,19 @@ def available() -> bool:
 def object_file() -> str | None:
     """The shim's object file, to link into an exported library; None when unavailable."""
     return _state.get("object") if available() else None
+
+
+INT8_SYMBOL = "fxpress_gemm_u8s8"
+
+
+def bound_int8_symbol() -> str:
+    """Which int8 GEMM the shim calls (``"cblas_gemm_s8u8s32"`` once a probe found it exact, else ``"none"``:
+    its plain loop)."""
+    if not available():
+        return "none"
+    fn = _state["lib"].fxpress_blas_int8_name
+    fn.restype = ctypes.c_char_p
+    return fn().decode()
 
 
 def bound_symbol() -> str:

@@ -158,7 +158,8 @@ def build(mod: tvm.IRModule, target: str | tvm.target.Target, *, instrument: boo
             with _blame("relax.transform_params", lifted["transform"], target):
                 # weight-only work runs once, at compile time, on this machine's CPU
                 param_transform = tvm.compile(lifted["transform"], target=resolve_target("llvm"))
-    extern = [blas.object_file()] if any(blas.SYMBOL in text for text in ir_after.values()) else []
+    calls_shim = any(sym in text for text in ir_after.values() for sym in (blas.SYMBOL, blas.INT8_SYMBOL))
+    extern = [blas.object_file()] if calls_shim else []
     if on_gpu:
         ir_after["cuda.source"] = "\n".join(m.inspect_source("cuda")
                                              for m in cuda.device_modules(executable))

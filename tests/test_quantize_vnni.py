@@ -4,6 +4,7 @@ Code generation is checked for explicit CPUs (any host); numerics run only where
 the instructions. Exactness of the integer part: with ``w_scale·x_scale == 1`` the float epilogue only
 converts int32 sums below 2²⁴, so the output must equal the reference op bit for bit."""
 import os
+import re
 
 import numpy as np
 import pytest
@@ -248,9 +249,57 @@ class _SmallTransformer(torch.nn.Module):
         return self.n2(x + self.ff2(torch.relu(self.ff1(x))))
 
 
-def _compile_int8(model, x, prepack: bool, monkeypatch):
+def _compile_int8(model, x, prepack: bool, monkeypatch, blas: bool = False):
     monkeypatch.setenv("FXPRESS_INT8_PREPACK", "1" if prepack else "0")
+    monkeypatch.setenv("FXPRESS_INT8_BLAS", "1" if blas else "0")  # the packed kernels, unless asked
     return fxpress.compile(model, x, passes=["fuse", "quantize"], target="llvm")
+
+
+def test_int8_gemm_shim_is_exact():
+    """The shim's int8 GEMM, whatever it bound (MKL's cblas_gemm_s8u8s32 after its exactness probe, or
+    its own loop), against numpy's int64 product: extremes included (255 x -128 saturates int16 pairs)."""
+    import ctypes
+
+    from fxpress.codegen import blas
+
+    if not blas.available():
+        pytest.skip("no C compiler: the shim is not built")
+    f = blas._state["lib"].fxpress_gemm_u8s8
+    f.argtypes = [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 3
+    rng = np.random.default_rng(0)
+    for M, N, K, parts in [(5, 37, 300, 2), (64, 48, 1024, 3), (1, 16, 4, 1), (33, 100, 129, 2)]:
+        a = rng.integers(0, 256, (M, K)).astype(np.uint8)
+        b = rng.integers(-128, 128, (N, K)).astype(np.int8)
+        a[0, :] = 255
+        b[:, : K // 2] = -128
+        c = np.full((M, N), 7, np.int32)
+        for part in range(parts):
+            f(part, parts, M, N, K, a.ctypes.data, b.ctypes.data, c.ctypes.data)
+        np.testing.assert_array_equal(c, a.astype(np.int64) @ b.astype(np.int64).T)
+
+
+def test_qlinear_through_the_int8_blas_matches_the_packed_kernel(monkeypatch, tmp_path):
+    """Where MKL's int8 GEMM is bound and exact and the target has VNNI, qlinear runs as that GEMM plus
+    an elementwise epilogue (activation and residual fused in); same integers, same epilogue expression."""
+    from fxpress.codegen import resolve_target
+    from fxpress.codegen.quantize_packed import int8_blas_routable, layout_for
+
+    if not int8_blas_routable(layout_for(resolve_target("llvm"))):
+        pytest.skip("needs a VNNI target and MKL's exact int8 GEMM in this process")
+    torch.manual_seed(0)
+    model, x = _SmallTransformer().eval(), (torch.randn(1, 24, 48),)
+    packed = _compile_int8(model, x, True, monkeypatch)
+    routed = _compile_int8(model, x, True, monkeypatch, blas=True)
+    fused = routed._lowered.built.ir_after["relax.fused"]
+    assert len(set(re.findall(r"cls\.fxpress_qgemm_blas\d*\b", fused))) == 4
+    assert re.search(r"fused_fxpress_qlinear_out\d*_relu", fused)  # FFN1's ReLU runs in its epilogue
+    assert re.search(r"fused_fxpress_qlinear_out\d*_reshape\d*_add", fused)  # and the residual adds
+    y_packed, y = np.asarray(packed(*x)), np.asarray(routed(*x))
+    np.testing.assert_allclose(y, y_packed, rtol=1e-5, atol=1e-5 * np.abs(y_packed).max())
+    from fxpress.runtime import load
+
+    rt = load(routed.export(str(tmp_path / "m"), backends=("tvm",)), backend="tvm")
+    np.testing.assert_array_equal(np.asarray(rt.run([t.numpy() for t in x])[0]), y)
 
 
 @pytest.mark.parametrize("name", ["cnn", "transformer"])
