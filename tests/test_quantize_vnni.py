@@ -265,17 +265,19 @@ def test_int8_gemm_shim_is_exact():
     if not blas.available():
         pytest.skip("no C compiler: the shim is not built")
     f = blas._state["lib"].fxpress_gemm_u8s8
-    f.argtypes = [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 3
+    f.argtypes = [ctypes.c_int64] * 5 + [ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p]
     rng = np.random.default_rng(0)
     for M, N, K, parts in [(5, 37, 300, 2), (64, 48, 1024, 3), (1, 16, 4, 1), (33, 100, 129, 2)]:
         a = rng.integers(0, 256, (M, K)).astype(np.uint8)
         b = rng.integers(-128, 128, (N, K)).astype(np.int8)
         a[0, :] = 255
         b[:, : K // 2] = -128
-        c = np.full((M, N), 7, np.int32)
-        for part in range(parts):
-            f(part, parts, M, N, K, a.ctypes.data, b.ctypes.data, c.ctypes.data)
-        np.testing.assert_array_equal(c, a.astype(np.int64) @ b.astype(np.int64).T)
+        want = a.astype(np.int64) @ b.astype(np.int64).T
+        for ta, stored in ((0, a), (1, np.ascontiguousarray(a.T))):  # A as is, and stored [K, M]
+            c = np.full((M, N), 7, np.int32)
+            for part in range(parts):
+                f(part, parts, M, N, K, stored.ctypes.data, ta, b.ctypes.data, c.ctypes.data)
+            np.testing.assert_array_equal(c, want)
 
 
 def test_qlinear_through_the_int8_blas_matches_the_packed_kernel(monkeypatch, tmp_path):
@@ -300,6 +302,36 @@ def test_qlinear_through_the_int8_blas_matches_the_packed_kernel(monkeypatch, tm
 
     rt = load(routed.export(str(tmp_path / "m"), backends=("tvm",)), backend="tvm")
     np.testing.assert_array_equal(np.asarray(rt.run([t.numpy() for t in x])[0]), y)
+
+
+def test_int8_conv_rule_routes_narrow_inputs_only():
+    from fxpress.codegen.quantize_packed import route_int8_conv
+
+    conv = lambda cin: {"groups": 1, "x_dtype": "uint8", "w_shape": [1, 64, cin, 3, 3], "x_shape": [1, cin, 56, 56]}  # noqa: E731
+    assert route_int8_conv(conv(3), "rule") and not route_int8_conv(conv(64), "rule")
+    assert route_int8_conv(conv(64), "all") and not route_int8_conv(conv(3), "0")
+    assert not route_int8_conv({**conv(3), "groups": 3}, "all")
+
+
+@pytest.mark.parametrize("mode", ["1", "all"])
+def test_int8_convs_through_im2col_and_the_int8_blas_match_the_direct_kernel(mode, monkeypatch):
+    """The 3-channel stem (the rule) or every conv ("all"): u8 im2col padded with the zero point, the
+    BLAS's int32 product, the epilogue writing NCHW; same integers as the direct VNNI kernel."""
+    from fxpress.codegen import resolve_target
+    from fxpress.codegen.quantize_packed import int8_blas_routable, layout_for
+
+    if not int8_blas_routable(layout_for(resolve_target("llvm"))):
+        pytest.skip("needs a VNNI target and MKL's exact int8 GEMM in this process")
+    torch.manual_seed(0)
+    model, x = _SmallCNN().eval(), (torch.randn(2, 3, 16, 16),)
+    monkeypatch.setenv("FXPRESS_INT8_CONV_BLAS", "0")
+    direct = _compile_int8(model, x, True, monkeypatch, blas=True)
+    monkeypatch.setenv("FXPRESS_INT8_CONV_BLAS", mode)
+    routed = _compile_int8(model, x, True, monkeypatch, blas=True)
+    fused = routed._lowered.built.ir_after["relax.fused"]
+    assert len(set(re.findall(r"cls\.fxpress_qim2col\d*\b", fused))) == 2  # 3 and 12 input channels
+    y_direct, y = np.asarray(direct(*x)), np.asarray(routed(*x))
+    np.testing.assert_allclose(y, y_direct, rtol=1e-5, atol=1e-5 * np.abs(y_direct).max())
 
 
 @pytest.mark.parametrize("name", ["cnn", "transformer"])
