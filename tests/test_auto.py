@@ -173,3 +173,32 @@ def test_time_bound_stops_the_search_and_says_so():
                          target="torch", options={"auto": {"progress": False, "time_s": 1e-3}})
     assert any("time_s ran out" in n for n in cm.auto.notes), cm.auto.notes
     assert set(cm.auto.chosen.values()) == {"fp32"} and len(calls) == 2  # baseline + the final check
+
+
+def test_low_rank_plus_int8_candidate_factors_the_layer_then_quantizes_both_factors(digits):
+    """lr<r>+int8 (a combination across techniques, offered where low_rank and int8 both are): low_rank
+    writes the layer as two Linear calls (as_linears), and the int8 pass takes both; the other layers
+    stay fp32. Numbers: within int8's error of the low-rank-only graph (target torch, any ISA)."""
+    from fxpress.auto.candidates import FP32, LOW_RANK_INT8, build_passes, find_layers
+
+    x = digits["example"]
+    traced = fxpress.compile(digits["model"], x, passes=["fuse"], target="torch").gm
+    layers = find_layers(traced, ("int8", "low_rank"))
+    linear = next(L for L in layers if L.kind == "linear" and any(c.technique == LOW_RANK_INT8 for c in L.candidates))
+    assert all(c.technique != LOW_RANK_INT8 for L in layers if L.kind != "linear" for c in L.candidates)
+    combo = next(c for c in linear.candidates if c.technique == LOW_RANK_INT8)
+    plain = next(c for c in linear.candidates if c.name == f"lr{combo.rank}")
+
+    def compiled(candidate):
+        config = {L.key: (candidate if L.key == linear.key else FP32) for L in layers}
+        return fxpress.compile(digits["model"], x, passes=build_passes(layers, config), target="torch",
+                               calibration=digits["calibration"])
+
+    both, low_rank_only = compiled(combo), compiled(plain)
+    code = both.gm.code
+    assert code.count("fxpress.qlinear") == 2 and "lowrank_linear" not in code  # the two factors, quantized
+    assert "fxpress.qconv2d" not in code  # the convs were not chosen: fp32
+    with torch.no_grad():
+        y, y_lr = both(*x), low_rank_only(*x)
+    assert float((y - y_lr).norm() / y_lr.norm()) < 0.05
+    assert _stored_bytes(both) < _stored_bytes(low_rank_only)

@@ -96,7 +96,7 @@ class LowRankPass(Pass):
             r = ranks.get(L.key)
             if r is None:
                 continue
-            rewrite(gm, L, r, scan, result)
+            rewrite(gm, L, r, scan, result, as_linears=L.key in opt["as_linears"])
         finalize(gm)
         count(scan, result, ranks)
 
@@ -150,6 +150,8 @@ class LowRankPass(Pass):
         "min_saving": Option((int, float), 0.1, low=0, high=1, open_high=True),
         "exclude": Option((list, tuple, str, type(None)), None),
         "max_rows": Option((int,), 65536, low=1),
+        "as_linears": Option((list, tuple, type(None)), None,
+                             doc="Linear layers (keys) written as two F.linear calls, for a later quantize pass"),
     }
 
     def _options(self, ctx: PassContext) -> dict[str, Any]:
@@ -166,7 +168,7 @@ class LowRankPass(Pass):
             sensitivity=o("sensitivity", "layer"), snap=int(o("snap", 8)), min_layer_size=int(o("min_layer_size", 1024)),
             min_saving=float(o("min_saving", 0.1)),
             exclude=[o("exclude")] if isinstance(o("exclude"), str) else list(o("exclude", []) or []),
-            max_rows=int(o("max_rows", 65536)))
+            max_rows=int(o("max_rows", 65536)), as_linears=set(o("as_linears", []) or []))
         if opt["whitening"] not in ("cholesky", "scale"):
             raise PassError(f"low_rank: unknown whitening {opt['whitening']!r}; choose 'cholesky' or 'scale'")
         if opt["budget"] is not None and not 0 < float(opt["budget"]) <= 1:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import fx
 
 from ..base import PassResult
@@ -30,16 +31,25 @@ def lowrank_apply(layer: Layer, x: torch.Tensor, A: torch.Tensor, B: torch.Tenso
     return y.squeeze(2) if layer.conv1d else y
 
 
-def rewrite(gm: fx.GraphModule, L: Layer, rank: int, scan: LayerScan, result: PassResult) -> None:
-    """Replace every call of ``L`` by the low-rank op at ``rank``, with a report row."""
+def rewrite(gm: fx.GraphModule, L: Layer, rank: int, scan: LayerScan, result: PassResult,
+            as_linears: bool = False) -> None:
+    """Replace every call of ``L`` by the low-rank op at ``rank``, with a report row. ``as_linears`` (Linear
+    layers): two ``F.linear`` calls, ``x -> [r, d] -> [out, r] + bias``, instead of the op, so a later pass
+    that takes Linear layers (quantize) takes each factor."""
     A, B, bias = factors(L, rank)
-    names = add_frozen_params(gm, L.key, {"lr_U": A, "lr_V": B, "lr_bias": bias})
     c = L.conv
+    if as_linears and L.kind == "linear":
+        names = add_frozen_params(gm, L.key, {"lr_in": A.T, "lr_out": B.T, "lr_bias": bias})
 
-    def call(g: fx.Graph, x: fx.Node, u: fx.Node, v: fx.Node, b: fx.Node) -> fx.Node:
-        if L.kind == "linear":
-            return g.call_function(_LINEAR_OP, (x, u, v, b))
-        return g.call_function(_CONV_OP, (x, u, v, b, list(c["stride"]), list(c["padding"]), list(c["dilation"])))
+        def call(g: fx.Graph, x: fx.Node, w_in: fx.Node, w_out: fx.Node, b: fx.Node) -> fx.Node:
+            return g.call_function(F.linear, (g.call_function(F.linear, (x, w_in)), w_out, b))
+    else:
+        names = add_frozen_params(gm, L.key, {"lr_U": A, "lr_V": B, "lr_bias": bias})
+
+        def call(g: fx.Graph, x: fx.Node, u: fx.Node, v: fx.Node, b: fx.Node) -> fx.Node:
+            if L.kind == "linear":
+                return g.call_function(_LINEAR_OP, (x, u, v, b))
+            return g.call_function(_CONV_OP, (x, u, v, b, list(c["stride"]), list(c["padding"]), list(c["dilation"])))
 
     macs_before = sum(node_cost(node, gm)[0] for node in L.nodes)
     macs_after = sum((math.prod(shape_of(node) or (0,)) // L.out) * rank * (L.d + L.out) for node in L.nodes)
