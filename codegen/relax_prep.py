@@ -1,10 +1,14 @@
-"""Relax-level preparation before LegalizeOps: fast GELU and lifting weight-only work out of ``main``.
+"""Relax-level preparation before LegalizeOps: op rewrites (``FastMath``) and lifting weight-only work
+out of ``main``.
 
-**Fast GELU.** LegalizeOps lowers ``nn.gelu``/``erf`` to ``erff`` from libm: a scalar call per
-element that LLVM cannot vectorize. On the BERT-style encoder (hidden 384, 64 tokens) the GELU
-kernels were 28 % of the run time (1.3 ms for 98k elements). ``topi.fast_erf`` is a rational
-approximation that vectorizes; its largest error against float64 erf is 4.2e-7 over [-10, 10]
-(measured), below fp32 rounding of the GELU output at any scale the reference tolerances use.
+**FastMath.** LegalizeOps lowers ``nn.gelu``/``erf``/``tanh``/``exp`` to libm calls per element that LLVM
+cannot vectorize. On the BERT-style encoder (hidden 384, 64 tokens) the GELU kernels were 28 % of the
+run time (1.3 ms for 98k elements). ``topi.fast_erf`` is a rational approximation that vectorizes; its
+largest error against float64 erf is 4.2e-7 over [-10, 10] (measured), below fp32 rounding of the GELU
+output at any scale the reference tolerances use; tanh → ``fast_tanh``, sigmoid → 1/(1+fast_exp),
+``x**2``/``x**3`` → multiplies. On llvm also: softmax and LayerNorm over the last axis → the row kernels
+of rowwise.py; a bias add before a Q/K/V split pushed into each section; NCHW max pool →
+``_te_max_pool2d`` (torch's NaN and -inf semantics, which TOPI's pool did not keep).
 
 **Lifting parameter transforms.** fxpress keeps weights as function inputs (they ship in
 params.npz), so work that depends on weights only — the transpose of every Linear weight, the
@@ -240,7 +244,8 @@ def _same_static_shape(a, b) -> bool:
 
 @tvm.transform.module_pass(opt_level=0, name="FxpressFastMath")
 class FastMath:
-    """Vectorizable fp32 math (module docstring): GELU/erf/exp/tanh/sigmoid, x**2, x**3, row softmax."""
+    """Op rewrites (module docstring): vectorizable GELU/erf/exp/tanh/sigmoid, x**2, x**3, row softmax and
+    LayerNorm, the bias before a split, max pool with torch's NaN semantics."""
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         return rewrite_functions(mod, _FastMathRewriter(mod))
@@ -299,7 +304,7 @@ def lift_param_transforms(mod: tvm.IRModule) -> tuple[tvm.IRModule, tvm.IRModule
 def _slack(before: int) -> int:
     """Growth too small to matter: constants folded with a weight (a recurrent net's zero initial state
     through its first step, a split bias) may add a few hundred bytes; refusing the lift for them left
-    every weight transpose inside the per-call graph (a 2-layer GRU: 576 bytes on 27 KB, 20 transposes
+    every weight transpose inside the per-call graph (a 2-layer GRU: 576 bytes on 27 KB, 23 transposes
     per call). Relative, so int8 codes decoded to fp32 (4x, or anything from no float weights) still fail."""
     return before // 20
 
