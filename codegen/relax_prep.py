@@ -8,7 +8,8 @@ largest error against float64 erf is 4.2e-7 over [-10, 10] (measured), below fp3
 output at any scale the reference tolerances use; tanh → ``fast_tanh``, sigmoid → 1/(1+fast_exp),
 ``x**2``/``x**3`` → multiplies. On llvm also: softmax and LayerNorm over the last axis → the row kernels
 of rowwise.py; a bias add before a Q/K/V split pushed into each section; NCHW max pool →
-``_te_max_pool2d`` (torch's NaN and -inf semantics, which TOPI's pool did not keep).
+``_te_max_pool2d`` and fp32 max/min reductions → ``_te_nan_extremum`` (torch's NaN and -inf semantics,
+which TOPI's did not keep; CUDA keeps TOPI's, untested there).
 
 **Lifting parameter transforms.** fxpress keeps weights as function inputs (they ship in
 params.npz), so work that depends on weights only — the transpose of every Linear weight, the
@@ -71,6 +72,35 @@ def _te_max_pool2d(x, kernel, strides, dilation, padding):
                                                                     axis=[rh, rw]), name="pool_max")
 
 
+def _te_nan_extremum(x, axes, keepdims: bool, largest: bool):
+    """max / min over ``axes`` with torch's semantics: NaN anywhere in the reduced values gives NaN, and
+    the identity is -inf / +inf (TOPI's starts from the lowest / highest finite float and keeps a NaN
+    only when it comes last: a full ``torch.max(x)`` lost it)."""
+    shape = [int(d) for d in x.shape]
+    axes = sorted({a % len(shape) for a in axes})
+    ident = float("-inf") if largest else float("inf")
+    better = (lambda a, b: a > b) if largest else (lambda a, b: a < b)
+    reducer = te.comm_reducer(lambda a, b: tirx.Select(tirx.isnan(a) | better(a, b), a, b),
+                              lambda dtype: tirx.const(ident, dtype), name="nan_max" if largest else "nan_min")
+    rs = {a: te.reduce_axis((0, shape[a]), name=f"r{a}") for a in axes}
+    out_shape = [1 if a in rs else d for a, d in enumerate(shape)] if keepdims else \
+        [d for a, d in enumerate(shape) if a not in rs]
+
+    def value(*idx):
+        it = iter(idx)
+        index = []
+        for a in range(len(shape)):
+            if a in rs:
+                if keepdims:
+                    next(it)
+                index.append(rs[a])
+            else:
+                index.append(next(it))
+        return reducer(x[tuple(index)], axis=[rs[a] for a in axes])
+
+    return te.compute(out_shape, value, name="nan_max" if largest else "nan_min")
+
+
 # Relax op → (TE replacement, PrimFunc name, attributes passed on)
 _FAST = {"relax.nn.gelu": (_te_fast_gelu, "gelu", ()), "relax.erf": (topi.fast_erf, "erf", ()),
          "relax.exp": (topi.fast_exp, "exp", ()), "relax.tanh": (topi.fast_tanh, "tanh", ()),
@@ -108,6 +138,13 @@ class _FastMathRewriter(relax.PyExprMutator):
                 return pushed
         if is_op(call, "relax.broadcast_to") and _same_static_shape(call, call.args[0]):
             return call.args[0]  # torch.matmul's expand to the shape it already has: a copy of nothing
+        if (is_op(call, "relax.max") or is_op(call, "relax.min")) and static_dims(call.args[0]) is not None \
+                and _on_llvm():
+            dims = len(static_dims(call.args[0]))
+            axes = list(range(dims)) if call.attrs.axis is None else [int(a) for a in call.attrs.axis]
+            if dims and axes:
+                return self.builder_.call_te(_te_nan_extremum, call.args[0], axes, bool(call.attrs.keepdims),
+                                             call.op.name == "relax.max", primfunc_name_hint=call.op.name[6:])
         if is_op(call, "relax.nn.max_pool2d"):
             pool = self._max_pool(call)
             if pool is not None:
@@ -166,8 +203,7 @@ class _FastMathRewriter(relax.PyExprMutator):
         """max_pool2d (NCHW, static shape, floor mode) on llvm → ``_te_max_pool2d`` (torch's NaN and
         -inf semantics; cpu_schedules.schedule_window_reduction vectorizes it)."""
         a = call.attrs
-        target = tvm.target.Target.current(allow_none=True)
-        if (target is None or target.kind.name != "llvm" or a.layout != "NCHW" or a.out_layout != "NCHW"
+        if (not _on_llvm() or a.layout != "NCHW" or a.out_layout != "NCHW"
                 or bool(a.ceil_mode) or len(static_dims(call.args[0]) or []) != 4):
             return None
         pad = [int(p) for p in a.padding]
@@ -204,6 +240,11 @@ class _FastMathRewriter(relax.PyExprMutator):
         flat = self.builder_.emit(relax.op.reshape(call.args[0], [rows, n]))
         out = self.builder_.emit(relax.call_tir(func, [flat, *extra], relax.TensorType([rows, n], "float32")))
         return relax.op.reshape(out, shape)
+
+
+def _on_llvm() -> bool:
+    target = tvm.target.Target.current(allow_none=True)
+    return target is not None and target.kind.name == "llvm"
 
 
 def weight_params(func: relax.Function) -> set | None:
