@@ -54,6 +54,14 @@ def _te_fast_sigmoid(x):
     return one / (one + topi.fast_exp(-x))
 
 
+def _nan_extremum_reducer(largest: bool):
+    """max (min) that keeps NaN, as torch does: a NaN on either side wins; the identity is -inf (+inf)."""
+    better = (lambda a, b: a > b) if largest else (lambda a, b: a < b)
+    ident = float("-inf") if largest else float("inf")
+    return te.comm_reducer(lambda a, b: tirx.Select(tirx.isnan(a) | better(a, b), a, b),
+                           lambda dtype: tirx.const(ident, dtype), name="nan_max" if largest else "nan_min")
+
+
 def _te_max_pool2d(x, kernel, strides, dilation, padding):
     """NCHW max pool with torch's semantics: a window holding a NaN gives NaN (whatever its position),
     padding is -inf (so a window of -inf values gives -inf). TOPI's pool pads with, and starts from, the
@@ -65,8 +73,7 @@ def _te_max_pool2d(x, kernel, strides, dilation, padding):
     minus_inf = tirx.const(float("-inf"), x.dtype)
     if any(padding):
         x = topi.nn.pad(x, [0, 0, top, left], [0, 0, bottom, right], pad_value=minus_inf, name="pool_pad")
-    nan_max = te.comm_reducer(lambda a, b: tirx.Select(tirx.isnan(a) | (a > b), a, b),
-                              lambda dtype: tirx.const(float("-inf"), dtype), name="nan_max")
+    nan_max = _nan_extremum_reducer(largest=True)
     rh, rw = te.reduce_axis((0, kh), name="rh"), te.reduce_axis((0, kw), name="rw")
     return te.compute((n, c, oh, ow), lambda i, j, y, z: nan_max(x[i, j, y * sh + rh * dh, z * sw + rw * dw],
                                                                     axis=[rh, rw]), name="pool_max")
@@ -78,10 +85,7 @@ def _te_nan_extremum(x, axes, keepdims: bool, largest: bool):
     only when it comes last: a full ``torch.max(x)`` lost it)."""
     shape = [int(d) for d in x.shape]
     axes = sorted({a % len(shape) for a in axes})
-    ident = float("-inf") if largest else float("inf")
-    better = (lambda a, b: a > b) if largest else (lambda a, b: a < b)
-    reducer = te.comm_reducer(lambda a, b: tirx.Select(tirx.isnan(a) | better(a, b), a, b),
-                              lambda dtype: tirx.const(ident, dtype), name="nan_max" if largest else "nan_min")
+    reducer = _nan_extremum_reducer(largest)
     rs = {a: te.reduce_axis((0, shape[a]), name=f"r{a}") for a in axes}
     out_shape = [1 if a in rs else d for a, d in enumerate(shape)] if keepdims else \
         [d for a, d in enumerate(shape) if a not in rs]
