@@ -7,7 +7,7 @@ The pipeline, with the text of the module after each stage kept in ``BuiltModule
                     FastMath (vectorizable GELU/erf/exp/tanh/sigmoid, row softmax; relax_prep.py),
                     WinogradConv (llvm: 3x3 stride-1 convs → Winograd F(4x4,3x3); winograd_route.py),
                     RouteConvToGemm (llvm: strided / narrow convs → im2col + matmul; conv_route.py),
-                    PrepackQuantizedWeights (int8 weights packed for the ISA; quantize_packed.py),
+                    PrepackQuantizedWeights (int8 GEMMs and convs on their fast kernels; quantize_prepack.py),
                     RouteGemmToBlas (llvm: fp32 matmuls → the BLAS GEMM shim; gemm_route.py)
   relax.lifted      weight-only work moved to main_transform_params, run once at compile time
                     (BuiltModule.transform_params; only when main has num_input; relax_prep.py)
@@ -50,7 +50,7 @@ from . import blas, cuda
 from .conv_route import RouteConvToGemm
 from .gemm_route import RouteGemmToBlas
 from .kernel_families import KERNEL_ATTR, OP_PATTERN_OPAQUE
-from .quantize_packed import PrepackQuantizedWeights
+from .quantize_prepack import PrepackQuantizedWeights
 from .relax_prep import TRANSFORM_FUNC, FastMath, lift_param_transforms
 from .winograd_route import WinogradConv
 from .parallel_threshold import serialize_small_kernels

@@ -31,5 +31,7 @@ def schedule_tagged(mod: tvm.IRModule, tag: str,
             continue
         scheduled = schedule(func, gv.name_hint)
         if scheduled is not None:
-            out.update_func(gv, scheduled)
+            # a kernel built afresh (not scheduled from func) keeps func's marks: opaque to FuseOps
+            kept = {k: func.attrs[k] for k in (KERNEL_ATTR, "op_pattern") if k in func.attrs}
+            out.update_func(gv, scheduled.with_attrs(kept) if kept else scheduled)
     return out

@@ -19,8 +19,9 @@ import json
 import tvm
 from tvm import relax, s_tir, te, tirx
 
-from .quantize_kernels import _conv_out, _round_up, _schedule_simple
-from .quantize_packed import Layout, _check, _epilogue, _finish, _intrin, _simple_parallel
+from .quantize_kernels import ARGS_ATTR, _conv_out, _round_up, _schedule_simple
+from .quantize_packed import (AVX2, AVX_VNNI, VNNI, Layout, _check, _epilogue, _finish, _intrin, _simple_parallel,
+                              as_kernel)
 
 __all__ = ["conv_packed_shape", "pack_conv_weights_func", "qconv2d_direct_func"]
 
@@ -188,8 +189,6 @@ def fold_relu_into_conv(mod: tvm.IRModule) -> tvm.IRModule:
     """Give each direct int8 conv followed only by a ReLU a kernel with the ReLU in its epilogue: the int8
     conv is opaque to FuseOps, so the ReLU was a separate fp32 pass over the output (ResNet-18: 1.9 ms of
     18.6)."""
-    from .quantize_packed import ARGS_ATTR, AVX2, AVX_VNNI, VNNI, as_kernel
-
     layouts = {lay.name: lay for lay in (VNNI, AVX_VNNI, AVX2)}
     convs = {}
     for gv, func in mod.functions_items():

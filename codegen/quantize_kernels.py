@@ -29,6 +29,7 @@ import tvm
 from tvm import s_tir, te, tirx
 from tvm.script import tirx as T
 
+from .flat_elementwise import flat_elementwise
 from .kernel_families import SCHEDULE_ATTR, schedule_tagged
 
 SCHEDULE_TAG = "quantize"
@@ -57,6 +58,10 @@ def _quant_value(v, scale: float, zp: int, qmin: int, qmax: int, dtype: str):
     return tirx.max(tirx.min(q, _f32(qmax)), _f32(qmin)).astype(dtype)
 
 
+def _dequant_value(q, scale: float, zp: int):
+    return (q.astype("float32") - _f32(zp)) * _f32(scale)
+
+
 def _qdtype(qmin: int) -> str:
     return "uint8" if qmin >= 0 else "int8"
 
@@ -73,7 +78,7 @@ def quantize_func(shape, scale: float, zp: int, qmin: int, qmax: int, in_dtype: 
 
 def dequantize_func(shape, scale: float, zp: int, in_dtype: str) -> tirx.PrimFunc:
     q = te.placeholder(tuple(shape), in_dtype, name="q")
-    y = te.compute(q.shape, lambda *i: (q(*i).astype("float32") - _f32(zp)) * _f32(scale), name="q_dequantize")
+    y = te.compute(q.shape, lambda *i: _dequant_value(q(*i), scale, zp), name="q_dequantize")
     return _tag(te.create_prim_func([q, y]), "dequantize", shape=list(shape), scale=scale, zp=zp, in_dtype=in_dtype)
 
 
@@ -447,19 +452,14 @@ def qmatmul_avx2_func(G: int, M: int, K: int, N: int, a_scale: float, a_zp: int,
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
 
-def _schedule_elementwise(func: tirx.PrimFunc) -> tirx.PrimFunc:
-    sch = s_tir.Schedule(func)
-    for b in sch.get_child_blocks(sch.get_sblock("root")):
-        loops = sch.get_loops(b)
-        fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
-        n = int(sch.get(fused).extent)
-        if n >= 8 and n % 8 == 0:
-            o, v = sch.split(fused, [None, 8])
-            sch.parallel(o)
-            sch.vectorize(v)
-        else:
-            sch.parallel(fused)
-    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+def _elementwise_cpu(kind: str, args: dict) -> tirx.PrimFunc:
+    """The CPU form of a quantize / dequantize kernel: the same value expression, flat loops."""
+    if kind == "quantize":
+        out_dtype = _qdtype(args["qmin"])
+        return flat_elementwise(args["shape"], args["in_dtype"], out_dtype, lambda v: _quant_value(
+            v.astype("float32"), args["scale"], args["zp"], args["qmin"], args["qmax"], out_dtype))
+    return flat_elementwise(args["shape"], args["in_dtype"], "float32",
+                             lambda q: _dequant_value(q, args["scale"], args["zp"]))
 
 
 def _schedule_generic_cpu(func: tirx.PrimFunc) -> tirx.PrimFunc:
@@ -483,7 +483,7 @@ def cpu_kernel(func: tirx.PrimFunc, target) -> tirx.PrimFunc:
     kind = args.pop("kind")
     avx2 = has_avx2(target)
     if kind in ("quantize", "dequantize"):
-        out = _schedule_elementwise(func)
+        out = _elementwise_cpu(kind, args)
     elif kind == "qlinear" and avx2:
         out = qlinear_avx2_func(**args)
     elif kind == "qconv2d" and avx2 and args["groups"] == 1:

@@ -23,29 +23,14 @@ so one panel of packed weights stays in cache while every row block streams past
 (panel, row block). Convolutions run the direct kernel of ``quantize_conv.py`` on the same cores
 (im2col + this GEMM was 7.1 ms against 0.86 ms direct on ResNet-18's 56×56×64 3×3 conv, one thread).
 
-**Through the BLAS** (``int8_blas_routable``): where the GEMM shim bound MKL's ``cblas_gemm_s8u8s32``
-and a probe found it exact (AMX or VNNI inside MKL; without VNNI it may sum pairs in saturating int16),
-and the target has VNNI, a qlinear becomes that GEMM's int32 product plus the epilogue above as an
-ordinary elementwise op (the activation or residual after it fuses in), and a conv with fewer than 16
-input channels (the stem: the direct kernel's 4-channel groups are mostly padding there) a k-major u8
-im2col, the same GEMM and an epilogue writing NCHW. Intel Xeon with AMX, 2026-12-07: BERT-style int8
-7.9 → 6.0 ms, ResNet-18 int8 9.7 → 9.2 ms (the stem 2.0 → 1.2 ms). ``FXPRESS_INT8_BLAS=0`` keeps the
-packed kernels; ``FXPRESS_INT8_CONV_BLAS=0`` / ``all`` no conv / every conv (slower: 9.3 ms, the GEMM on a
-transposed A and the transposing epilogue cost more than the direct kernel on wide inputs).
-
-``PrepackQuantizedWeights`` (a Relax pass in ``build.front_stages``, before lifting) rewrites each
-``call_tir`` of a generic ``qlinear`` / ``qconv2d`` kernel (u8 activations, groups == 1) into
-pack + bias-adjust + packed GEMM, on llvm targets with AVX2, then folds a ReLU that only follows a conv
-into its epilogue (``quantize_conv.fold_relu_into_conv``); ``FXPRESS_INT8_PREPACK=0`` turns it all
-off, ``FXPRESS_INT8_FOLD_RELU=0`` the ReLU folding.
+The int8 GEMM through the BLAS (MKL's AMX/VNNI product) is ``quantize_blas.py``; the Relax rewrite that
+picks between these kernels and that one is ``quantize_prepack.py``.
 """
 from __future__ import annotations
 
 import json
-import os
 
-import tvm
-from tvm import relax, s_tir, te, tirx
+from tvm import s_tir, te, tirx
 from tvm.script import tirx as T
 
 from . import isa
@@ -54,9 +39,7 @@ from .quantize_kernels import (ARGS_ATTR, SCHEDULE_TAG, _f32, _gemm_core, _intri
                                _schedule_gemm, _schedule_simple, has_avx2)
 
 __all__ = ["Layout", "layout_for", "pack_weights_func", "bias_adjust_func", "qlinear_packed_func",
-           "qmatmul_vnni_func", "PrepackQuantizedWeights", "PREPACK_ENV"]
-
-PREPACK_ENV = "FXPRESS_INT8_PREPACK"
+           "qmatmul_vnni_func", "as_kernel"]
 
 
 # ----------------------------------------------------------------------------- VNNI tensor intrinsic
@@ -308,271 +291,10 @@ def qmatmul_vnni_func(G: int, M: int, K: int, N: int, a_scale: float, a_zp: int,
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
 
-# ----------------------------------------------------------------------------- int8 GEMM through the BLAS
-
-INT8_BLAS_ENV = "FXPRESS_INT8_BLAS"
-
-
-def int8_blas_routable(layout: Layout | None) -> bool:
-    """Whether a qlinear goes to the shim's int8 GEMM (MKL's cblas_gemm_s8u8s32, found exact in this
-    process): on VNNI targets only (MKL without VNNI may saturate; the probe would catch it anyway), and
-    unless ``FXPRESS_INT8_BLAS=0``. Intel Xeon with AMX, 2026-12-07, one core: 1000-1300 GOP/s on BERT's
-    projections against ~350 for the packed VNNI kernel here."""
-    from . import blas
-
-    if layout not in (VNNI, AVX_VNNI) or os.environ.get(INT8_BLAS_ENV, "1") in ("", "0"):
-        return False
-    return blas.available() and blas.bound_int8_symbol() != "none"
-
-
-def int8_gemm_func(M: int, N: int, K: int, parts: int, transposed_x: bool = False) -> tirx.PrimFunc:
-    """acc[M, N] (int32) = xq[M, K] (uint8) · w[N, K]ᵀ (int8): ``parts`` shim calls in a parallel loop
-    (``transposed_x``: xq is stored [K, M], as the k-major im2col writes it)."""
-    from . import blas
-
-    x = te.placeholder((K, M) if transposed_x else (M, K), "uint8", name="xq")
-    w = te.placeholder((N, K), "int8", name="w")
-    i64 = lambda v: tirx.const(v, "int64")  # noqa: E731
-
-    def body(ins, outs):
-        part = tirx.Var("part", "int64")
-        call = tirx.call_extern("int32", blas.INT8_SYMBOL, part, i64(parts), i64(M), i64(N), i64(K),
-                                ins[0].access_ptr("r"), tirx.const(int(transposed_x), "int32"),
-                                ins[1].access_ptr("r"), outs[0].access_ptr("w"))
-        kind = tirx.ForKind.PARALLEL if parts > 1 else tirx.ForKind.SERIAL
-        return tirx.For(part, i64(0), i64(parts), kind, tirx.Evaluate(call))
-
-    acc = te.extern([(M, N)], [x, w], body, dtype="int32", name="q_blas_gemm")
-    func = te.create_prim_func([x, w, acc])
-    return func.with_attr("tirx.is_scheduled", True)
-
-
-def _te_int8_epilogue(acc, ws, badj, x_scale: float):
-    """The packed kernel's epilogue on the BLAS's int32 product (the same expression, so the same bits);
-    an ordinary elementwise op, so the activation or residual after it fuses in."""
-    return te.compute(acc.shape, lambda m, n: _epilogue(lambda c: acc[m, n], ws, badj, 1, x_scale)(n),
-                      name="q_out")
-
-
-INT8_CONV_BLAS_ENV = "FXPRESS_INT8_CONV_BLAS"
-
-
-def int8_conv_blas_mode() -> str:
-    """``FXPRESS_INT8_CONV_BLAS``: "0" keeps every int8 conv on the direct kernel, "all" routes every
-    one (measurements), else the rule (``route_int8_conv``)."""
-    value = os.environ.get(INT8_CONV_BLAS_ENV, "1")
-    return value if value in ("0", "all") else "rule"
-
-
-def route_int8_conv(args: dict, mode: str) -> bool:
-    """Which int8 convs take im2col + the BLAS's int8 GEMM instead of the direct VNNI kernel."""
-    if mode == "0" or args["groups"] != 1 or args.get("x_dtype", "uint8") != "uint8" or args["w_shape"][0] != 1:
-        return False
-    return True if mode == "all" else args["x_shape"][1] < 16
-
-
-def _te_int8_im2col(x, w_shape, stride, padding, dilation, x_zp: int):
-    """cols[(c, kh, kw), b·OH·OW + p] (uint8), k-major: each row one tap over every output pixel, so the
-    innermost loop walks an input row. Padding = the zero point (what bias_adj's correction assumes)."""
-    from .quantize_kernels import _conv_out, _padded_input
-
-    B, Cin, H, W = (int(d) for d in x.shape)
-    _, _, _, KH, KW = w_shape
-    OH, OW = _conv_out(H, W, KH, KW, stride, padding, dilation)
-    xp = _padded_input(x, padding, x_zp, "q_im2col_pad")
-    (sh, sw), (dh, dw) = stride, dilation
-
-    def col(k, r):
-        b, p = r // (OH * OW), r % (OH * OW)
-        c, t = k // (KH * KW), k % (KH * KW)
-        return xp[b, c, (p // OW) * sh + (t // KW) * dh, (p % OW) * sw + (t % KW) * dw]
-
-    return te.compute((Cin * KH * KW, B * OH * OW), col, name="q_im2col")
-
-
-def int8_im2col_func(x_shape, w_shape, stride, padding, dilation, x_zp: int) -> tirx.PrimFunc:
-    """The u8 im2col above: (c, kh, kw) and (b, oh, ow) split back out, parallel over input channels, the
-    output row vectorized; the padded plane computed per channel (it stays in cache)."""
-    from .quantize_kernels import _conv_out
-
-    x = te.placeholder(tuple(x_shape), "uint8", name="xq")
-    cols = _te_int8_im2col(x, w_shape, stride, padding, dilation, x_zp)
-    sch = s_tir.Schedule(te.create_prim_func([x, cols]))
-    B, Cin, H, W = x_shape
-    _, _, _, KH, KW = w_shape
-    OH, OW = _conv_out(H, W, KH, KW, stride, padding, dilation)
-    block = sch.get_sblock("q_im2col")
-    k, r = sch.get_loops(block)
-    c, t = sch.split(k, factors=[Cin, KH * KW])
-    kh, kw = sch.split(t, factors=[KH, KW])
-    b, oh, ow = sch.split(r, factors=[B, OH, OW])
-    sch.reorder(c, b, kh, kw, oh, ow)
-    sch.parallel(c)
-    if OW >= 16:
-        _, vec = sch.split(ow, factors=[None, 16])
-        sch.vectorize(vec)
-    if any(padding):
-        pad = sch.get_sblock("q_im2col_pad")
-        sch.compute_at(pad, c)
-        sch.vectorize(sch.get_loops(pad)[-1])
-    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
-
-
-def _te_int8_conv_epilogue(acc, ws, badj, x_scale: float, B: int, OH: int, OW: int):
-    """NCHW output from the pixel-major int32 product, through the packed kernels' epilogue expression."""
-    O = int(acc.shape[1])
-    return te.compute((B, O, OH, OW), lambda b, o, i, j: _epilogue(
-        lambda c: acc[(b * OH + i) * OW + j, o], ws, badj, 1, x_scale)(o), name="q_out")
-
-
-# ----------------------------------------------------------------------------- Relax rewrite
-
-def prepack_enabled() -> bool:
-    return os.environ.get(PREPACK_ENV, "1") not in ("", "0")
-
-
-def relu_folding_enabled() -> bool:
-    """``FXPRESS_INT8_FOLD_RELU=0``: keep the ReLU after an int8 conv as its own kernel."""
-    return os.environ.get("FXPRESS_INT8_FOLD_RELU", "1") not in ("", "0")
-
-
-def _packed_kernels(args: dict, layout: Layout):
-    """(pack, packed shape, bias adjust, GEMM, weight shape) for a generic kernel's construction args;
-    None: not handled. Convolutions take the direct kernel (``quantize_conv.py``)."""
-    kind = args["kind"]
-    if args.get("x_dtype", "uint8") != "uint8" and layout.group == VNNI.group:
-        return None
-    if kind == "qlinear":
-        w_shape = [args["C"], args["N"], args["K"]]
-        gemm = qlinear_packed_func(args["M"], args["K"], args["C"], args["N"], args["x_scale"], args["x_zp"], layout,
-                                   args["x_dtype"])
-    elif kind == "qconv2d" and args["groups"] == 1:
-        from .quantize_conv import conv_packed_shape, pack_conv_weights_func, qconv2d_direct_func
-
-        w_shape = args["w_shape"]
-        gemm = qconv2d_direct_func(args["x_shape"], w_shape, args["x_scale"], args["x_zp"], args["stride"],
-                                   args["padding"], args["dilation"], layout, args["x_dtype"])
-        return (pack_conv_weights_func(w_shape, layout), conv_packed_shape(w_shape, layout),
-                bias_adjust_func(w_shape, args["x_zp"]), gemm, w_shape)
-    else:
-        return None
-    return (pack_weights_func(w_shape, layout), packed_shape(w_shape, layout), bias_adjust_func(w_shape, args["x_zp"]),
-            gemm, w_shape)
-
+# ----------------------------------------------------------------------------- kernels as Relax sees them
 
 def as_kernel(func: tirx.PrimFunc) -> tirx.PrimFunc:
     """``func`` marked as build() marks hand-written kernels (opaque to FuseOps), without a global symbol."""
     if "global_symbol" in func.attrs:
         func = func.without_attr("global_symbol")  # te.create_prim_func names every kernel "main"
     return func.with_attrs({KERNEL_ATTR: 1, "op_pattern": OP_PATTERN_OPAQUE})
-
-
-@relax.expr_functor.mutator
-class _Prepacker(relax.PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, layout: Layout):
-        super().__init__(mod)
-        self.mod_, self.layout = mod, layout
-        self.replaced: set[str] = set()
-        self._call_tir = tvm.ir.Op.get("relax.call_tir")
-        self.int8_blas = int8_blas_routable(layout)
-        self.conv_mode = int8_conv_blas_mode()
-
-    def _blas_qlinear(self, call: relax.Call, args: dict) -> relax.Expr:
-        """qlinear (one weight cluster) → bias adjust (lifted), the BLAS's int32 product, the epilogue."""
-        from .targets import pool_workers
-
-        x, w, ws, bq = call.args[1].fields
-        M, K, N = args["M"], args["K"], args["N"]
-        bb = self.builder_
-        badj = bb.emit(relax.call_tir(self._add(bias_adjust_func([1, N, K], args["x_zp"]), "fxpress_qbias_adj"),
-                                      [w, bq], relax.TensorType([1, N], "int32")))
-        w2d = bb.emit(relax.op.reshape(w, [N, K]))  # a weight's reshape: lifted to compile time
-        parts = pool_workers(tvm.target.Target.current(allow_none=True))
-        acc = bb.emit(relax.call_tir(self._add(int8_gemm_func(M, N, K, parts), "fxpress_qgemm_blas"), [x, w2d],
-                                     relax.TensorType([M, N], "int32")))
-        return bb.call_te(_te_int8_epilogue, acc, ws, badj, args["x_scale"], primfunc_name_hint="fxpress_qlinear_out")
-
-    def _blas_qconv(self, call: relax.Call, args: dict) -> relax.Expr:
-        """qconv2d (groups 1, one cluster) → u8 im2col, the BLAS's int32 product (pixels x channels),
-        the epilogue writing NCHW (a following ReLU or residual add fuses into it)."""
-        from .quantize_kernels import _conv_out
-        from .targets import pool_workers
-
-        x, w, ws, bq = call.args[1].fields
-        x_shape, w_shape = args["x_shape"], args["w_shape"]
-        B, _, H, W = x_shape
-        _, O, Cin, KH, KW = w_shape
-        OH, OW = _conv_out(H, W, KH, KW, args["stride"], args["padding"], args["dilation"])
-        M, K = B * OH * OW, Cin * KH * KW
-        bb = self.builder_
-        badj = bb.emit(relax.call_tir(self._add(bias_adjust_func(w_shape, args["x_zp"]), "fxpress_qbias_adj"),
-                                      [w, bq], relax.TensorType([1, O], "int32")))
-        w2d = bb.emit(relax.op.reshape(w, [O, K]))  # a weight's reshape: lifted to compile time
-        im2col = int8_im2col_func(x_shape, w_shape, args["stride"], args["padding"], args["dilation"], args["x_zp"])
-        cols = bb.emit(relax.call_tir(self._add(im2col, "fxpress_qim2col"), [x], relax.TensorType([K, M], "uint8")))
-        parts = pool_workers(tvm.target.Target.current(allow_none=True))
-        gemm = int8_gemm_func(M, O, K, parts, transposed_x=True)
-        acc = bb.emit(relax.call_tir(self._add(gemm, "fxpress_qgemm_blas"), [cols, w2d],
-                                     relax.TensorType([M, O], "int32")))
-        return bb.call_te(_te_int8_conv_epilogue, acc, ws, badj, args["x_scale"], B, OH, OW,
-                          primfunc_name_hint="fxpress_qconv_out")
-
-    def _add(self, func: tirx.PrimFunc, name: str):
-        return self.builder_.add_func(as_kernel(func), name)
-
-    def visit_call_(self, call: relax.Call) -> relax.Expr:
-        call = super().visit_call_(call)
-        if (call.op != self._call_tir or not isinstance(call.args[0], relax.GlobalVar)
-                or not isinstance(call.args[1], relax.Tuple) or len(call.args) != 2):
-            return call
-        gv = call.args[0]
-        func = self.mod_[gv] if gv in self.mod_.get_global_vars() else None
-        if not isinstance(func, tirx.PrimFunc) or func.attrs is None or ARGS_ATTR not in func.attrs:
-            return call
-        args = json.loads(str(func.attrs[ARGS_ATTR]))
-        if (self.int8_blas and args["kind"] == "qlinear" and args["C"] == 1
-                and args.get("x_dtype", "uint8") == "uint8"):
-            self.replaced.add(gv.name_hint)
-            return self._blas_qlinear(call, args)
-        if self.int8_blas and args["kind"] == "qconv2d" and route_int8_conv(args, self.conv_mode):
-            self.replaced.add(gv.name_hint)
-            return self._blas_qconv(call, args)
-        made = _packed_kernels(args, self.layout)
-        if made is None:
-            return call
-        pack, wp_shape, adjust, gemm, w_shape = made
-        x, w, ws, bq = call.args[1].fields
-        bb = self.builder_
-        wp = bb.emit(relax.call_tir(self._add(pack, "fxpress_qpack"), [w], relax.TensorType(wp_shape, "int8")))
-        badj = bb.emit(relax.call_tir(self._add(adjust, "fxpress_qbias_adj"), [w, bq],
-                                      relax.TensorType(list(w_shape[:2]), "int32")))
-        self.replaced.add(gv.name_hint)
-        return relax.call_tir(self._add(gemm, gv.name_hint + "_packed"), [x, wp, ws, badj], call.ty)
-
-
-@tvm.transform.module_pass(opt_level=0, name="FxpressPrepackQuantizedWeights")
-class PrepackQuantizedWeights:
-    """Generic qlinear / qconv2d calls → param-only pack + bias adjust, and the packed GEMM (see module doc).
-
-    Reads the target from the enclosing ``with target:`` (build() sets it); no target, a non-llvm or a
-    non-AVX2 target, or ``FXPRESS_INT8_PREPACK=0``: the module is returned unchanged."""
-
-    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        layout = layout_for(tvm.target.Target.current(allow_none=True)) if prepack_enabled() else None
-        if layout is None:
-            return mod
-        rewriter = _Prepacker(mod, layout)
-        entries = []
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
-                entries.append(gv.name_hint)
-        if not rewriter.replaced:
-            return mod
-        from .quantize_conv import fold_relu_into_conv
-
-        mod = rewriter.builder_.get()
-        if relu_folding_enabled():
-            mod = fold_relu_into_conv(mod)
-        # the generic kernels it replaced are now unused
-        return relax.transform.DeadCodeElimination(entry_functions=entries)(mod)

@@ -8,7 +8,7 @@ largest error against float64 erf is 4.2e-7 over [-10, 10] (measured), below fp3
 output at any scale the reference tolerances use; tanh → ``fast_tanh``, sigmoid → 1/(1+fast_exp),
 ``x**2``/``x**3`` → multiplies. On llvm also: softmax and LayerNorm over the last axis → the row kernels
 of rowwise.py; a bias add before a Q/K/V split pushed into each section; NCHW max pool →
-``_te_max_pool2d`` and fp32 max/min reductions → ``_te_nan_extremum`` (torch's NaN and -inf semantics,
+``pooling.max_pool2d_func`` and fp32 max/min reductions → ``_te_nan_extremum`` (torch's NaN and -inf semantics,
 which TOPI's did not keep; CUDA keeps TOPI's, untested there).
 
 **Lifting parameter transforms.** fxpress keeps weights as function inputs (they ship in
@@ -31,7 +31,7 @@ import math
 import tvm
 from tvm import relax, te, tirx, topi
 
-from . import rowwise
+from . import pooling, rowwise
 from .cpu_schedules import vector_lanes
 from .targets import pool_workers
 
@@ -60,23 +60,6 @@ def _nan_extremum_reducer(largest: bool):
     ident = float("-inf") if largest else float("inf")
     return te.comm_reducer(lambda a, b: tirx.Select(tirx.isnan(a) | better(a, b), a, b),
                            lambda dtype: tirx.const(ident, dtype), name="nan_max" if largest else "nan_min")
-
-
-def _te_max_pool2d(x, kernel, strides, dilation, padding):
-    """NCHW max pool with torch's semantics: a window holding a NaN gives NaN (whatever its position),
-    padding is -inf (so a window of -inf values gives -inf). TOPI's pool pads with, and starts from, the
-    lowest finite float and takes ``max``, which keeps a NaN only when it is the window's last value."""
-    (kh, kw), (sh, sw), (dh, dw), (top, left, bottom, right) = kernel, strides, dilation, padding
-    n, c, h, w = (int(d) for d in x.shape)
-    oh = (h + top + bottom - dh * (kh - 1) - 1) // sh + 1
-    ow = (w + left + right - dw * (kw - 1) - 1) // sw + 1
-    minus_inf = tirx.const(float("-inf"), x.dtype)
-    if any(padding):
-        x = topi.nn.pad(x, [0, 0, top, left], [0, 0, bottom, right], pad_value=minus_inf, name="pool_pad")
-    nan_max = _nan_extremum_reducer(largest=True)
-    rh, rw = te.reduce_axis((0, kh), name="rh"), te.reduce_axis((0, kw), name="rw")
-    return te.compute((n, c, oh, ow), lambda i, j, y, z: nan_max(x[i, j, y * sh + rh * dh, z * sw + rw * dw],
-                                                                    axis=[rh, rw]), name="pool_max")
 
 
 def _te_nan_extremum(x, axes, keepdims: bool, largest: bool):
@@ -204,17 +187,20 @@ class _FastMathRewriter(relax.PyExprMutator):
         return relax.Tuple(parts)
 
     def _max_pool(self, call: relax.Call) -> relax.Expr | None:
-        """max_pool2d (NCHW, static shape, floor mode) on llvm → ``_te_max_pool2d`` (torch's NaN and
-        -inf semantics; cpu_schedules.schedule_window_reduction vectorizes it)."""
+        """max_pool2d (NCHW, static shape, floor mode) on llvm → ``pooling.max_pool2d_func`` (torch's NaN
+        and -inf semantics, separable and vectorized)."""
         a = call.attrs
         if (not _on_llvm() or a.layout != "NCHW" or a.out_layout != "NCHW"
                 or bool(a.ceil_mode) or len(static_dims(call.args[0]) or []) != 4):
             return None
         pad = [int(p) for p in a.padding]
         pad = pad * 2 if len(pad) == 2 else pad
-        return self.builder_.call_te(_te_max_pool2d, call.args[0], [int(k) for k in a.pool_size],
-                                     [int(k) for k in a.strides], [int(k) for k in a.dilation], pad,
-                                     primfunc_name_hint="max_pool2d")
+        shape, dtype = static_dims(call.args[0]), call.args[0].ty.dtype
+        geometry = [int(k) for k in a.pool_size], [int(k) for k in a.strides], [int(k) for k in a.dilation], pad
+        lanes = vector_lanes(tvm.target.Target.current(allow_none=True), tvm.DataType(dtype).bits)
+        func = self.builder_.add_func(pooling.max_pool2d_func(shape, dtype, *geometry, lanes), "max_pool2d")
+        out_shape = [*shape[:2], *pooling.pool_geometry(shape, *geometry)]
+        return relax.call_tir(func, [call.args[0]], relax.TensorType(out_shape, dtype))
 
     def _row_kernel(self, call: relax.Call) -> relax.Expr | None:
         """Softmax, or LayerNorm with weight and bias, over the last axis of a static-shape fp32 tensor →

@@ -55,6 +55,8 @@ GEMM_CASES = [
     ((1, 128, 384), (1536, 384), False, True),     # BERT FFN shape
     ((520, 300), (300, 49), False, False),         # M > 2N (a conv's weight x few pixels): rows split
     ((300, 520), (2, 300, 49), True, False),       # the same, transposed shared left operand, batched
+    ((130, 72), (40, 72), False, True),            # few, awkward columns (a 7x7 map's 49), B transposed
+    ((72, 130), (72, 40), True, False),            # the same with A transposed
 ]
 
 
@@ -445,14 +447,17 @@ def test_bias_split_goes_through_to_each_section(sections):
 @pytest.mark.parametrize("make", [
     lambda: torch.nn.MaxPool2d(3, 2, 1),                       # ResNet's stem pool
     lambda: torch.nn.MaxPool2d(2, 2),                          # no padding
+    lambda: torch.nn.MaxPool2d(3, 1, 1),                       # stride 1
+    lambda: torch.nn.MaxPool2d((2, 3), (1, 2), (1, 0)),        # unequal window, stride and padding
+    lambda: torch.nn.MaxPool2d(3, 2, 1, dilation=2),           # dilated: taps two apart, odd output width
     lambda: torch.nn.AvgPool2d(3, 1, 1),                       # count_include_pad: a mean over 9 taps
     lambda: torch.nn.AvgPool2d(3, 2, 1, count_include_pad=False),
-], ids=["max3s2p1", "max2s2", "avg3s1p1", "avg3s2p1-exclude-pad"])
+], ids=["max3s2p1", "max2s2", "max3s1p1", "max2x3s1x2p1x0", "max3s2p1d2", "avg3s1p1", "avg3s2p1-exclude-pad"])
 def test_pooling_is_scheduled_and_keeps_torch_semantics(make):
-    """Window reductions (cpu_schedules.schedule_window_reduction: parallel, the output row vectorized)
-    match eager, NaN and -inf included: a NaN anywhere in a window is that window's result and a window
-    of -inf values gives -inf, as in torch (TOPI's max pool, replaced by relax_prep._te_max_pool2d, kept
-    a NaN only when it came last in its window and started from the lowest finite float)."""
+    """Pooling (max: pooling.max_pool2d_func, separable; avg: cpu_schedules.schedule_window_reduction;
+    both parallel with the output row vectorized) matches eager, NaN and -inf included: a NaN anywhere
+    in a window is that window's result and a window of -inf values gives -inf, as in torch (TOPI's max
+    pool kept a NaN only when it came last in its window and started from the lowest finite float)."""
     torch.manual_seed(0)
     x = torch.randn(2, 16, 64, 64)  # 32k outputs: enough for the parallel loop
     x[0, 0, 5, 7] = float("nan")  # inside windows, at a padded border, and first of its window

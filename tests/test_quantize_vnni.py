@@ -267,7 +267,9 @@ def test_int8_gemm_shim_is_exact():
     f = blas._state["lib"].fxpress_gemm_u8s8
     f.argtypes = [ctypes.c_int64] * 5 + [ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p]
     rng = np.random.default_rng(0)
-    for M, N, K, parts in [(5, 37, 300, 2), (64, 48, 1024, 3), (1, 16, 4, 1), (33, 100, 129, 2)]:
+    # column shares (M <= 2N) and row shares (M > 2N, a conv's pixels), uneven sizes
+    for M, N, K, parts in [(5, 37, 300, 2), (64, 48, 1024, 3), (1, 16, 4, 1), (33, 100, 129, 2), (200, 30, 77, 2),
+                           (1000, 16, 64, 3)]:
         a = rng.integers(0, 256, (M, K)).astype(np.uint8)
         b = rng.integers(-128, 128, (N, K)).astype(np.int8)
         a[0, :] = 255
@@ -276,7 +278,7 @@ def test_int8_gemm_shim_is_exact():
         for ta, stored in ((0, a), (1, np.ascontiguousarray(a.T))):  # A as is, and stored [K, M]
             c = np.full((M, N), 7, np.int32)
             for part in range(parts):
-                f(part, parts, M, N, K, stored.ctypes.data, ta, b.ctypes.data, c.ctypes.data)
+                assert f(part, parts, M, N, K, stored.ctypes.data, ta, b.ctypes.data, c.ctypes.data) == 0
             np.testing.assert_array_equal(c, want)
 
 
@@ -284,7 +286,8 @@ def test_qlinear_through_the_int8_blas_matches_the_packed_kernel(monkeypatch, tm
     """Where MKL's int8 GEMM is bound and exact and the target has VNNI, qlinear runs as that GEMM plus
     an elementwise epilogue (activation and residual fused in); same integers, same epilogue expression."""
     from fxpress.codegen import resolve_target
-    from fxpress.codegen.quantize_packed import int8_blas_routable, layout_for
+    from fxpress.codegen.quantize_blas import int8_blas_routable
+    from fxpress.codegen.quantize_packed import layout_for
 
     if not int8_blas_routable(layout_for(resolve_target("llvm"))):
         pytest.skip("needs a VNNI target and MKL's exact int8 GEMM in this process")
@@ -304,13 +307,15 @@ def test_qlinear_through_the_int8_blas_matches_the_packed_kernel(monkeypatch, tm
     np.testing.assert_array_equal(np.asarray(rt.run([t.numpy() for t in x])[0]), y)
 
 
-def test_int8_conv_rule_routes_narrow_inputs_only():
-    from fxpress.codegen.quantize_packed import route_int8_conv
+def test_int8_conv_rule_routes_narrow_inputs_or_every_conv_with_a_matrix_engine():
+    from fxpress.codegen.quantize_blas import route_int8_conv
 
     conv = lambda cin: {"groups": 1, "x_dtype": "uint8", "w_shape": [1, 64, cin, 3, 3], "x_shape": [1, cin, 56, 56]}  # noqa: E731
-    assert route_int8_conv(conv(3), "rule") and not route_int8_conv(conv(64), "rule")
-    assert route_int8_conv(conv(64), "all") and not route_int8_conv(conv(3), "0")
-    assert not route_int8_conv({**conv(3), "groups": 3}, "all")
+    assert route_int8_conv(conv(3), "rule", False) and not route_int8_conv(conv(64), "rule", False)
+    assert route_int8_conv(conv(64), "rule", True)  # AMX: every groups-1 conv
+    assert route_int8_conv(conv(64), "all", False) and not route_int8_conv(conv(3), "0", True)
+    assert not route_int8_conv({**conv(3), "groups": 3}, "all", True)
+    assert not route_int8_conv({**conv(3), "x_dtype": "int8"}, "rule", True)
 
 
 @pytest.mark.parametrize("mode", ["1", "all"])
@@ -318,7 +323,8 @@ def test_int8_convs_through_im2col_and_the_int8_blas_match_the_direct_kernel(mod
     """The 3-channel stem (the rule) or every conv ("all"): u8 im2col padded with the zero point, the
     BLAS's int32 product, the epilogue writing NCHW; same integers as the direct VNNI kernel."""
     from fxpress.codegen import resolve_target
-    from fxpress.codegen.quantize_packed import int8_blas_routable, layout_for
+    from fxpress.codegen.quantize_blas import int8_blas_routable
+    from fxpress.codegen.quantize_packed import layout_for
 
     if not int8_blas_routable(layout_for(resolve_target("llvm"))):
         pytest.skip("needs a VNNI target and MKL's exact int8 GEMM in this process")
@@ -364,3 +370,98 @@ def test_compile_int8_packed_matches_unpacked(name, monkeypatch, tmp_path):
 
     rt = load(new.export(str(tmp_path / "m"), backends=("tvm",)), backend="tvm")
     np.testing.assert_array_equal(np.asarray(rt.run([t.numpy() for t in x])[0]), y_new)
+
+
+@pytest.mark.parametrize("B,C,H,W,KH,KW,stride,padding,dilation", [
+    (2, 3, 9, 11, 3, 3, (1, 1), (1, 1), (1, 1)),  # the stem's narrow taps, batch 2
+    (1, 20, 8, 8, 3, 3, (2, 2), (1, 1), (1, 1)),  # strided, C >= 16 not a multiple of 16
+    (1, 16, 7, 7, 1, 1, (2, 2), (0, 0), (1, 1)),  # a 1x1 downsample
+    (1, 5, 10, 10, 3, 3, (1, 1), (2, 2), (2, 2)),  # dilated: taps not contiguous
+    (1, 32, 6, 5, 2, 3, (2, 1), (1, 0), (1, 1)),  # unequal kernel, stride and padding
+])
+def test_int8_im2col_matches_a_numpy_reference(B, C, H, W, KH, KW, stride, padding, dilation):
+    """The BLAS route's u8 im2col: row = output pixel, column = (kh, kw, c), padding = the zero point."""
+    import tvm
+
+    from fxpress.codegen.quantize_blas import int8_im2col_func
+
+    zp = 37
+    func = int8_im2col_func([B, C, H, W], [1, 8, C, KH, KW], stride, padding, dilation, zp)
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target="llvm")
+    x = np.random.default_rng(0).integers(0, 256, (B, C, H, W)).astype(np.uint8)
+    xp = np.pad(x, ((0, 0), (0, 0), (padding[0],) * 2, (padding[1],) * 2), constant_values=zp)
+    OH = (H + 2 * padding[0] - dilation[0] * (KH - 1) - 1) // stride[0] + 1
+    OW = (W + 2 * padding[1] - dilation[1] * (KW - 1) - 1) // stride[1] + 1
+    want = np.empty((B * OH * OW, KH * KW * C), np.uint8)
+    for b in range(B):
+        for i in range(OH):
+            for j in range(OW):
+                patch = xp[b, :, i * stride[0]: i * stride[0] + dilation[0] * (KH - 1) + 1: dilation[0],
+                           j * stride[1]: j * stride[1] + dilation[1] * (KW - 1) + 1: dilation[1]]
+                want[(b * OH + i) * OW + j] = patch.transpose(1, 2, 0).reshape(-1)
+    got = tvm.runtime.tensor(np.zeros_like(want))
+    lib["main"](tvm.runtime.tensor(x), got)
+    np.testing.assert_array_equal(got.numpy(), want)
+
+
+@pytest.mark.parametrize("shape", [(1, 128, 28, 28), (3, 5, 7), (13,), (2, 9)])
+def test_flat_quantize_and_dequantize_kernels_match_the_reference_op(shape):
+    """The CPU quantize / dequantize kernels run flat (8 lanes + a serial tail): the reference op's numbers
+    (``torch.ops.fxpress.quantize``: round half to even, then + zp, clamped), exact ties included, on
+    shapes whose rows do not fill a vector."""
+    import tvm
+
+    from fxpress.codegen.quantize_kernels import cpu_kernel, dequantize_func, quantize_func
+
+    target = tvm.target.Target({"kind": "llvm"})
+    scale, zp = 0.05, 3
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 8
+    x.view(-1)[0] = 2.5 * torch.tensor(scale, dtype=torch.float32)  # an exact tie: x / scale = 2.5 → 2
+    want_q = torch.ops.fxpress.quantize(x, scale, zp, 0, 255).numpy()
+    assert want_q.reshape(-1)[0] == 2 + zp
+    q = cpu_kernel(quantize_func(list(shape), scale, zp, 0, 255), target).with_attr("global_symbol", "main")
+    dq = cpu_kernel(dequantize_func(list(shape), scale, zp, "uint8"), target).with_attr("global_symbol", "main")
+    got_q = tvm.runtime.tensor(np.zeros(shape, np.uint8))
+    tvm.compile(tvm.IRModule({"main": q}), target=target)["main"](tvm.runtime.tensor(x.numpy()), got_q)
+    np.testing.assert_array_equal(got_q.numpy(), want_q)
+    got_x = tvm.runtime.tensor(np.zeros(shape, np.float32))
+    tvm.compile(tvm.IRModule({"main": dq}), target=target)["main"](got_q, got_x)
+    np.testing.assert_array_equal(got_x.numpy(), (want_q.astype(np.float32) - zp) * np.float32(scale))
+
+
+class _DownsampleCNN(torch.nn.Module):
+    """A ResNet-like stack: 16- and 32-channel convs, a strided one, a 1x1 stride-2 downsample, a dilated one."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.down = torch.nn.Conv2d(16, 32, 3, stride=2, padding=1)
+        self.skip = torch.nn.Conv2d(16, 32, 1, stride=2)
+        self.dil = torch.nn.Conv2d(32, 32, 3, padding=2, dilation=2)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        y = torch.relu(self.down(x)) + self.skip(x)
+        return torch.relu(self.dil(y)) + y
+
+
+def test_every_int8_conv_through_the_int8_blas_matches_the_direct_kernel(monkeypatch):
+    """All convs of a ResNet-like stack on the BLAS route (strided, 1x1 downsample, dilated, 16/32
+    channels) give the direct VNNI kernels' numbers."""
+    from fxpress.codegen import resolve_target
+    from fxpress.codegen.quantize_blas import int8_blas_routable
+    from fxpress.codegen.quantize_packed import layout_for
+
+    if not int8_blas_routable(layout_for(resolve_target("llvm"))):
+        pytest.skip("needs a VNNI target and MKL's exact int8 GEMM in this process")
+    torch.manual_seed(0)
+    model, x = _DownsampleCNN().eval(), (torch.randn(2, 3, 14, 14),)
+    monkeypatch.setenv("FXPRESS_INT8_CONV_BLAS", "0")
+    direct = _compile_int8(model, x, True, monkeypatch, blas=True)
+    monkeypatch.setenv("FXPRESS_INT8_CONV_BLAS", "all")
+    routed = _compile_int8(model, x, True, monkeypatch, blas=True)
+    fused = routed._lowered.built.ir_after["relax.fused"]
+    assert len(set(re.findall(r"cls\.fxpress_qim2col\d*\b", fused))) == 4  # four geometries
+    y_direct, y = np.asarray(direct(*x)), np.asarray(routed(*x))
+    np.testing.assert_allclose(y, y_direct, rtol=1e-5, atol=1e-5 * np.abs(y_direct).max())
+    assert rel_err(torch.from_numpy(y), model(*x)) < 0.1  # and int8 is still near fp32
