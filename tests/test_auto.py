@@ -123,6 +123,13 @@ def test_latency_table_is_measured_once_then_cached(tmp_path, monkeypatch):
     fxpress.compile(model, (x,), passes="auto", evaluate=evaluate, max_drop=0.05, objective="latency",
                     target="torch", options=opts)
     assert cache.read_text() == before  # every entry came from the cache
+    # another code generation (a kernel changed): its timings are measured, not taken from the old ones
+    monkeypatch.setattr(lt, "codegen_fingerprint", lambda: "another-codegen")
+    fxpress.compile(model, (x,), passes="auto", evaluate=evaluate, max_drop=0.05, objective="latency",
+                    target="torch", options=opts)
+    after = __import__("json").loads(cache.read_text())
+    assert len(after) > len(__import__("json").loads(before))
+    assert any("|codegen another-codegen|" in key for key in after)
 
 
 @pytest.mark.parametrize("kwargs, match", [

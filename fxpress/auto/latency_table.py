@@ -6,12 +6,16 @@ The call overhead is the same for every candidate of a layer, so it cancels in t
 
 Results are cached like tuning records (with the load average at measurement: an entry timed on a busy
 machine is re-measured when the machine is quieter): a JSON file keyed by CPU (model name and the ISA flags that
-change codegen), TVM version, target, the layer's module repr, input shape and candidate, under
+change codegen), TVM version, a fingerprint of fxpress's own code generation (its lowering and codegen
+sources: a new kernel invalidates the timings of the old one), target, the layer's module repr, input
+shape and candidate, under
 ``$FXPRESS_CACHE_DIR`` or ``~/.cache/fxpress`` (``auto-latency.json``). They feed the search only; no test
 verdict may depend on them.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 import tempfile
@@ -44,6 +48,21 @@ def cpu_signature() -> str:
     except Exception:  # noqa: BLE001 - onnx / torch targets do not need TVM
         tvm_version = "no-tvm"
     return f"{model}|{'+'.join(f for f in _ISA_FLAGS if f in flags)}|tvm {tvm_version}|{os.cpu_count()} cpus"
+
+
+@functools.lru_cache(maxsize=1)
+def codegen_fingerprint() -> str:
+    """A short hash of the sources that decide which kernels a layer compiles to (fxpress.lowering and
+    fxpress.codegen): timings cached under an older code generation are not reused."""
+    import importlib.util
+
+    digest = hashlib.sha256()
+    for package in ("fxpress.lowering", "fxpress.codegen"):  # located, not imported (no TVM import here)
+        for folder in importlib.util.find_spec(package).submodule_search_locations:
+            for path in sorted(Path(folder).glob("*.py")):
+                digest.update(path.name.encode())
+                digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def default_cache_path() -> Path:
@@ -89,7 +108,7 @@ class LatencyTable:
     def __init__(self, target: str, cache_path: Path | None = None, progress=None):
         self.target = target
         self.cache_path = Path(cache_path) if cache_path else default_cache_path()
-        self.signature = cpu_signature()
+        self.signature = f"{cpu_signature()}|codegen {codegen_fingerprint()}"
         self.progress = progress
         self.measured = 0  # compiles done in this run (cache misses)
         self._cache: dict[str, list[float]] = {}  # key -> [seconds, load average when measured]
