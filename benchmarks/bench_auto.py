@@ -161,6 +161,13 @@ def verdicts(r: dict, max_drop: float) -> dict:
     return r
 
 
+def _busy(meta) -> bool:
+    """Others ran beside the benchmark: load above 1 before it started, or at its end above what its own
+    threads account for (the 1-minute load average of a 2-thread run on an idle machine ends near 2)."""
+    own = float(meta.get("threads", 1))
+    return float(meta["load_start"]) > 1.0 or float(meta.get("load_end", 0)) > own + 0.5
+
+
 def write(results, args, path_md, path_json, meta):
     with open(path_json, "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=1, default=str)
@@ -169,7 +176,7 @@ def write(results, args, path_md, path_json, meta):
              f"max_drop {args.max_drop} (accuracy) · load {meta['load_start']} -> {meta['load_end']}", "",
              *([f"**Not for the record: the machine was busy (load average {meta['load_start']} -> {meta['load_end']}); "
                 "latencies are indicative only. Rerun through /work/shared/tools/quiet-run.**", ""]
-               if max(float(meta["load_start"]), float(meta.get("load_end", 0))) > 1.5 else []),
+               if _busy(meta) else []),
              "Accuracies on the held-out half of each test split (the search evaluated on the other half). "
              "Latency: median of calls in a block per configuration (best of 3 blocks), ms per batch. Size: stored bytes.", ""]
     for r in results:
