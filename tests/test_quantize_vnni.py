@@ -318,58 +318,6 @@ def test_int8_conv_rule_routes_narrow_inputs_or_every_conv_with_a_matrix_engine(
     assert not route_int8_conv({**conv(3), "x_dtype": "int8"}, "rule", True)
 
 
-@pytest.mark.parametrize("mode", ["1", "all"])
-def test_int8_convs_through_im2col_and_the_int8_blas_match_the_direct_kernel(mode, monkeypatch):
-    """The 3-channel stem (the rule) or every conv ("all"): u8 im2col padded with the zero point, the
-    BLAS's int32 product, the epilogue writing NCHW; same integers as the direct VNNI kernel."""
-    from fxpress.codegen import resolve_target
-    from fxpress.codegen.quantize_blas import int8_blas_routable
-    from fxpress.codegen.quantize_packed import layout_for
-
-    if not int8_blas_routable(layout_for(resolve_target("llvm"))):
-        pytest.skip("needs a VNNI target and MKL's exact int8 GEMM in this process")
-    torch.manual_seed(0)
-    model, x = _SmallCNN().eval(), (torch.randn(2, 3, 16, 16),)
-    monkeypatch.setenv("FXPRESS_INT8_CONV_BLAS", "0")
-    direct = _compile_int8(model, x, True, monkeypatch, blas=True)
-    monkeypatch.setenv("FXPRESS_INT8_CONV_BLAS", mode)
-    routed = _compile_int8(model, x, True, monkeypatch, blas=True)
-    fused = routed._lowered.built.ir_after["relax.fused"]
-    assert len(set(re.findall(r"cls\.fxpress_qim2col\d*\b", fused))) == 2  # 3 and 12 input channels
-    y_direct, y = np.asarray(direct(*x)), np.asarray(routed(*x))
-    np.testing.assert_allclose(y, y_direct, rtol=1e-5, atol=1e-5 * np.abs(y_direct).max())
-
-
-@pytest.mark.parametrize("name", ["cnn", "transformer"])
-def test_compile_int8_packed_matches_unpacked(name, monkeypatch, tmp_path):
-    if not _host_isa().avx2:
-        pytest.skip("no packed int8 kernels without AVX2")
-    torch.manual_seed(0)
-    if name == "cnn":
-        model, x = _SmallCNN().eval(), (torch.randn(2, 3, 16, 16),)
-    else:
-        model, x = _SmallTransformer().eval(), (torch.randn(1, 24, 48),)
-    old = _compile_int8(model, x, False, monkeypatch)
-    new = _compile_int8(model, x, True, monkeypatch)
-    built = new._lowered.built
-    # the packing ran at compile time: main calls the packed GEMMs, never the pack kernels
-    main_ir = built.ir_after["relax.lifted"].split("def main_transform_params")[0]
-    assert "_packed" in built.ir_after["relax.lifted"] and "fxpress_qpack" not in main_ir.split("def main(")[-1]
-    assert built.param_transform is not None
-    assert "_packed" not in old._lowered.built.ir_after["relax.lifted"]  # FXPRESS_INT8_PREPACK=0: the old kernels
-    if name == "cnn":  # both convs are followed by a ReLU only: it runs in their epilogue
-        assert main_ir.split("def main(")[-1].count("_packed_relu,") == 2 and "R.nn.relu" not in main_ir
-    ref = model(*x).detach().numpy()
-    y_old, y_new = np.asarray(old(*x)), np.asarray(new(*x))
-    # same integers, same epilogue: today's int8 output (at most an FMA contraction apart)
-    np.testing.assert_allclose(y_new, y_old, rtol=1e-5, atol=1e-5 * np.abs(y_old).max())
-    assert rel_err(y_new, ref) <= rel_err(y_old, ref) * 1.01 + 1e-6
-    assert rel_err(y_new, new.gm(*x)) < 0.05
-    # the exported artifact ships the packed params and runs without torch's help
-    from fxpress.runtime import load
-
-    rt = load(new.export(str(tmp_path / "m"), backends=("tvm",)), backend="tvm")
-    np.testing.assert_array_equal(np.asarray(rt.run([t.numpy() for t in x])[0]), y_new)
 
 
 @pytest.mark.parametrize("B,C,H,W,KH,KW,stride,padding,dilation", [
@@ -445,9 +393,15 @@ class _DownsampleCNN(torch.nn.Module):
         return torch.relu(self.dil(y)) + y
 
 
-def test_every_int8_conv_through_the_int8_blas_matches_the_direct_kernel(monkeypatch):
-    """All convs of a ResNet-like stack on the BLAS route (strided, 1x1 downsample, dilated, 16/32
-    channels) give the direct VNNI kernels' numbers."""
+@pytest.mark.parametrize("make,shape,mode,geometries", [
+    (_SmallCNN, (2, 3, 16, 16), "1", 2),         # the rule (on any host: the 3-channel stem at least)
+    (_SmallCNN, (2, 3, 16, 16), "all", 2),
+    (_DownsampleCNN, (2, 3, 14, 14), "all", 4),  # strided, 1x1 downsample, dilated, 16/32 channels
+], ids=["small-rule", "small-all", "downsample-all"])
+def test_int8_convs_through_im2col_and_the_int8_blas_match_the_direct_kernel(make, shape, mode, geometries,
+                                                                               monkeypatch):
+    """Convs on the BLAS route (NHWC u8 im2col padded with the zero point, the BLAS's int32 product, the
+    epilogue writing NCHW) give the direct VNNI kernels' numbers."""
     from fxpress.codegen import resolve_target
     from fxpress.codegen.quantize_blas import int8_blas_routable
     from fxpress.codegen.quantize_packed import layout_for
@@ -455,13 +409,13 @@ def test_every_int8_conv_through_the_int8_blas_matches_the_direct_kernel(monkeyp
     if not int8_blas_routable(layout_for(resolve_target("llvm"))):
         pytest.skip("needs a VNNI target and MKL's exact int8 GEMM in this process")
     torch.manual_seed(0)
-    model, x = _DownsampleCNN().eval(), (torch.randn(2, 3, 14, 14),)
+    model, x = make().eval(), (torch.randn(*shape),)
     monkeypatch.setenv("FXPRESS_INT8_CONV_BLAS", "0")
     direct = _compile_int8(model, x, True, monkeypatch, blas=True)
-    monkeypatch.setenv("FXPRESS_INT8_CONV_BLAS", "all")
+    monkeypatch.setenv("FXPRESS_INT8_CONV_BLAS", mode)
     routed = _compile_int8(model, x, True, monkeypatch, blas=True)
     fused = routed._lowered.built.ir_after["relax.fused"]
-    assert len(set(re.findall(r"cls\.fxpress_qim2col\d*\b", fused))) == 4  # four geometries
+    assert len(set(re.findall(r"cls\.fxpress_qim2col\d*\b", fused))) == geometries
     y_direct, y = np.asarray(direct(*x)), np.asarray(routed(*x))
     np.testing.assert_allclose(y, y_direct, rtol=1e-5, atol=1e-5 * np.abs(y_direct).max())
     assert rel_err(torch.from_numpy(y), model(*x)) < 0.1  # and int8 is still near fp32
