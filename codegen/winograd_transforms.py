@@ -111,6 +111,20 @@ def _parse(signature: str, body: str, name: str) -> tirx.PrimFunc:
     return func.with_attrs({"op_pattern": OP_PATTERN_OPAQUE, "tirx.is_scheduled": True, KERNEL_ATTR: 1})
 
 
+def _phase_copies(m: int, pad_left: int, pad_top: int, cols: int) -> list[str]:
+    """One input row into the phase-split scratch (``xs[k, r, t] = padded x[r, m*t + k]``): per phase k,
+    one vectorized copy over the scratch columns t whose source column lies in the row (a static range,
+    so no per-element test and no division); the rest stays zero padding."""
+    out = []
+    for k in range(m):
+        lo = max(0, -(-(pad_left - k) // m))  # first t with m*t + k - pad_left >= 0
+        hi = (cols - 1 + pad_left - k) // m   # last t with m*t + k - pad_left < cols
+        if hi >= lo:
+            out += [f"        for t in T.vectorized({hi - lo + 1}):",
+                    f"            xs[{k}, r + {pad_top}, t + {lo}] = x[ni, ci, r, {m} * (t + {lo}) + {k - pad_left}]"]
+    return out
+
+
 def _lines(lines: list[str], indent: int) -> str:
     return "".join(" " * indent + line + "\n" for line in lines)
 
@@ -145,8 +159,8 @@ def input_transform(n: int, c: int, h: int, w: int, pad_top: int, pad_left: int,
         f"    for k, r in T.grid({m}, {hp}):",
         f"        for s in T.vectorized({tw + reach}):",
         "            xs[k, r, s] = T.float32(0)",
-        f"    for r, s in T.grid({rows}, {cols}):",
-        f"        xs[(s + {pad_left}) % {m}, r + {pad_top}, (s + {pad_left}) // {m}] = x[ni, ci, r, s]",
+        f"    for r in range({rows}):",
+        *_phase_copies(m, pad_left, pad_top, cols),
         f"    for ti in range({th}):",
         f"        for lane in T.vectorized({tw}):",
     ], 8) + _lines(inner, 20)
