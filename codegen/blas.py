@@ -168,14 +168,13 @@ static gemm_s8u8s32_fn fxpress_i8_fn = 0;
 static pthread_once_t fxpress_i8_once = PTHREAD_ONCE_INIT;
 static const char *fxpress_i8_symbol = "none";
 
-/* A[i, k] at a[i * lda + k], or a[k * lda + i] when ta (A stored transposed, [K, lda]) */
-static void fxpress_i8_loop(int64_t M, int64_t N, int64_t K, const uint8_t *a, int ta, int64_t lda,
-                            const int8_t *b, int64_t ldb, int32_t *c, int64_t ldc) {
+static void fxpress_i8_loop(int64_t M, int64_t N, int64_t K, const uint8_t *a, const int8_t *b, int64_t ldb,
+                            int32_t *c, int64_t ldc) {
   int64_t i, j, k;
   for (i = 0; i < M; ++i)
     for (j = 0; j < N; ++j) {
       int32_t s = 0;
-      for (k = 0; k < K; ++k) s += (int32_t)(ta ? a[k * lda + i] : a[i * lda + k]) * (int32_t)b[j * ldb + k];
+      for (k = 0; k < K; ++k) s += (int32_t)a[i * K + k] * (int32_t)b[j * ldb + k];
       c[i * ldc + j] = s;
     }
 }
@@ -195,7 +194,7 @@ static void fxpress_i8_resolve(void) {
   for (i = 0; i < PM * PK; ++i) a[i] = (uint8_t)(i % 7 == 0 ? 3 * i : 255);
   for (i = 0; i < PN * PK; ++i) b[i] = (int8_t)(i % 5 == 0 ? i : -128);
   ((gemm_s8u8s32_fn)f)(101, 111, 112, 173, PM, PN, PK, 1.0f, a, PK, 0, b, PK, 0, 0.0f, got, PN, &zero);
-  fxpress_i8_loop(PM, PN, PK, a, 0, PK, b, PK, want, PN);
+  fxpress_i8_loop(PM, PN, PK, a, b, PK, want, PN);
   for (i = 0; i < PM * PN; ++i)
     if (got[i] != want[i]) {
       fprintf(stderr, "fxpress: cblas_gemm_s8u8s32 is not exact on this CPU (saturating int16 sums); "
@@ -213,9 +212,9 @@ const char *fxpress_blas_int8_name(void) {
 
 /* Part `part` of `parts`, each worker one single-threaded call: the columns of C (16-aligned shares), or
    its rows when A is the larger operand (M > 2N: a convolution's pixels times its few output channels),
-   so that no worker packs all of A. ta: A is stored transposed ([K, M]). */
+   so that no worker packs all of A. */
 int32_t fxpress_gemm_u8s8(int64_t part, int64_t parts, int64_t M, int64_t N, int64_t K, const uint8_t *A,
-                          int32_t ta, const int8_t *B, int32_t *C) {
+                          const int8_t *B, int32_t *C) {
   int64_t i0 = 0, i1 = M, j0 = 0, j1 = N, chunk;
   int32_t zero = 0;
   pthread_once(&fxpress_i8_once, fxpress_i8_resolve);
@@ -229,12 +228,11 @@ int32_t fxpress_gemm_u8s8(int64_t part, int64_t parts, int64_t M, int64_t N, int
     j1 = j0 + chunk < N ? j0 + chunk : N;
   }
   if (i0 >= i1 || j0 >= j1) return 0;
-  A += ta ? i0 : i0 * K;
   if (fxpress_i8_fn && M < 2147483647 && N < 2147483647 && K < 2147483647)
-    fxpress_i8_fn(101, ta ? 112 : 111, 112, 173, (int32_t)(i1 - i0), (int32_t)(j1 - j0), (int32_t)K, 1.0f, A,
-                  (int32_t)(ta ? M : K), 0, B + j0 * K, (int32_t)K, 0, 0.0f, C + i0 * N + j0, (int32_t)N, &zero);
+    fxpress_i8_fn(101, 111, 112, 173, (int32_t)(i1 - i0), (int32_t)(j1 - j0), (int32_t)K, 1.0f, A + i0 * K,
+                  (int32_t)K, 0, B + j0 * K, (int32_t)K, 0, 0.0f, C + i0 * N + j0, (int32_t)N, &zero);
   else
-    fxpress_i8_loop(i1 - i0, j1 - j0, K, A, ta, ta ? M : K, B + j0 * K, K, C + i0 * N + j0, N);
+    fxpress_i8_loop(i1 - i0, j1 - j0, K, A + i0 * K, B + j0 * K, K, C + i0 * N + j0, N);
   return 0;
 }
 #ifdef __cplusplus

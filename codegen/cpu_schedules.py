@@ -369,11 +369,13 @@ def vectorize_reductions(func: tirx.PrimFunc, target: tvm.target.Target) -> tirx
 
 
 def schedule_window_reduction(func: tirx.PrimFunc, target: tvm.target.Target) -> tirx.PrimFunc | None:
-    """Pooling (avg over a KH x KW window; max pools on llvm are pooling.py's kernel), optionally behind
-    its padding block, which neither dl.cpu.Reduction nor the injective rule takes: left alone it ran
-    serial and scalar (ResNet's 3x3/2 max pool on 64x112x112: 0.56 ms on 2 cores). Parallel over the outer spatial axes, the padding
-    read in place, window loops (unrolled) outside the output row, the row vectorized (stride-2 reads
-    become shuffles); the reduction's own op is kept, so NaN handling is the legalized function's. None when the function is not one window reduction over [.., OH, OW]."""
+    """Pooling over a KH x KW window (average pools; NCHW floor-mode max pools take pooling.py's kernel),
+    optionally behind its padding block, which neither dl.cpu.Reduction nor the injective rule takes:
+    left alone it ran serial and scalar (ResNet's 3x3/2 max pool on 64x112x112: 0.56 ms on 2 cores).
+    Parallel over the outer spatial axes, the padding read in place, window loops (unrolled) outside the
+    output row, the row vectorized (stride-2 reads become shuffles); the reduction's own op is kept, so
+    NaN handling is the legalized function's. None when the function is not one window reduction over
+    [.., OH, OW]."""
     sch = s_tir.Schedule(func)
     infos = normalize_prim_func(sch)
     if not infos or len(infos) > 2 or infos[-1].is_injective():

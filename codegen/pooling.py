@@ -1,6 +1,6 @@
 """NCHW max pool for llvm targets, separable: the window's rows first, then its columns.
 
-Semantics are torch's: a window holding a NaN gives NaN, wherever it sits (``nan_max`` keeps a NaN
+Semantics are torch's: a window holding a NaN gives NaN, wherever it sits (``nan_extremum`` keeps a NaN
 from either side), and padding is -inf, so a window of -inf values gives -inf. TOPI's pool padded with
 the lowest finite float and kept a NaN only when it was the window's last value.
 
@@ -14,20 +14,20 @@ from __future__ import annotations
 
 from tvm import s_tir, te, tirx
 
+from .cpu_schedules import PARALLEL_MIN
 from .kernel_families import KERNEL_ATTR, OP_PATTERN_OPAQUE
 
-PARALLEL_MIN = 16384  # output elements below which the pool runs on one core (cpu_schedules.PARALLEL_MIN)
 
-
-def nan_max(a, b):
-    """max that keeps NaN from either side (a NaN ``b`` wins because ``a > NaN`` is false)."""
-    return tirx.Select(tirx.isnan(a) | (a > b), a, b)
+def nan_extremum(a, b, largest: bool = True):
+    """max (min) of two values that keeps NaN from either side, as torch does (a NaN ``b`` wins because
+    ``a > NaN`` is false); the combiner of relax_prep's max/min reductions too."""
+    return tirx.Select(tirx.isnan(a) | ((a > b) if largest else (a < b)), a, b)
 
 
 def _fold(values):
     out = values[0]
     for v in values[1:]:
-        out = nan_max(out, v)
+        out = nan_extremum(out, v)
     return out
 
 

@@ -75,8 +75,7 @@ def int8_gemm_func(M: int, N: int, K: int, parts: int) -> tirx.PrimFunc:
     def body(ins, outs):
         part = tirx.Var("part", "int64")
         call = tirx.call_extern("int32", blas.INT8_SYMBOL, part, i64(parts), i64(M), i64(N), i64(K),
-                                ins[0].access_ptr("r"), tirx.const(0, "int32"), ins[1].access_ptr("r"),
-                                outs[0].access_ptr("w"))
+                                ins[0].access_ptr("r"), ins[1].access_ptr("r"), outs[0].access_ptr("w"))
         kind = tirx.ForKind.PARALLEL if parts > 1 else tirx.ForKind.SERIAL
         return tirx.For(part, i64(0), i64(parts), kind, tirx.Evaluate(call))
 

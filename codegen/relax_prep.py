@@ -56,9 +56,8 @@ def _te_fast_sigmoid(x):
 
 def _nan_extremum_reducer(largest: bool):
     """max (min) that keeps NaN, as torch does: a NaN on either side wins; the identity is -inf (+inf)."""
-    better = (lambda a, b: a > b) if largest else (lambda a, b: a < b)
     ident = float("-inf") if largest else float("inf")
-    return te.comm_reducer(lambda a, b: tirx.Select(tirx.isnan(a) | better(a, b), a, b),
+    return te.comm_reducer(lambda a, b: pooling.nan_extremum(a, b, largest),
                            lambda dtype: tirx.const(ident, dtype), name="nan_max" if largest else "nan_min")
 
 

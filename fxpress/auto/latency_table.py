@@ -8,8 +8,7 @@ Results are cached like tuning records (with the load average at measurement: an
 machine is re-measured when the machine is quieter): a JSON file keyed by CPU (model name and the ISA flags that
 change codegen), TVM version, a fingerprint of fxpress's own code generation (its lowering and codegen
 sources: a new kernel invalidates the timings of the old one), target, the layer's module repr, input
-shape and candidate, under
-``$FXPRESS_CACHE_DIR`` or ``~/.cache/fxpress`` (``auto-latency.json``). They feed the search only; no test
+shape and candidate, under ``$FXPRESS_CACHE_DIR`` or ``~/.cache/fxpress`` (``auto-latency.json``). They feed the search only; no test
 verdict may depend on them.
 """
 from __future__ import annotations
