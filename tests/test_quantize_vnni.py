@@ -418,3 +418,35 @@ def test_int8_convs_through_im2col_and_the_int8_blas_match_the_direct_kernel(mak
     y_direct, y = np.asarray(direct(*x)), np.asarray(routed(*x))
     np.testing.assert_allclose(y, y_direct, rtol=1e-5, atol=1e-5 * np.abs(y_direct).max())
     assert rel_err(torch.from_numpy(y), model(*x)) < 0.1  # and int8 is still near fp32
+
+
+def test_int8_convs_of_a_transformers_resnet_through_the_int8_blas_match_the_direct_kernel(monkeypatch):
+    """A real architecture (transformers ResNetModel from a small seeded config, nothing downloaded; traced
+    by torch.export to ATen): its int8 convs (stem, strided, 1x1 shortcut) on the BLAS route give the
+    direct VNNI kernels' numbers, and the int8 model stays near eager."""
+    from fxpress.codegen import resolve_target
+    from fxpress.codegen.quantize_blas import int8_blas_routable
+    from fxpress.codegen.quantize_packed import layout_for
+    pytest.importorskip("transformers")
+    from fxpress.models.corpus import get_corpus
+
+    if not int8_blas_routable(layout_for(resolve_target("llvm"))):
+        pytest.skip("needs a VNNI target and MKL's exact int8 GEMM in this process")
+    spec = get_corpus("hf_resnet")
+    model, x = spec.build(), spec.example_inputs(2)
+    monkeypatch.setenv("FXPRESS_INT8_CONV_BLAS", "0")
+    direct = _compile_int8(model, x, True, monkeypatch, blas=True)
+    monkeypatch.setenv("FXPRESS_INT8_CONV_BLAS", "all")
+    routed = _compile_int8(model, x, True, monkeypatch, blas=True)
+    assert "fxpress_qim2col" in routed._lowered.built.ir_after["relax.fused"]
+
+    def first(y):
+        return torch.as_tensor(np.asarray(y[0] if isinstance(y, (tuple, list)) else
+                                          getattr(y, "last_hidden_state", y)))
+
+    y_direct, y = first(direct(*x)), first(routed(*x))
+    torch.testing.assert_close(y, y_direct, rtol=1e-5, atol=1e-5 * float(y_direct.abs().max()))
+    with torch.no_grad():
+        want = first(model(*x))
+    assert y.shape == want.shape and float(want.abs().max()) > 0
+    assert rel_err(y, want) < 0.1
